@@ -1,0 +1,34 @@
+# Every target sets up .venv itself, so a fresh clone needs nothing installed by hand.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+DEMO_MODEL := data/quickstart-model
+
+.PHONY: run test lint clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.runtime: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e .
+	touch $@
+
+$(VENV)/.test: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@ $(VENV)/.runtime
+
+# The main job. Until the search lands it builds a small synthetic checkpoint and decodes from it.
+run: $(VENV)/.runtime
+	test -f $(DEMO_MODEL)/config.json || $(BIN)/autoresearch synth --preset quickstart --out $(DEMO_MODEL)
+	$(BIN)/autoresearch generate --model $(DEMO_MODEL) --prompt "The expert cache" --max-new-tokens 32
+
+test: $(VENV)/.test
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q
+
+lint: $(VENV)/.test
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+clean:
+	rm -rf $(VENV) data .pytest_cache .ruff_cache .hypothesis

@@ -1,0 +1,123 @@
+"""Open a Hugging Face checkpoint directory: config.json, one or many safetensors files, byte-exact reads."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from engine.errors import CheckpointError
+from engine.safetensors_file import TensorInfo, read_header
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+FLOAT_DTYPES = ("F32", "F16", "BF16")
+
+
+def to_float32(raw: np.ndarray, dtype: str) -> np.ndarray:
+    """Convert the raw bytes ``raw`` (uint8) of a float tensor to float32 (a view when already F32)."""
+    if dtype == "F32":
+        return raw.view(np.float32)
+    if dtype == "F16":
+        return raw.view(np.float16).astype(np.float32)
+    if dtype == "BF16":
+        # bf16 is the top half of an fp32: widen and shift into place.
+        return (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    raise ValueError(f"not a float dtype: {dtype}")
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(path, "file not found") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(path, f"not readable as JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(path, f"must hold a JSON object, got {type(value).__name__}")
+    return value
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint's config and the location of every tensor, with open file descriptors for reading."""
+
+    path: Path
+    config: dict[str, Any]
+    tensors: dict[str, TensorInfo]
+    fds: dict[str, int]
+
+    @classmethod
+    def open(cls, path: str | Path) -> Checkpoint:
+        path = Path(path)
+        if not path.is_dir():
+            raise CheckpointError(path, "not a checkpoint directory")
+        config = read_json(path / "config.json")
+        tensors = _index_tensors(path)
+        fds = {file: os.open(file, os.O_RDONLY) for file in sorted({t.path for t in tensors.values()})}
+        return cls(path, config, tensors, fds)
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+
+    def info(self, name: str, shape: tuple[int, ...] | None = None) -> TensorInfo:
+        """The tensor ``name``, checked to be a float tensor of ``shape`` when one is given."""
+        info = self.tensors.get(name)
+        if info is None:
+            raise CheckpointError(self.path, "missing tensor", tensor=name)
+        if info.dtype not in FLOAT_DTYPES:
+            raise CheckpointError(info.path, f"dtype {info.dtype} is not one of {FLOAT_DTYPES}", tensor=name)
+        if shape is not None and info.shape != shape:
+            raise CheckpointError(
+                info.path, f"shape {list(info.shape)} but the config implies {list(shape)}", tensor=name
+            )
+        return info
+
+    def read(self, name: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
+        """Read one whole tensor as float32."""
+        info = self.info(name, shape)
+        raw = np.empty(info.nbytes, dtype=np.uint8)
+        self.read_into(info.path, info.start, raw, name)
+        return to_float32(raw, info.dtype).reshape(info.shape)
+
+    def read_into(self, path: str, offset: int, buffer: np.ndarray, tensor: str) -> None:
+        """Fill ``buffer`` with the bytes at ``offset`` of ``path``; a short read means the file shrank."""
+        got = os.preadv(self.fds[path], [buffer], offset)
+        if got != buffer.nbytes:
+            raise CheckpointError(
+                path, f"read {got} of {buffer.nbytes} bytes at offset {offset} (truncated?)", tensor=tensor
+            )
+
+
+def _index_tensors(path: Path) -> dict[str, TensorInfo]:
+    index_path = path / INDEX_FILE
+    if index_path.exists():
+        weight_map = read_json(index_path).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(index_path, "must map tensor names to file names", field="weight_map")
+        headers = {file: read_header(_shard(path, index_path, file)) for file in sorted(set(weight_map.values()))}
+        tensors = {}
+        for name, file in weight_map.items():
+            if name not in headers[file]:
+                raise CheckpointError(
+                    path / file, f"missing tensor (the index {INDEX_FILE} places it here)", tensor=name
+                )
+            tensors[name] = headers[file][name]
+        return tensors
+    single = path / SINGLE_FILE
+    if single.exists():
+        return read_header(single)
+    raise CheckpointError(path, f"holds neither {SINGLE_FILE} nor {INDEX_FILE}")
+
+
+def _shard(path: Path, index_path: Path, file: str) -> Path:
+    shard = path / file
+    if Path(file).name != file or not shard.is_file():
+        raise CheckpointError(index_path, f"names shard '{file}', which is not a file in {path}")
+    return shard

@@ -1,0 +1,69 @@
+"""Load a checkpoint directory into a runnable model: decoder, expert store and tokenizer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from engine.checkpoint import Checkpoint, read_json
+from engine.errors import CheckpointError
+from engine.models import parse_config
+from engine.models.decoder import Decoder, build_decoder
+
+TOKENIZER_FILE = "tokenizer.json"
+GENERATION_CONFIG = "generation_config.json"
+
+
+@dataclass
+class Model:
+    path: Path
+    decoder: Decoder
+    tokenizer: object | None  # tokenizers.Tokenizer when the checkpoint ships tokenizer.json
+    eos_token_ids: frozenset[int]
+
+    def encode(self, text: str) -> list[int]:
+        if self.tokenizer is None:
+            raise CheckpointError(self.path, f"has no {TOKENIZER_FILE}; pass token ids instead of text")
+        return self.tokenizer.encode(text).ids
+
+    def decode(self, ids: list[int]) -> str | None:
+        """Text for ``ids``, or None when the checkpoint has no tokenizer."""
+        return None if self.tokenizer is None else self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def close(self) -> None:
+        self.decoder.checkpoint.close()
+
+
+def load_model(path: str | Path) -> Model:
+    path = Path(path)
+    checkpoint = Checkpoint.open(path)
+    try:
+        spec = parse_config(checkpoint.config, path / "config.json")
+        decoder = build_decoder(spec, checkpoint)
+        tokenizer = _load_tokenizer(path / TOKENIZER_FILE)
+        eos = set(spec.eos_token_ids) | _generation_eos(path / GENERATION_CONFIG)
+    except BaseException:
+        checkpoint.close()
+        raise
+    return Model(path, decoder, tokenizer, frozenset(eos))
+
+
+def _load_tokenizer(path: Path) -> object | None:
+    if not path.exists():
+        return None
+    from tokenizers import Tokenizer
+
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # the tokenizers library raises bare Exceptions for malformed files
+        raise CheckpointError(path, f"not a valid tokenizers file: {e}") from None
+
+
+def _generation_eos(path: Path) -> set[int]:
+    if not path.exists():
+        return set()
+    eos = read_json(path).get("eos_token_id")
+    ids = eos if isinstance(eos, list) else [] if eos is None else [eos]
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise CheckpointError(path, f"expected an integer or a list of integers, got {eos!r}", field="eos_token_id")
+    return set(ids)

@@ -1,0 +1,234 @@
+"""The MoE decoder shared by every architecture: resident dense weights, experts through an ExpertStore.
+
+Shapes: T = tokens in this call, H = hidden, D = head dim, E = experts, k = active experts, V = vocab.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from engine.checkpoint import Checkpoint
+from engine.errors import CheckpointError
+from engine.expert_store import ExpertStore, PreadExpertStore, locate_experts
+from engine.models.layers import Rope, attend, rms_norm, sigmoid, softmax, swiglu
+from engine.models.spec import DecoderSpec
+
+
+class KVCache:
+    """Keys and values of every layer, [nKV, capacity, D] each, grown by doubling."""
+
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, capacity: int = 256):
+        shape = (num_kv_heads, capacity, head_dim)
+        self.keys = [np.empty(shape, np.float32) for _ in range(num_layers)]
+        self.values = [np.empty(shape, np.float32) for _ in range(num_layers)]
+        self.length = 0  # tokens stored (all layers advance together)
+
+    def append(self, layer: int, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Store k, v [nKV, T, D] after the cached tokens; return all keys and values so far."""
+        start, end = self.length, self.length + k.shape[1]
+        if end > self.keys[layer].shape[1]:
+            grown = max(end, 2 * self.keys[layer].shape[1])
+            for store in (self.keys, self.values):
+                old = store[layer]
+                store[layer] = np.empty((old.shape[0], grown, old.shape[2]), np.float32)
+                store[layer][:, :start] = old[:, :start]
+        self.keys[layer][:, start:end] = k
+        self.values[layer][:, start:end] = v
+        return self.keys[layer][:, :end], self.values[layer][:, :end]
+
+
+@dataclass
+class Attention:
+    q: np.ndarray  # [nH*D, H]
+    k: np.ndarray  # [nKV*D, H]
+    v: np.ndarray  # [nKV*D, H]
+    o: np.ndarray  # [H, nH*D]
+    q_bias: np.ndarray | None
+    k_bias: np.ndarray | None
+    v_bias: np.ndarray | None
+    o_bias: np.ndarray | None
+    q_norm: np.ndarray | None
+    k_norm: np.ndarray | None
+
+
+@dataclass
+class Layer:
+    input_norm: np.ndarray
+    post_attention_norm: np.ndarray
+    attention: Attention
+    router: np.ndarray | None  # [E, H] for MoE layers
+    dense: tuple[np.ndarray, np.ndarray] | None  # (gate_up [2I, H], down [H, I]) for dense layers
+    shared_expert: tuple[np.ndarray, np.ndarray] | None
+    shared_expert_gate: np.ndarray | None  # [1, H]
+
+
+@dataclass
+class Routing:
+    """The experts a MoE layer chose for each token of one call."""
+
+    experts: np.ndarray  # [T, k] expert ids, best first
+    weights: np.ndarray  # [T, k]
+
+
+class Decoder:
+    """A loaded model: call ``forward`` with token ids and a KV cache to get logits."""
+
+    def __init__(
+        self,
+        spec: DecoderSpec,
+        checkpoint: Checkpoint,
+        store: ExpertStore,
+        layers: list[Layer],
+        embed: np.ndarray,
+        final_norm: np.ndarray,
+        lm_head: np.ndarray,
+    ):
+        self.spec = spec
+        self.checkpoint = checkpoint
+        self.store = store
+        self.layers = layers
+        self.embed = embed  # [V, H]
+        self.final_norm = final_norm
+        self.lm_head = lm_head  # [V, H]
+        self.last_routing: dict[int, Routing] = {}
+
+    def new_cache(self) -> KVCache:
+        s = self.spec
+        return KVCache(s.num_layers, s.num_kv_heads, s.head_dim)
+
+    def forward(self, ids: np.ndarray, cache: KVCache, all_logits: bool = True) -> np.ndarray:
+        """Logits [T, V] for token ``ids`` [T] following the cached ones (only the last row unless all_logits)."""
+        s = self.spec
+        start = cache.length
+        x = self.embed[ids]  # [T, H]
+        cos, sin = s.rope.tables(np.arange(start, start + len(ids)))
+        for i, layer in enumerate(self.layers):
+            h = rms_norm(x, layer.input_norm, s.rms_norm_eps)
+            x = x + self._attention(i, layer.attention, h, cache, start, cos, sin)
+            h = rms_norm(x, layer.post_attention_norm, s.rms_norm_eps)
+            x = x + self._mlp(i, layer, h)
+        cache.length = start + len(ids)
+        if not all_logits:
+            x = x[-1:]
+        return rms_norm(x, self.final_norm, s.rms_norm_eps) @ self.lm_head.T
+
+    def _attention(
+        self, i: int, a: Attention, h: np.ndarray, cache: KVCache, start: int, cos: np.ndarray, sin: np.ndarray
+    ) -> np.ndarray:
+        s = self.spec
+        t = h.shape[0]
+        q, k, v = (_linear(h, w, b) for w, b in ((a.q, a.q_bias), (a.k, a.k_bias), (a.v, a.v_bias)))
+        if s.qk_norm == "full":
+            q, k = rms_norm(q, a.q_norm, s.rms_norm_eps), rms_norm(k, a.k_norm, s.rms_norm_eps)
+        if s.clip_qkv is not None:
+            q, k, v = (np.clip(m, -s.clip_qkv, s.clip_qkv) for m in (q, k, v))
+        q = q.reshape(t, s.num_heads, s.head_dim).transpose(1, 0, 2)  # [nH, T, D]
+        k = k.reshape(t, s.num_kv_heads, s.head_dim).transpose(1, 0, 2)  # [nKV, T, D]
+        v = v.reshape(t, s.num_kv_heads, s.head_dim).transpose(1, 0, 2)
+        if s.qk_norm == "per_head":
+            q, k = rms_norm(q, a.q_norm, s.rms_norm_eps), rms_norm(k, a.k_norm, s.rms_norm_eps)
+        q, k = Rope.apply(q, cos, sin), Rope.apply(k, cos, sin)
+        keys, values = cache.append(i, k, v)
+        return _linear(attend(q, keys, values, start, s.sliding_windows[i]), a.o, a.o_bias)
+
+    def _mlp(self, i: int, layer: Layer, h: np.ndarray) -> np.ndarray:
+        if layer.dense is not None:
+            return swiglu(h, *layer.dense)
+        routing = self.route(layer.router, h)
+        self.last_routing[i] = routing
+        out = np.zeros_like(h)
+        for expert in np.unique(routing.experts):
+            rows, slots = np.nonzero(routing.experts == expert)
+            weights = self.store.get(i, int(expert))
+            out[rows] += swiglu(h[rows], *weights) * routing.weights[rows, slots, None]
+        if layer.shared_expert is not None:
+            out += sigmoid(h @ layer.shared_expert_gate.T) * swiglu(h, *layer.shared_expert)
+        return out
+
+    def route(self, router: np.ndarray, h: np.ndarray) -> Routing:
+        """Softmax over the E router logits, keep the top k (Shazeer et al. 2017), optionally renormalised."""
+        probs = softmax(h @ router.T)  # [T, E]
+        experts = np.argsort(-probs, axis=-1, kind="stable")[:, : self.spec.top_k]  # [T, k]
+        weights = np.take_along_axis(probs, experts, axis=-1)
+        if self.spec.norm_topk_prob:
+            weights = weights / weights.sum(axis=-1, keepdims=True)
+        return Routing(experts, weights)
+
+
+def _linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
+    y = x @ weight.T
+    return y if bias is None else y + bias
+
+
+def build_decoder(spec: DecoderSpec, ckpt: Checkpoint) -> Decoder:
+    """Read the resident weights, locate (but do not read) every expert, and check all shapes."""
+    s = spec
+    h, d = s.hidden_size, s.head_dim
+    q_dim, kv_dim = s.num_heads * d, s.num_kv_heads * d
+
+    def read(name: str, shape: tuple[int, ...]) -> np.ndarray:
+        return ckpt.read(name, shape)
+
+    def maybe(name: str, shape: tuple[int, ...], present: bool) -> np.ndarray | None:
+        return read(name, shape) if present else None
+
+    def mlp(prefix: str, inter: int, names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")):
+        gate = read(f"{prefix}.{names[0]}.weight", (inter, h))
+        up = read(f"{prefix}.{names[1]}.weight", (inter, h))
+        return np.concatenate([gate, up]), read(f"{prefix}.{names[2]}.weight", (h, inter))
+
+    norm_shapes = {"per_head": ((d,), (d,)), "full": ((q_dim,), (kv_dim,))}
+    layers, layouts = [], {}
+    for i in range(s.num_layers):
+        p = f"model.layers.{i}"
+        qn, kn = norm_shapes.get(s.qk_norm, (None, None))
+        attention = Attention(
+            q=read(f"{p}.self_attn.q_proj.weight", (q_dim, h)),
+            k=read(f"{p}.self_attn.k_proj.weight", (kv_dim, h)),
+            v=read(f"{p}.self_attn.v_proj.weight", (kv_dim, h)),
+            o=read(f"{p}.self_attn.o_proj.weight", (h, q_dim)),
+            q_bias=maybe(f"{p}.self_attn.q_proj.bias", (q_dim,), s.qkv_bias),
+            k_bias=maybe(f"{p}.self_attn.k_proj.bias", (kv_dim,), s.qkv_bias),
+            v_bias=maybe(f"{p}.self_attn.v_proj.bias", (kv_dim,), s.qkv_bias),
+            o_bias=maybe(f"{p}.self_attn.o_proj.bias", (h,), s.o_bias),
+            q_norm=maybe(f"{p}.self_attn.q_norm.weight", qn, qn is not None),
+            k_norm=maybe(f"{p}.self_attn.k_norm.weight", kn, kn is not None),
+        )
+        router = dense = shared = shared_gate = None
+        if s.sparse_layers[i]:
+            moe = _moe_prefix(ckpt, p, s)
+            router = read(f"{moe}.gate.weight", (s.num_experts, h))
+            experts = locate_experts(ckpt, f"{moe}.experts", s.num_experts, h, s.moe_intermediate_size, s.expert_names)
+            layouts.update({(i, e): layout for e, layout in experts.items()})
+            if s.shared_expert_intermediate_size:
+                shared = mlp(f"{moe}.shared_expert", s.shared_expert_intermediate_size)
+                shared_gate = read(f"{moe}.shared_expert_gate.weight", (1, h))
+        else:
+            dense = mlp(f"{p}.mlp", s.dense_intermediate_size)
+        layers.append(
+            Layer(
+                read(f"{p}.input_layernorm.weight", (h,)),
+                read(f"{p}.post_attention_layernorm.weight", (h,)),
+                attention,
+                router,
+                dense,
+                shared,
+                shared_gate,
+            )
+        )
+    embed = read("model.embed_tokens.weight", (s.vocab_size, h))
+    lm_head = embed if s.tie_word_embeddings else read("lm_head.weight", (s.vocab_size, h))
+    store = PreadExpertStore(ckpt, layouts, h, s.moe_intermediate_size)
+    return Decoder(s, ckpt, store, layers, embed, read("model.norm.weight", (h,)), lm_head)
+
+
+def _moe_prefix(ckpt: Checkpoint, layer_prefix: str, spec: DecoderSpec) -> str:
+    """The MoE block's name: the architecture's own, or ``mlp`` where transformers 5 saved it so."""
+    for block in dict.fromkeys((spec.moe_prefix, "mlp")):
+        if f"{layer_prefix}.{block}.gate.weight" in ckpt.tensors:
+            return f"{layer_prefix}.{block}"
+    raise CheckpointError(
+        ckpt.path, "missing tensor (the MoE router)", tensor=f"{layer_prefix}.{spec.moe_prefix}.gate.weight"
+    )

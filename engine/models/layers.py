@@ -1,0 +1,80 @@
+"""Layers shared by every architecture, in numpy float32.
+
+Shapes: T = new tokens, S = cached + new tokens, H = hidden size, D = head dim,
+nH = query heads, nKV = key/value heads, g = nH // nKV (queries per KV head).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    """RMSNorm (Zhang & Sennrich 2019) over the last axis."""
+    variance = np.mean(np.square(x), axis=-1, keepdims=True)
+    return (x / np.sqrt(variance + eps)) * weight
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    # The tanh form never overflows, unlike 1 / (1 + exp(-x)).
+    return 0.5 * (1.0 + np.tanh(0.5 * x))
+
+
+def silu(x: np.ndarray) -> np.ndarray:
+    return x * sigmoid(x)
+
+
+def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    e = np.exp(x - np.max(x, axis=axis, keepdims=True))
+    return e / np.sum(e, axis=axis, keepdims=True)
+
+
+class Rope:
+    """Rotary position embedding (Su et al. 2021), "rotate half" layout as in Hugging Face checkpoints."""
+
+    def __init__(self, inv_freq: np.ndarray, attention_scaling: float = 1.0):
+        self.inv_freq = inv_freq.astype(np.float32)  # [D/2]
+        self.attention_scaling = attention_scaling
+
+    def tables(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """cos and sin tables, each [T, D], for integer ``positions`` [T]."""
+        freqs = positions.astype(np.float32)[:, None] * self.inv_freq[None, :]
+        emb = np.concatenate([freqs, freqs], axis=-1)
+        return np.cos(emb) * self.attention_scaling, np.sin(emb) * self.attention_scaling
+
+    @staticmethod
+    def apply(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+        """Rotate ``x`` [heads, T, D] by the tables [T, D]."""
+        half = x.shape[-1] // 2
+        rotated = np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+        return x * cos + rotated * sin
+
+
+def attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_start: int, window: int | None) -> np.ndarray:
+    """Causal grouped-query attention.
+
+    q [nH, T, D] at positions q_start..q_start+T-1; k, v [nKV, S, D] at positions 0..S-1.
+    ``window``: a query at position p sees keys at positions > p - window (Mistral's sliding window).
+    Returns [T, nH * D].
+    """
+    n_heads, t, d = q.shape
+    n_kv, s, _ = k.shape
+    qg = q.reshape(n_kv, n_heads // n_kv, t, d)  # [nKV, g, T, D]
+    scores = np.matmul(qg, k.transpose(0, 2, 1)[:, None]) * (1.0 / math.sqrt(d))  # [nKV, g, T, S]
+    q_pos = np.arange(q_start, q_start + t)[:, None]
+    k_pos = np.arange(s)[None, :]
+    visible = k_pos <= q_pos
+    if window is not None:
+        visible &= k_pos > q_pos - window
+    scores = np.where(visible, scores, -np.inf)
+    out = np.matmul(softmax(scores), v[:, None])  # [nKV, g, T, D]
+    return out.reshape(n_heads, t, d).transpose(1, 0, 2).reshape(t, n_heads * d)
+
+
+def swiglu(x: np.ndarray, gate_up: np.ndarray, down: np.ndarray) -> np.ndarray:
+    """SwiGLU MLP (Shazeer 2020): x [T, H], gate_up [2I, H] (gate rows then up rows), down [H, I]."""
+    gu = x @ gate_up.T  # [T, 2I]
+    i = gu.shape[-1] // 2
+    return (silu(gu[:, :i]) * gu[:, i:]) @ down.T

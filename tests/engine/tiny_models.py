@@ -1,0 +1,117 @@
+"""Tiny random Hugging Face MoE checkpoints built with transformers, the reference for the engine's numerics."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+
+VOCAB = 96
+
+BASE: dict[str, dict[str, Any]] = {
+    "qwen3_moe": dict(
+        hidden_size=64,
+        intermediate_size=96,
+        moe_intermediate_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        num_experts=8,
+        num_experts_per_tok=2,
+    ),
+    "mixtral": dict(
+        hidden_size=64,
+        intermediate_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+    ),
+    "olmoe": dict(
+        hidden_size=64,
+        intermediate_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_experts=8,
+        num_experts_per_tok=2,
+    ),
+    "qwen2_moe": dict(
+        hidden_size=64,
+        intermediate_size=96,
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=48,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_experts=8,
+        num_experts_per_tok=2,
+    ),
+}
+
+CLASSES = {
+    "qwen3_moe": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM),
+    "mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM),
+    "olmoe": (transformers.OlmoeConfig, transformers.OlmoeForCausalLM),
+    "qwen2_moe": (transformers.Qwen2MoeConfig, transformers.Qwen2MoeForCausalLM),
+}
+
+
+def build(
+    arch: str,
+    out: Path,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    fused: bool = False,
+    max_shard_size: str | None = None,
+    **overrides: Any,
+) -> tuple[torch.nn.Module, Path]:
+    """Save a random ``arch`` model to ``out``; return it (float32, eval mode) and the directory."""
+    config_cls, model_cls = CLASSES[arch]
+    kwargs = (
+        dict(
+            vocab_size=VOCAB, eos_token_id=VOCAB - 1, bos_token_id=None, pad_token_id=None, attn_implementation="eager"
+        )
+        | BASE[arch]
+        | overrides
+    )
+    torch.manual_seed(seed)
+    model = model_cls(config_cls(**kwargs)).eval()
+    _randomize(model)
+    save_kwargs: dict[str, Any] = {"save_original_format": not fused}
+    if max_shard_size:
+        save_kwargs["max_shard_size"] = max_shard_size
+    model.to(dtype).save_pretrained(out, **save_kwargs)
+    return model.float(), out
+
+
+def _randomize(model: torch.nn.Module) -> None:
+    """Weights large enough that routing is decisive and every parameter (norms, biases) matters."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.copy_(0.2 * torch.randn_like(p))
+            else:
+                fan_in = p.shape[-1]
+                p.copy_(torch.randn_like(p) * 1.5 / fan_in**0.5)
+
+
+def reference_logits(model: torch.nn.Module, ids: list[int]) -> Any:
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].float().numpy()
+
+
+def reference_greedy(model: torch.nn.Module, ids: list[int], new_tokens: int) -> list[int]:
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor([ids]), max_new_tokens=new_tokens, do_sample=False, pad_token_id=model.config.eos_token_id
+        )
+    tokens = out[0, len(ids) :].tolist()
+    eos = model.config.eos_token_id
+    return tokens[: tokens.index(eos) + 1] if eos in tokens else tokens
