@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -26,7 +26,7 @@ class Sampler:
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1] but got {self.top_p}")
 
-    def picker(self):
+    def picker(self) -> Callable[[np.ndarray], int]:
         """A function from logits [V] to a token id, with its own seeded random stream."""
         if self.temperature == 0:
             return lambda logits: int(np.argmax(logits))

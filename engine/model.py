@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from tokenizers import Tokenizer
+
 from engine.checkpoint import Checkpoint, read_json
 from engine.errors import CheckpointError
 from engine.models import parse_config
@@ -18,7 +20,7 @@ GENERATION_CONFIG = "generation_config.json"
 class Model:
     path: Path
     decoder: Decoder
-    tokenizer: object | None  # tokenizers.Tokenizer when the checkpoint ships tokenizer.json
+    tokenizer: Tokenizer | None  # when the checkpoint ships tokenizer.json
     eos_token_ids: frozenset[int]
 
     def encode(self, text: str) -> list[int]:
@@ -48,11 +50,9 @@ def load_model(path: str | Path) -> Model:
     return Model(path, decoder, tokenizer, frozenset(eos))
 
 
-def _load_tokenizer(path: Path) -> object | None:
+def _load_tokenizer(path: Path) -> Tokenizer | None:
     if not path.exists():
         return None
-    from tokenizers import Tokenizer
-
     try:
         return Tokenizer.from_file(str(path))
     except Exception as e:  # the tokenizers library raises bare Exceptions for malformed files

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from tokenizers import Tokenizer
 
 from engine.safetensors_file import SafetensorsWriter
 
@@ -125,7 +126,7 @@ def _encode(values: np.ndarray, dtype: str) -> memoryview:
     return memoryview((rounded >> 16).astype(np.uint16)).cast("B")
 
 
-def _config(s: SynthShape, dtype: str, tokenizer: object) -> dict:
+def _config(s: SynthShape, dtype: str, tokenizer: Tokenizer) -> dict:
     eos = tokenizer.token_to_id("<|endoftext|>")
     return {
         "architectures": ["Qwen3MoeForCausalLM"],
@@ -158,7 +159,7 @@ def _config(s: SynthShape, dtype: str, tokenizer: object) -> dict:
 
 
 def _train_tokenizer(vocab_size: int):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import decoders, models, pre_tokenizers, trainers
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

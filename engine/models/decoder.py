@@ -92,7 +92,6 @@ class Decoder:
         self.embed = embed  # [V, H]
         self.final_norm = final_norm
         self.lm_head = lm_head  # [V, H]
-        self.last_routing: dict[int, Routing] = {}
 
     def new_cache(self) -> KVCache:
         s = self.spec
@@ -137,7 +136,6 @@ class Decoder:
         if layer.dense is not None:
             return swiglu(h, *layer.dense)
         routing = self.route(layer.router, h)
-        self.last_routing[i] = routing
         out = np.zeros_like(h)
         for expert in np.unique(routing.experts):
             rows, slots = np.nonzero(routing.experts == expert)

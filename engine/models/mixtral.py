@@ -15,17 +15,12 @@ def parse(config: dict[str, Any], path: Path) -> DecoderSpec:
     intermediate = f.count("intermediate_size")
     spec = DecoderSpec(
         **common,
-        qk_norm="none",
-        qkv_bias=False,
-        o_bias=False,
-        clip_qkv=None,
         sliding_windows=(f.get("sliding_window", int, None),) * n,
         sparse_layers=(True,) * n,
         dense_intermediate_size=intermediate,
         num_experts=read_num_experts(f),
         moe_intermediate_size=intermediate,
         norm_topk_prob=True,
-        shared_expert_intermediate_size=0,
         moe_prefix="block_sparse_moe",
         expert_names=("w1", "w3", "w2"),
     )

@@ -31,9 +31,6 @@ def parse(config: dict[str, Any], path: Path) -> DecoderSpec:
         num_experts=read_num_experts(f),
         moe_intermediate_size=intermediate,
         norm_topk_prob=f.get("norm_topk_prob", bool, False),
-        shared_expert_intermediate_size=0,
-        moe_prefix="mlp",
-        expert_names=("gate_proj", "up_proj", "down_proj"),
     )
     f.finish()
     return spec

@@ -16,10 +16,7 @@ def parse(config: dict[str, Any], path: Path) -> DecoderSpec:
     n = common["num_layers"]
     spec = DecoderSpec(
         **common,
-        qk_norm="none",
         qkv_bias=f.get("qkv_bias", bool, True),
-        o_bias=False,
-        clip_qkv=None,
         sliding_windows=_windows(f, n),
         sparse_layers=sparse_layers(f, n),
         dense_intermediate_size=f.count("intermediate_size"),
@@ -27,8 +24,6 @@ def parse(config: dict[str, Any], path: Path) -> DecoderSpec:
         moe_intermediate_size=f.count("moe_intermediate_size"),
         norm_topk_prob=f.get("norm_topk_prob", bool, False),
         shared_expert_intermediate_size=f.count("shared_expert_intermediate_size"),
-        moe_prefix="mlp",
-        expert_names=("gate_proj", "up_proj", "down_proj"),
     )
     f.finish()
     return spec

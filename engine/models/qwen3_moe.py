@@ -23,16 +23,12 @@ def parse(config: dict[str, Any], path: Path) -> DecoderSpec:
         qk_norm="per_head",
         qkv_bias=bias,
         o_bias=bias,
-        clip_qkv=None,
         sliding_windows=(window,) * n,
         sparse_layers=sparse_layers(f, n),
         dense_intermediate_size=f.count("intermediate_size"),
         num_experts=read_num_experts(f),
         moe_intermediate_size=f.count("moe_intermediate_size"),
         norm_topk_prob=f.get("norm_topk_prob", bool, False),
-        shared_expert_intermediate_size=0,
-        moe_prefix="mlp",
-        expert_names=("gate_proj", "up_proj", "down_proj"),
     )
     f.finish()
     return spec

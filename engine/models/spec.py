@@ -98,22 +98,22 @@ class DecoderSpec:
     head_dim: int
     rms_norm_eps: float
     rope: Rope
-    qk_norm: str  # "none", "per_head" (Qwen3) or "full" (OLMoE: over all heads at once)
-    qkv_bias: bool
-    o_bias: bool
-    clip_qkv: float | None
-    sliding_windows: tuple[int | None, ...]  # per layer
-    sparse_layers: tuple[bool, ...]  # per layer: MoE block, else a dense MLP
-    dense_intermediate_size: int
-    num_experts: int
+    tie_word_embeddings: bool
+    eos_token_ids: tuple[int, ...]
     top_k: int
+    num_experts: int
     moe_intermediate_size: int
     norm_topk_prob: bool
-    shared_expert_intermediate_size: int  # 0 = no shared expert
-    tie_word_embeddings: bool
-    moe_prefix: str  # "mlp" or Mixtral's "block_sparse_moe"
-    expert_names: tuple[str, str, str]  # per-expert gate, up, down projection names
-    eos_token_ids: tuple[int, ...]
+    dense_intermediate_size: int
+    sparse_layers: tuple[bool, ...]  # per layer: MoE block, else a dense MLP
+    sliding_windows: tuple[int | None, ...]  # per layer
+    qk_norm: str = "none"  # or "per_head" (Qwen3), "full" (OLMoE: over all heads at once)
+    qkv_bias: bool = False
+    o_bias: bool = False
+    clip_qkv: float | None = None
+    shared_expert_intermediate_size: int = 0  # 0 = no shared expert
+    moe_prefix: str = "mlp"  # Mixtral's original saves use "block_sparse_moe"
+    expert_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")  # per-expert gate, up, down
 
 
 def read_eos(fields: ConfigFields) -> tuple[int, ...]:

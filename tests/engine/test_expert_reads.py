@@ -110,4 +110,5 @@ def test_kernel_counts_only_expert_bytes_for_a_decode_step(tmp_path):
     layers, top_k = 3, 2
     one_expert = 3 * 32 * 64 * 4  # gate, up, down of [32, 64] fp32
     assert expert_bytes == layers * top_k * one_expert
-    assert read == expert_bytes
+    # The counter's own text can grow by a digit between probes; any stray tensor read is >= 256 bytes.
+    assert abs(read - expert_bytes) <= 4
