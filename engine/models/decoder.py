@@ -166,16 +166,16 @@ def build_decoder(spec: DecoderSpec, ckpt: Checkpoint) -> Decoder:
     h, d = s.hidden_size, s.head_dim
     q_dim, kv_dim = s.num_heads * d, s.num_kv_heads * d
 
-    def read(name: str, shape: tuple[int, ...]) -> np.ndarray:
-        return ckpt.read(name, shape)
+    read = ckpt.read
 
     def maybe(name: str, shape: tuple[int, ...], present: bool) -> np.ndarray | None:
         return read(name, shape) if present else None
 
-    def mlp(prefix: str, inter: int, names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")):
-        gate = read(f"{prefix}.{names[0]}.weight", (inter, h))
-        up = read(f"{prefix}.{names[1]}.weight", (inter, h))
-        return np.concatenate([gate, up]), read(f"{prefix}.{names[2]}.weight", (h, inter))
+    def mlp(prefix: str, inter: int) -> tuple[np.ndarray, np.ndarray]:
+        gate_up = np.concatenate(
+            [read(f"{prefix}.gate_proj.weight", (inter, h)), read(f"{prefix}.up_proj.weight", (inter, h))]
+        )
+        return gate_up, read(f"{prefix}.down_proj.weight", (h, inter))
 
     norm_shapes = {"per_head": ((d,), (d,)), "full": ((q_dim,), (kv_dim,))}
     layers, layouts = [], {}
