@@ -67,7 +67,18 @@ class Checkpoint:
         config = read_json(path / "config.json")
         tensors = _index_tensors(path)
         fds = {file: os.open(file, os.O_RDONLY) for file in sorted({t.path for t in tensors.values()})}
+        if hasattr(os, "posix_fadvise"):  # expert reads are random: read exactly what is asked, no readahead
+            for fd in fds.values():
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
         return cls(path, config, tensors, fds)
+
+    def drop_cached_pages(self) -> bool:
+        """Ask the kernel to evict this checkpoint's files from the page cache; False where it cannot be asked."""
+        if not hasattr(os, "posix_fadvise"):
+            return False
+        for fd in self.fds.values():
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        return True
 
     def close(self) -> None:
         for fd in self.fds.values():

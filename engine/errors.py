@@ -9,8 +9,8 @@ class EngineError(Exception):
     """Base class of every error the engine raises on purpose."""
 
 
-class CheckpointError(EngineError):
-    """A checkpoint file is missing, malformed, or disagrees with its config."""
+class FileError(EngineError):
+    """A file the user gave is at fault; the message names it, and the tensor or field."""
 
     def __init__(self, path: str | Path, message: str, *, tensor: str | None = None, field: str | None = None):
         self.path = str(path)
@@ -24,5 +24,13 @@ class CheckpointError(EngineError):
         super().__init__(f"{where}: {message}")
 
 
+class CheckpointError(FileError):
+    """A checkpoint file is missing, malformed, or disagrees with its config."""
+
+
 class UnsupportedModelError(CheckpointError):
     """The checkpoint is well formed but asks for an architecture or a setting the engine does not implement."""
+
+
+class ConfigError(FileError):
+    """An engine config (TOML) has an unknown key, a value of the wrong type, or one out of range."""

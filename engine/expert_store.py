@@ -7,6 +7,7 @@ On disk it is either three per-expert tensors (gate, up, down) or one slice of e
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -50,6 +51,8 @@ class ExpertLayout:
 class StoreStats:
     bytes_read: int = 0
     experts_loaded: int = 0
+    reads: int = 0  # read requests issued (bytes_read / reads is the mean request size)
+    read_seconds: float = 0.0  # time spent waiting in reads
 
 
 @dataclass
@@ -88,9 +91,12 @@ class PreadExpertStore(ExpertStore):
     def get(self, layer: int, expert: int) -> ExpertWeights:
         layout = self.layouts[(layer, expert)]
         at = 0
+        started = time.perf_counter()
         for r in (*layout.gate_up, layout.down):
             self.checkpoint.read_into(r.path, r.offset, self._raw[at : at + r.nbytes], r.tensor)
             at += r.nbytes
+        self.stats.read_seconds += time.perf_counter() - started
+        self.stats.reads += len(layout.gate_up) + 1
         split = at - layout.down.nbytes
         to_float32(self._raw[:split], layout.gate_up[0].dtype, self._gate_up.reshape(-1))
         to_float32(self._raw[split:at], layout.down.dtype, self._down.reshape(-1))

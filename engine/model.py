@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
 from tokenizers import Tokenizer
 
 from engine.checkpoint import Checkpoint, read_json
+from engine.config import EngineConfig
 from engine.errors import CheckpointError
 from engine.models import parse_config
 from engine.models.decoder import Decoder, build_decoder
@@ -36,11 +38,15 @@ class Model:
         self.decoder.checkpoint.close()
 
 
-def load_model(path: str | Path) -> Model:
+def load_model(path: str | Path, config: EngineConfig = EngineConfig()) -> Model:
     path = Path(path)
     checkpoint = Checkpoint.open(path)
     try:
         spec = parse_config(checkpoint.config, path / "config.json")
+        if config.top_k is not None:
+            if config.top_k > spec.top_k:
+                raise ValueError(f"top_k {config.top_k} exceeds the model's {spec.top_k} active experts ({path})")
+            spec = dataclasses.replace(spec, top_k=config.top_k)
         decoder = build_decoder(spec, checkpoint)
         tokenizer = _load_tokenizer(path / TOKENIZER_FILE)
         eos = set(spec.eos_token_ids) | _generation_eos(path / GENERATION_CONFIG)

@@ -7,6 +7,17 @@ import json
 import sys
 from collections.abc import Sequence
 
+SYNTH_DIMS = (
+    "hidden_size",
+    "num_layers",
+    "num_heads",
+    "num_kv_heads",
+    "head_dim",
+    "num_experts",
+    "top_k",
+    "moe_intermediate_size",
+)
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="autoresearch", description=__doc__)
@@ -25,12 +36,44 @@ def main(argv: Sequence[str] | None = None) -> int:
     g.add_argument("--json", action="store_true", help="print one JSON record instead of text")
     g.set_defaults(run=_generate)
 
-    s = verbs.add_parser("synth", help="write a synthetic MoE checkpoint (random weights, real files)")
-    s.add_argument("--preset", required=True, choices=["tiny", "quickstart"])
+    s = verbs.add_parser("synth", help="write a synthetic MoE checkpoint (structured random weights, real files)")
+    what = s.add_mutually_exclusive_group(required=True)
+    what.add_argument("--preset", choices=["tiny", "quickstart"])
+    what.add_argument("--arch", choices=["qwen3_moe", "mixtral"], help="with --size, or with --num-layers")
+    s.add_argument("--size", help="target size, e.g. 8GiB: the arch's default shape, as deep as fits")
+    for dim in SYNTH_DIMS:
+        s.add_argument(f"--{dim.replace('_', '-')}", type=int, help="override the arch's default")
+    s.add_argument("--locality", type=float, help="P(next token keeps its topic), in (0, 1): higher = friendlier")
+    s.add_argument("--skew", type=float, help=">= 0: higher = some experts much busier than others")
     s.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", required=True)
     s.set_defaults(run=_synth)
+
+    b = verbs.add_parser("bench", help="measure one engine configuration (child process, memory limit, repeats)")
+    b.add_argument("--model", required=True, help="checkpoint directory")
+    b.add_argument("--config", help="engine config TOML with an [engine] table (default: the engine's defaults)")
+    b.add_argument("--workload", default="decode-short", help="a named workload (see `autoresearch workloads`)")
+    b.add_argument("--memory-limit", help="RAM budget for page cache and process together, e.g. 6GiB")
+    b.add_argument("--repeats", type=int, default=5)
+    b.add_argument("--warmup", type=int, default=1, help="passes run first and not counted")
+    b.add_argument("--warm", action="store_true", help="keep the page cache between repeats (default: cold)")
+    b.add_argument("--vs", help="a second engine config TOML, interleaved with --config; reports the speed ratio")
+    b.add_argument("--timeout", type=float, help="seconds per child process before it is killed")
+    b.add_argument("--no-quality", action="store_true", help="skip the comparison against the reference run")
+    b.add_argument("--no-probe", action="store_true", help="skip the disk probe (no roofline)")
+    b.add_argument("--out", help="write the BenchResult JSON here")
+    b.add_argument("--json", action="store_true", help="print the BenchResult JSON instead of the table")
+    b.set_defaults(run=_bench)
+
+    p = verbs.add_parser("probe", help="measure random-read bandwidth with O_DIRECT on a directory's disk")
+    p.add_argument("--dir", default=".", help="a directory on the disk to measure (e.g. the model's)")
+    p.add_argument("--refresh", action="store_true", help="measure again even if this disk's result is cached")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(run=_probe)
+
+    w = verbs.add_parser("workloads", help="list the named workloads")
+    w.set_defaults(run=_workloads)
 
     args = parser.parse_args(argv)
     from engine.errors import EngineError
@@ -75,10 +118,85 @@ def _parse_ids(text: str) -> list[int]:
 
 
 def _synth(args: argparse.Namespace) -> int:
-    from engine.synth import PRESETS, synthesize
+    import dataclasses
 
-    out = synthesize(args.out, PRESETS[args.preset], args.dtype, args.seed)
-    print(f"wrote {args.preset} checkpoint to {out}")
+    from engine.synth import PRESETS, RoutingKnobs, SynthShape, sized_shape, synthesize
+    from engine.synth.shapes import SIZED_DEFAULTS
+    from engine.synth.weights import DEFAULT_KNOBS
+    from engine.units import format_bytes, parse_bytes
+
+    dims = {d: getattr(args, d) for d in SYNTH_DIMS if getattr(args, d) is not None}
+    if args.preset is not None:
+        if args.size or dims:
+            raise ValueError("--preset fixes the shape: drop --size and the dimension flags, or use --arch")
+        shape = PRESETS[args.preset]
+    elif args.size is not None:
+        shape = sized_shape(args.arch, parse_bytes(args.size, "--size"), args.dtype, **dims)
+    elif "num_layers" in dims:
+        shape = dataclasses.replace(SIZED_DEFAULTS[args.arch], **dims)
+    else:
+        raise ValueError("--arch needs --size (e.g. 8GiB) or --num-layers")
+    knobs = DEFAULT_KNOBS[shape.arch]
+    overrides = {k: getattr(args, k) for k in ("locality", "skew") if getattr(args, k) is not None}
+    knobs = RoutingKnobs(**{**knobs.to_dict(), **overrides})
+    out = synthesize(args.out, SynthShape(**shape.__dict__), args.dtype, args.seed, knobs)
+    size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    print(
+        f"wrote {shape.arch} checkpoint ({shape.num_layers} layers, {shape.num_experts} experts, "
+        f"top-{shape.top_k}, {format_bytes(size)}) to {out}"
+    )
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from engine.bench.probe import default_cache_dir, load_or_probe
+    from engine.bench.protocol import BenchFailure, BenchRequest, run_bench
+    from engine.checkpoint import Checkpoint
+    from engine.config import EngineConfig
+    from engine.units import parse_bytes
+    from engine.workloads import get_workload
+
+    model = Path(args.model)
+    Checkpoint.open(model).close()  # a missing or malformed model fails here, before anything runs
+    request = BenchRequest(
+        model=model,
+        config=EngineConfig.load(args.config) if args.config else EngineConfig(),
+        workload=get_workload(args.workload),
+        memory_limit=parse_bytes(args.memory_limit, "--memory-limit") if args.memory_limit else None,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        cold=not args.warm,
+        vs=EngineConfig.load(args.vs) if args.vs else None,
+        timeout_s=args.timeout,
+        cache_dir=None if args.no_quality else default_cache_dir(),
+    )
+    probe = None if args.no_probe else load_or_probe(model, default_cache_dir())
+    try:
+        result = run_bench(request, probe)
+    except BenchFailure as e:
+        print(f"autoresearch bench: run failed: {e}", file=sys.stderr)
+        return 3
+    if args.out:
+        result.write(Path(args.out))
+    print(json.dumps(result.to_dict()) if args.json else result.summary())
+    return 0
+
+
+def _probe(args: argparse.Namespace) -> int:
+    from engine.bench.probe import default_cache_dir, format_table, load_or_probe
+
+    result = load_or_probe(args.dir, default_cache_dir(), refresh=args.refresh)
+    print(json.dumps(result.to_dict()) if args.json else format_table(result))
+    return 0
+
+
+def _workloads(args: argparse.Namespace) -> int:
+    from engine.workloads import WORKLOADS
+
+    for w in WORKLOADS.values():
+        print(f"{w.name:<14} v{w.version}  {w.kind:<8}  {w.description}")
     return 0
 
 

@@ -5,6 +5,7 @@ Shapes: T = tokens in this call, H = hidden, D = head dim, E = experts, k = acti
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -72,8 +73,14 @@ class Routing:
     weights: np.ndarray  # [T, k]
 
 
+RouteObserver = Callable[[int, np.ndarray, "Routing"], None]
+
+
 class Decoder:
-    """A loaded model: call ``forward`` with token ids and a KV cache to get logits."""
+    """A loaded model: call ``forward`` with token ids and a KV cache to get logits.
+
+    ``route_observer``, when set, sees every MoE layer's input [T, H] and routing (for statistics and traces).
+    """
 
     def __init__(
         self,
@@ -92,6 +99,7 @@ class Decoder:
         self.embed = embed  # [V, H]
         self.final_norm = final_norm
         self.lm_head = lm_head  # [V, H]
+        self.route_observer: RouteObserver | None = None
 
     def new_cache(self) -> KVCache:
         s = self.spec
@@ -136,6 +144,8 @@ class Decoder:
         if layer.dense is not None:
             return swiglu(h, *layer.dense)
         routing = self.route(layer.router, h)
+        if self.route_observer is not None:
+            self.route_observer(i, h, routing)
         out = np.zeros_like(h)
         for expert in np.unique(routing.experts):
             rows, slots = np.nonzero(routing.experts == expert)

@@ -71,7 +71,7 @@ def test_console_script_runs(tmp_path):
         text=True,
         check=True,
     )
-    assert "wrote tiny checkpoint" in done.stdout
+    assert "wrote qwen3_moe checkpoint" in done.stdout
 
 
 def test_synthetic_checkpoint_loads_identically_in_transformers(tmp_path):
@@ -81,3 +81,43 @@ def test_synthetic_checkpoint_loads_identically_in_transformers(tmp_path):
     with torch.no_grad():
         expected = reference(torch.tensor([ids])).logits[0].numpy()
     np.testing.assert_allclose(score(load_model(tmp_path / "m"), ids), expected, atol=1e-4, rtol=0)
+
+
+def test_synth_by_size_with_knobs(tmp_path, capsys):
+    out = tmp_path / "sized"
+    args = ["synth", "--arch", "mixtral", "--size", "40MiB", "--hidden-size", "128", "--locality", "0.9"]
+    assert main([*args, "--out", str(out)]) == 0
+    assert "mixtral checkpoint" in capsys.readouterr().out
+    assert json.loads((out / "synth.json").read_text())["knobs"]["locality"] == 0.9
+    assert main(["synth", "--arch", "mixtral", "--out", str(tmp_path / "x")]) == 2
+    assert "--size" in capsys.readouterr().err
+    assert main(["synth", "--arch", "mixtral", "--size", "lots", "--out", str(tmp_path / "x")]) == 2
+    assert "--size must be a byte size" in capsys.readouterr().err
+
+
+def test_bench_prints_a_table_and_writes_json(tmp_path, capsys):
+    main(["synth", "--preset", "tiny", "--out", str(tmp_path / "m")])
+    config = tmp_path / "engine.toml"
+    config.write_text("[engine]\ntop_k = 1\n")
+    out = tmp_path / "result.json"
+    args = ["bench", "--model", str(tmp_path / "m"), "--config", str(config), "--repeats", "1", "--warm"]
+    assert main([*args, "--no-probe", "--no-quality", "--out", str(out)]) == 0
+    assert "decode tok/s" in capsys.readouterr().out
+    assert json.loads(out.read_text())["config"] == {"top_k": 1}
+
+
+def test_bench_errors_are_one_clear_line(tmp_path, capsys):
+    model = tmp_path / "m"
+    main(["synth", "--preset", "tiny", "--out", str(model)])
+    capsys.readouterr()
+    base = ["bench", "--no-probe", "--no-quality", "--repeats", "1"]
+    assert main([*base, "--model", str(tmp_path / "missing")]) == 2
+    assert "not a checkpoint directory" in capsys.readouterr().err
+    assert main([*base, "--model", str(model), "--workload", "nope"]) == 2
+    assert "unknown workload 'nope'" in capsys.readouterr().err
+    assert main([*base, "--model", str(model), "--memory-limit", "1KiB"]) == 2
+    assert "does not exceed the weights the engine keeps resident" in capsys.readouterr().err
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[engine]\ncache_size = 3\n")
+    assert main([*base, "--model", str(model), "--config", str(bad)]) == 2
+    assert f"{bad}: field 'cache_size': unknown engine setting" in capsys.readouterr().err

@@ -1,0 +1,110 @@
+"""Who measured what: the machine's fingerprint and a checkpoint's identity, recorded in every result."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from engine.checkpoint import read_json
+
+
+def machine_fingerprint(directory: Path) -> dict:
+    """CPU, cores, RAM, the disk holding ``directory``, OS, Python and numpy's BLAS."""
+    return {
+        "hostname": platform.node(),
+        "cpu": _cpu_model(),
+        "cores": os.cpu_count(),
+        "ram_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
+        "disk": disk_of(directory),
+        "os": platform.platform(),
+        "python": sys.version.split()[0],
+        "numpy": np.__version__,
+        "blas": _blas(),
+    }
+
+
+def disk_of(directory: Path) -> dict:
+    """The block device holding ``directory``: its name and, where sysfs tells, its model and rotational flag."""
+    dev = os.stat(directory).st_dev
+    major, minor = os.major(dev), os.minor(dev)
+    info: dict = {"device": f"{major}:{minor}"}
+    sys_dev = Path(f"/sys/dev/block/{major}:{minor}")
+    if sys_dev.exists():
+        block = sys_dev.resolve()
+        disk = block if (block / "queue").exists() else block.parent  # a partition's disk is its parent
+        info["name"] = block.name
+        for key, file in (("model", "device/model"), ("rotational", "queue/rotational")):
+            if (disk / file).exists():
+                info[key] = (disk / file).read_text().strip()
+    return info
+
+
+def model_identity(model_dir: Path) -> dict:
+    """A hash of config.json and the weight files' names and sizes (hashing GiB of weights would take minutes)."""
+    model_dir = Path(model_dir)
+    files = sorted(p for p in model_dir.iterdir() if p.suffix == ".safetensors")
+    sizes = {p.name: p.stat().st_size for p in files}
+    config = (model_dir / "config.json").read_bytes()
+    identity = {
+        "path": str(model_dir.resolve()),
+        "model_type": read_json(model_dir / "config.json").get("model_type"),
+        "config_sha256": hashlib.sha256(config).hexdigest()[:16],
+        "weight_files": sizes,
+        "weight_bytes": sum(sizes.values()),
+    }
+    synth = model_dir / "synth.json"
+    if synth.exists():
+        identity["synth"] = read_json(synth)
+    return identity
+
+
+def engine_version() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        package = version("autoresearch")
+    except PackageNotFoundError:
+        package = None
+    return {"package": package, "commit": _git_commit()}
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None
+
+
+def _cpu_model() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    if sys.platform == "darwin":
+        out = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True)
+        if out.stdout.strip():
+            return out.stdout.strip()
+    return platform.processor() or platform.machine()
+
+
+def _blas() -> str | None:
+    try:
+        config = np.show_config(mode="dicts")
+    except (TypeError, ValueError):
+        return None
+    blas = config.get("Build Dependencies", {}).get("blas", {})
+    return f"{blas.get('name')} {blas.get('version')}".strip() if blas else None

@@ -1,0 +1,521 @@
+"""Disk probe: random-read bandwidth of a directory's device per block size and queue depth, bypassing the page cache.
+
+Queue depth is the number of threads, each blocking in ``os.preadv`` (which releases the GIL) on its own
+page-aligned buffer, so that many requests are in flight in the kernel at once, like fio's ``--iodepth``.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import mmap
+import os
+import random
+import socket
+import statistics
+import sys
+import threading
+import time
+import warnings
+from bisect import bisect_right
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from engine.errors import EngineError
+
+SCHEMA_VERSION = 1
+SCRATCH_NAME = ".autoresearch-probe"
+ALIGN = 4096
+KiB = 1024
+MiB = 1024 * KiB
+GiB = 1024 * MiB
+DEFAULT_BLOCK_SIZES = (16 * KiB, 256 * KiB, 2 * MiB)
+DEFAULT_QUEUE_DEPTHS = (1, 8, 32)
+DEFAULT_FILE_BYTES = 1 * GiB
+# Direct I/O on these reads memory, not a disk; recent kernels accept O_DIRECT on tmpfs, so EINVAL cannot tell us.
+MEMORY_FILESYSTEMS = frozenset({"tmpfs", "ramfs", "hugetlbfs", "devtmpfs"})
+
+
+class ProbeError(EngineError):
+    """The disk cannot be probed: no direct I/O, a failed or short read, or an unusable directory."""
+
+
+@dataclass(frozen=True)
+class ProbeCell:
+    """One measured (block size, queue depth) point. ``requests`` and ``seconds`` are summed over the repeats."""
+
+    block_bytes: int
+    queue_depth: int
+    bytes_per_s: float  # median over the repeats
+    requests: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    """Random-read bandwidth of one device, on a full grid of block sizes x queue depths."""
+
+    machine: str
+    device: str
+    directory: str
+    direct: bool
+    cache_bypass: str  # "O_DIRECT" (Linux) or "F_NOCACHE" (macOS)
+    file_bytes: int
+    measured_at: str  # UTC, ISO 8601
+    cells: tuple[ProbeCell, ...]
+
+    def __post_init__(self) -> None:
+        if not self.cells:
+            raise ValueError("ProbeResult.cells is empty")
+        seen = {(c.block_bytes, c.queue_depth) for c in self.cells}
+        if len(seen) != len(self.cells):
+            raise ValueError("ProbeResult.cells holds the same (block_bytes, queue_depth) twice")
+        blocks, depths = self.block_sizes, self.queue_depths
+        if len(seen) != len(blocks) * len(depths):
+            raise ValueError(f"ProbeResult.cells is not a full grid of block sizes {blocks} x queue depths {depths}")
+        for c in self.cells:
+            if c.block_bytes <= 0 or c.queue_depth <= 0 or not c.bytes_per_s > 0:
+                raise ValueError(f"ProbeResult.cells: non-positive value in {c}")
+
+    @property
+    def block_sizes(self) -> tuple[int, ...]:
+        return tuple(sorted({c.block_bytes for c in self.cells}))
+
+    @property
+    def queue_depths(self) -> tuple[int, ...]:
+        return tuple(sorted({c.queue_depth for c in self.cells}))
+
+    def cell(self, block_bytes: int, queue_depth: int) -> ProbeCell | None:
+        for c in self.cells:
+            if c.block_bytes == block_bytes and c.queue_depth == queue_depth:
+                return c
+        return None
+
+    def bandwidth(self, block_bytes: int, queue_depth: int) -> float:
+        """Bytes/s for a read pattern: the measured cell, else bilinear in log2(block) and log2(queue depth).
+
+        Outside the measured range each coordinate is clamped to the nearest measured value, i.e. extrapolation
+        by the nearest cell. That is fine for a roofline estimate; it is never applied to user input.
+        """
+        for name, value in (("block_bytes", block_bytes), ("queue_depth", queue_depth)):
+            if not isinstance(value, int | float) or isinstance(value, bool) or not value > 0:
+                raise ValueError(f"{name} must be a positive number, got {value!r}")
+        exact = self.cell(block_bytes, queue_depth)  # type: ignore[arg-type]
+        if exact is not None:
+            return exact.bytes_per_s
+        blocks, depths = self.block_sizes, self.queue_depths
+        bi, bj, bt = _bracket([math.log2(b) for b in blocks], math.log2(block_bytes))
+        qi, qj, qt = _bracket([math.log2(q) for q in depths], math.log2(queue_depth))
+        value = {(c.block_bytes, c.queue_depth): c.bytes_per_s for c in self.cells}
+
+        def at(b: int, q: int) -> float:
+            return value[(blocks[b], depths[q])]
+
+        low = at(bi, qi) * (1 - qt) + at(bi, qj) * qt
+        high = at(bj, qi) * (1 - qt) + at(bj, qj) * qt
+        return low * (1 - bt) + high * bt
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "machine": self.machine,
+            "device": self.device,
+            "directory": self.directory,
+            "direct": self.direct,
+            "cache_bypass": self.cache_bypass,
+            "file_bytes": self.file_bytes,
+            "measured_at": self.measured_at,
+            "cells": [
+                {
+                    "block_bytes": c.block_bytes,
+                    "queue_depth": c.queue_depth,
+                    "bytes_per_s": c.bytes_per_s,
+                    "requests": c.requests,
+                    "seconds": c.seconds,
+                }
+                for c in self.cells
+            ],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ProbeResult:
+        if not isinstance(data, dict):
+            raise ValueError(f"a probe result must be a JSON object, got {type(data).__name__}")
+        version = data.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise ValueError(f"schema_version {version!r} is not the supported {SCHEMA_VERSION}")
+        try:
+            cells = tuple(
+                ProbeCell(
+                    block_bytes=int(c["block_bytes"]),
+                    queue_depth=int(c["queue_depth"]),
+                    bytes_per_s=float(c["bytes_per_s"]),
+                    requests=int(c["requests"]),
+                    seconds=float(c["seconds"]),
+                )
+                for c in data["cells"]
+            )
+            return cls(
+                machine=str(data["machine"]),
+                device=str(data["device"]),
+                directory=str(data["directory"]),
+                direct=bool(data["direct"]),
+                cache_bypass=str(data["cache_bypass"]),
+                file_bytes=int(data["file_bytes"]),
+                measured_at=str(data["measured_at"]),
+                cells=cells,
+            )
+        except KeyError as e:
+            raise ValueError(f"probe result is missing the field {e.args[0]!r}") from None
+        except TypeError as e:
+            raise ValueError(f"probe result has a field of the wrong type: {e}") from None
+
+
+def _bracket(axis: list[float], x: float) -> tuple[int, int, float]:
+    """Indices (i, j) around x on a sorted axis and the weight t of j; clamped at both ends."""
+    if x <= axis[0]:
+        return 0, 0, 0.0
+    if x >= axis[-1]:
+        last = len(axis) - 1
+        return last, last, 0.0
+    i = bisect_right(axis, x) - 1
+    return i, i + 1, (x - axis[i]) / (axis[i + 1] - axis[i])
+
+
+def machine_id() -> str:
+    """A stable id of this machine: systemd's machine-id when present, else the hostname."""
+    for path in ("/etc/machine-id", "/var/lib/dbus/machine-id"):
+        try:
+            value = Path(path).read_text().strip()
+        except OSError:
+            continue
+        if value:
+            return _safe(value)
+    return _safe(socket.gethostname() or "unknown-host")
+
+
+def device_name(directory: str | Path) -> str:
+    """The block device holding ``directory`` ("vda", "nvme0n1p2"), or "dev-MAJ-MIN" without sysfs."""
+    dev = os.stat(directory).st_dev
+    major, minor = os.major(dev), os.minor(dev)
+    sysfs = Path(f"/sys/dev/block/{major}:{minor}")
+    try:
+        return _safe(sysfs.resolve(strict=True).name)
+    except OSError:
+        return f"dev-{major}-{minor}"
+
+
+def filesystem_type(directory: str | Path) -> str | None:
+    """The filesystem type of ``directory`` from /proc/self/mountinfo (Linux), matched by device number."""
+    dev = os.stat(directory).st_dev
+    key = f"{os.major(dev)}:{os.minor(dev)}"
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        fields = line.split()
+        if len(fields) > 3 and fields[2] == key and " - " in line:
+            return line.split(" - ", 1)[1].split()[0]
+    return None
+
+
+def _safe(text: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in text)
+
+
+def default_cache_dir() -> Path:
+    """``$AUTORESEARCH_CACHE``, else ``$XDG_CACHE_HOME/autoresearch``, else ``~/.cache/autoresearch``."""
+    if os.environ.get("AUTORESEARCH_CACHE"):
+        return Path(os.environ["AUTORESEARCH_CACHE"])
+    if os.environ.get("XDG_CACHE_HOME"):
+        return Path(os.environ["XDG_CACHE_HOME"]) / "autoresearch"
+    return Path.home() / ".cache" / "autoresearch"
+
+
+def _check_positive_int(name: str, value: object, multiple_of: int = 1) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if value % multiple_of:
+        raise ValueError(f"{name} must be a multiple of {multiple_of} bytes for direct I/O, got {value}")
+    return value
+
+
+def _check_sizes(name: str, values: Iterable[object], multiple_of: int = 1) -> tuple[int, ...]:
+    if isinstance(values, int | str | bytes):
+        raise ValueError(f"{name} must be a sequence of integers, got {values!r}")
+    checked = tuple(sorted({_check_positive_int(f"{name} value", v, multiple_of) for v in values}))
+    if not checked:
+        raise ValueError(f"{name} must not be empty")
+    return checked
+
+
+def _check_directory(directory: str | Path) -> Path:
+    path = Path(directory)
+    if not path.is_dir():
+        raise ProbeError(f"{path}: not a directory")
+    fs = filesystem_type(path)
+    if fs in MEMORY_FILESYSTEMS:
+        raise ProbeError(f"{path}: the filesystem is {fs}, which lives in memory; there is no disk to probe")
+    return path
+
+
+def scratch_file(directory: str | Path, file_bytes: int = DEFAULT_FILE_BYTES) -> Path:
+    """The probe's scratch file in ``directory`` with ``file_bytes`` of random data; reused when already that size.
+
+    The data is random so that a compressing or deduplicating layer below cannot shortcut the reads. It is
+    written buffered, synced, then its pages are dropped so that the first direct reads find nothing cached.
+    """
+    path = _check_directory(directory) / SCRATCH_NAME
+    _check_positive_int("file_bytes", file_bytes, ALIGN)
+    try:
+        if path.stat().st_size == file_bytes:
+            _drop_pages(path)
+            return path
+    except FileNotFoundError:
+        pass
+    # Written under a temporary name so that an interrupted write never leaves a right-sized file of zeros.
+    partial = path.with_name(f"{SCRATCH_NAME}.{os.getpid()}.partial")
+    chunk = 8 * MiB
+    try:
+        with open(partial, "wb") as f:
+            remaining = file_bytes
+            while remaining:
+                n = min(chunk, remaining)
+                f.write(os.urandom(n))
+                remaining -= n
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(partial, path)
+    except OSError as e:
+        partial.unlink(missing_ok=True)
+        raise ProbeError(f"{path}: cannot write the probe's scratch file: {e}") from None
+    _drop_pages(path)
+    return path
+
+
+def _drop_pages(path: Path) -> None:
+    if not hasattr(os, "posix_fadvise"):  # macOS: F_NOCACHE reads go around the cache anyway
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def _open_direct(path: Path) -> tuple[int, str]:
+    """Open ``path`` for reads that bypass the page cache; returns the fd and the mechanism's name."""
+    if hasattr(os, "O_DIRECT"):
+        try:
+            return os.open(path, os.O_RDONLY | os.O_DIRECT), "O_DIRECT"
+        except OSError as e:
+            if e.errno == errno.EINVAL:
+                raise ProbeError(
+                    f"{path.parent}: the filesystem does not support direct I/O (O_DIRECT refused), "
+                    "so its disk bandwidth cannot be measured without the page cache"
+                ) from None
+            raise ProbeError(f"{path}: cannot open for direct reads: {e}") from None
+    import fcntl
+
+    if sys.platform == "darwin" and hasattr(fcntl, "F_NOCACHE"):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            fcntl.fcntl(fd, fcntl.F_NOCACHE, 1)
+        except OSError as e:
+            os.close(fd)
+            raise ProbeError(f"{path.parent}: the filesystem refused F_NOCACHE: {e}") from None
+        return fd, "F_NOCACHE"
+    raise ProbeError(f"{path.parent}: no way to bypass the page cache on {sys.platform} (need O_DIRECT or F_NOCACHE)")
+
+
+@dataclass
+class _Run:
+    """One queue-depth-wide burst of random reads: what the threads did together, and the first failure."""
+
+    requests: int = 0
+    started: float = math.inf
+    finished: float = 0.0
+    error: BaseException | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def fail(self, error: BaseException) -> None:
+        with self.lock:
+            self.error = self.error or error
+
+
+def _reader(
+    fd: int, path: Path, block: int, nblocks: int, seconds: float, seed: int, run: _Run, go: threading.Barrier
+) -> None:
+    clock = time.perf_counter
+    offsets = random.Random(seed)
+    count = 0
+    try:
+        with mmap.mmap(-1, block) as buffer:  # anonymous mmap is page-aligned, as O_DIRECT requires
+            buffers = [buffer]
+            go.wait()
+            start = clock()
+            deadline = start + seconds
+            while True:
+                offset = offsets.randrange(nblocks) * block
+                got = os.preadv(fd, buffers, offset)
+                if got != block:
+                    raise ProbeError(f"{path}: short read of {got} of {block} bytes at offset {offset}")
+                count += 1
+                if clock() >= deadline:
+                    break
+            end = clock()
+    except threading.BrokenBarrierError:
+        return  # another thread failed before the start and recorded why
+    except BaseException as e:
+        go.abort()  # a failure before the start must not leave the others waiting for this thread
+        if isinstance(e, OSError):
+            e = ProbeError(f"{path}: direct read of {block} bytes failed: {e}")
+        run.fail(e)
+        return
+    with run.lock:
+        run.requests += count
+        run.started = min(run.started, start)
+        run.finished = max(run.finished, end)
+
+
+def _measure(fd: int, path: Path, file_bytes: int, block: int, depth: int, seconds: float, seed: int) -> _Run:
+    run = _Run()
+    go = threading.Barrier(depth)
+    threads = [
+        threading.Thread(
+            target=_reader,
+            args=(fd, path, block, file_bytes // block, seconds, seed * 1000 + i, run, go),
+            daemon=True,
+        )
+        for i in range(depth)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if run.error is not None:
+        raise run.error
+    return run
+
+
+def probe_directory(
+    directory: str | Path,
+    block_sizes: Sequence[int] = DEFAULT_BLOCK_SIZES,
+    queue_depths: Sequence[int] = DEFAULT_QUEUE_DEPTHS,
+    seconds_per_cell: float = 1.5,
+    file_bytes: int = DEFAULT_FILE_BYTES,
+    repeats: int = 3,
+) -> ProbeResult:
+    """Measure random direct-read bandwidth of ``directory``'s disk on the grid block_sizes x queue_depths.
+
+    Cells are measured in turn and the whole grid ``repeats`` times (a, b, c, a, b, c, ...), because the disk
+    may be shared and noisy; each cell keeps the median. Reads are block-aligned, uniformly random in the file.
+    """
+    blocks = _check_sizes("block_sizes", block_sizes, ALIGN)
+    depths = _check_sizes("queue_depths", queue_depths)
+    if not isinstance(seconds_per_cell, int | float) or isinstance(seconds_per_cell, bool):
+        raise ValueError(f"seconds_per_cell must be a positive number, got {seconds_per_cell!r}")
+    if not (seconds_per_cell > 0 and math.isfinite(seconds_per_cell)):
+        raise ValueError(f"seconds_per_cell must be a positive number, got {seconds_per_cell!r}")
+    _check_positive_int("file_bytes", file_bytes, ALIGN)
+    if file_bytes < blocks[-1]:
+        raise ValueError(f"file_bytes ({file_bytes}) must be at least the largest block size ({blocks[-1]})")
+    _check_positive_int("repeats", repeats)
+    directory = _check_directory(directory)
+
+    path = scratch_file(directory, file_bytes)
+    fd, bypass = _open_direct(path)
+    rates: dict[tuple[int, int], list[float]] = {(b, q): [] for b in blocks for q in depths}
+    requests = dict.fromkeys(rates, 0)
+    elapsed = dict.fromkeys(rates, 0.0)
+    try:
+        for r in range(repeats):
+            for b in blocks:
+                for q in depths:
+                    run = _measure(fd, path, file_bytes, b, q, seconds_per_cell, seed=r * 7919 + b + q)
+                    seconds = run.finished - run.started
+                    rates[(b, q)].append(run.requests * b / seconds)
+                    requests[(b, q)] += run.requests
+                    elapsed[(b, q)] += seconds
+    finally:
+        os.close(fd)
+    cells = tuple(
+        ProbeCell(
+            block_bytes=b,
+            queue_depth=q,
+            bytes_per_s=statistics.median(rates[(b, q)]),
+            requests=requests[(b, q)],
+            seconds=elapsed[(b, q)],
+        )
+        for b, q in rates
+    )
+    return ProbeResult(
+        machine=machine_id(),
+        device=device_name(directory),
+        directory=str(directory.resolve()),
+        direct=True,
+        cache_bypass=bypass,
+        file_bytes=file_bytes,
+        measured_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        cells=cells,
+    )
+
+
+def cache_path(directory: str | Path, cache_dir: Path) -> Path:
+    return Path(cache_dir) / f"probe-{machine_id()}-{device_name(directory)}.json"
+
+
+def load_or_probe(directory: str | Path, cache_dir: Path, refresh: bool = False, **probe_kwargs: Any) -> ProbeResult:
+    """The cached probe of ``directory``'s machine and device, measured (and stored) when absent or ``refresh``.
+
+    A cached result is reused only if it covers the grid and file size asked for in ``probe_kwargs``. An
+    unreadable cache file is measured again with a warning naming the file: nothing is lost by re-measuring.
+    """
+    path = cache_path(directory, cache_dir)
+    if not refresh and path.exists():
+        try:
+            cached = ProbeResult.from_dict(json.loads(path.read_text()))
+        except (OSError, UnicodeDecodeError, ValueError) as e:  # JSONDecodeError is a ValueError
+            warnings.warn(f"{path}: unreadable probe cache ({e}); measuring the disk again", stacklevel=2)
+        else:
+            if _covers(cached, probe_kwargs):
+                return cached
+    result = probe_directory(directory, **probe_kwargs)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+    partial.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    os.replace(partial, path)
+    return result
+
+
+def _covers(cached: ProbeResult, probe_kwargs: dict[str, Any]) -> bool:
+    if set(cached.block_sizes) != set(probe_kwargs.get("block_sizes", DEFAULT_BLOCK_SIZES)):
+        return False
+    if set(cached.queue_depths) != set(probe_kwargs.get("queue_depths", DEFAULT_QUEUE_DEPTHS)):
+        return False
+    return cached.file_bytes == probe_kwargs.get("file_bytes", DEFAULT_FILE_BYTES)
+
+
+def _size_label(n: int) -> str:
+    for unit, size in (("GiB", GiB), ("MiB", MiB), ("KiB", KiB)):
+        if n >= size and n % size == 0:
+            return f"{n // size} {unit}"
+    return f"{n} B"
+
+
+def format_table(result: ProbeResult) -> str:
+    """Markdown table: a row per block size, a column per queue depth, in MB/s (1 MB = 1e6 bytes)."""
+    depths = result.queue_depths
+    lines = [
+        "| block | " + " | ".join(f"QD {q}" for q in depths) + " |",
+        "| --- | " + " | ".join("---:" for _ in depths) + " |",
+    ]
+    for b in result.block_sizes:
+        row = " | ".join(f"{result.bandwidth(b, q) / 1e6:.0f} MB/s" for q in depths)
+        lines.append(f"| {_size_label(b)} | {row} |")
+    return "\n".join(lines)

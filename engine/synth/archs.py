@@ -1,0 +1,103 @@
+"""What each architecture's checkpoint holds: tensor names and shapes, and its config.json.
+
+Every tensor comes with a ``kind`` that tells the weight builder how to fill it: ``ones`` (norms),
+``normal`` (i.i.d. Gaussian with the given std), or one of the structured kinds that carry the routing
+structure (``embed``, ``router``, ``lm_head``; see ``weights.py``).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from engine.synth.shapes import SynthShape
+
+EXPERT_NAMES = {  # the MoE block, then each expert's gate, up and down projections
+    "qwen3_moe": ("mlp", "gate_proj", "up_proj", "down_proj"),
+    "mixtral": ("block_sparse_moe", "w1", "w3", "w2"),
+}
+TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+class TensorSpec(NamedTuple):
+    name: str
+    dims: tuple[int, ...]
+    kind: str
+    std: float = 0.0
+
+
+def tensor_specs(s: SynthShape, residual_scale: float) -> list[TensorSpec]:
+    """Every tensor in file order; ``residual_scale`` scales what each block writes into the residual stream."""
+    h, d, i = s.hidden_size, s.head_dim, s.moe_intermediate_size
+    q_dim, kv_dim = s.num_heads * d, s.num_kv_heads * d
+    moe, gate, up, down = EXPERT_NAMES[s.arch]
+    specs = [TensorSpec("model.embed_tokens.weight", (s.vocab_size, h), "embed")]
+    for layer in range(s.num_layers):
+        p = f"model.layers.{layer}"
+        specs += [
+            TensorSpec(f"{p}.input_layernorm.weight", (h,), "ones"),
+            TensorSpec(f"{p}.self_attn.q_proj.weight", (q_dim, h), "normal", h**-0.5),
+            TensorSpec(f"{p}.self_attn.k_proj.weight", (kv_dim, h), "normal", h**-0.5),
+            TensorSpec(f"{p}.self_attn.v_proj.weight", (kv_dim, h), "normal", h**-0.5),
+            TensorSpec(f"{p}.self_attn.o_proj.weight", (h, q_dim), "normal", residual_scale * q_dim**-0.5),
+        ]
+        if s.arch == "qwen3_moe":
+            specs += [
+                TensorSpec(f"{p}.self_attn.q_norm.weight", (d,), "ones"),
+                TensorSpec(f"{p}.self_attn.k_norm.weight", (d,), "ones"),
+            ]
+        specs += [
+            TensorSpec(f"{p}.post_attention_layernorm.weight", (h,), "ones"),
+            TensorSpec(f"{p}.{moe}.gate.weight", (s.num_experts, h), "router"),
+        ]
+        for e in range(s.num_experts):
+            q = f"{p}.{moe}.experts.{e}"
+            specs += [
+                TensorSpec(f"{q}.{gate}.weight", (i, h), "normal", h**-0.5),
+                TensorSpec(f"{q}.{up}.weight", (i, h), "normal", h**-0.5),
+                # silu(gate) * up has an rms near 0.5 for unit inputs: the 2 makes one expert's output ~residual_scale
+                TensorSpec(f"{q}.{down}.weight", (h, i), "normal", 2 * residual_scale * i**-0.5),
+            ]
+    specs += [TensorSpec("model.norm.weight", (h,), "ones"), TensorSpec("lm_head.weight", (s.vocab_size, h), "lm_head")]
+    return specs
+
+
+def config(s: SynthShape, dtype: str, eos_token_id: int) -> dict:
+    common = {
+        "vocab_size": s.vocab_size,
+        "hidden_size": s.hidden_size,
+        "num_hidden_layers": s.num_layers,
+        "num_attention_heads": s.num_heads,
+        "num_key_value_heads": s.num_kv_heads,
+        "head_dim": s.head_dim,
+        "num_experts_per_tok": s.top_k,
+        "hidden_act": "silu",
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 1000000.0,
+        "max_position_embeddings": 32768,
+        "tie_word_embeddings": False,
+        "sliding_window": None,
+        "bos_token_id": None,
+        "eos_token_id": eos_token_id,
+        "torch_dtype": TORCH_DTYPES[dtype],
+    }
+    if s.arch == "mixtral":
+        return {
+            "architectures": ["MixtralForCausalLM"],
+            "model_type": "mixtral",
+            **common,
+            "intermediate_size": s.moe_intermediate_size,
+            "num_local_experts": s.num_experts,
+        }
+    return {
+        "architectures": ["Qwen3MoeForCausalLM"],
+        "model_type": "qwen3_moe",
+        **common,
+        "intermediate_size": s.moe_intermediate_size * s.top_k,
+        "moe_intermediate_size": s.moe_intermediate_size,
+        "num_experts": s.num_experts,
+        "norm_topk_prob": True,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [],
+        "attention_bias": False,
+        "use_sliding_window": False,
+    }

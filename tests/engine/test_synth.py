@@ -1,0 +1,99 @@
+"""Synthetic checkpoints: real files both engines load identically, sized as asked, routing like real models."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from engine import load_model, score
+from engine.routing_stats import REFERENCE_RANGES, RoutingRecorder, lru_hit_rate
+from engine.synth import RoutingKnobs, SynthShape, sized_shape, synthesize
+from engine.synth.weights import DEFAULT_KNOBS
+from engine.workloads import get_workload, topic_stream
+from tests.engine.tiny_models import CLASSES, reference_logits
+
+# Narrow and shallow, with the sized defaults' expert counts (64 top-4, 8 top-2), so the statistics apply.
+STATS_SHAPES = {
+    "qwen3_moe": SynthShape("qwen3_moe", 128, 4, 4, 2, 32, 64, 4, 32, 1024),
+    "mixtral": SynthShape("mixtral", 256, 8, 4, 2, 64, 8, 2, 32, 1024),
+}
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
+def test_synthetic_checkpoint_loads_identically_in_transformers(tmp_path, arch):
+    shape = dataclasses.replace(STATS_SHAPES[arch], num_layers=2, moe_intermediate_size=16)
+    path = synthesize(tmp_path / arch, shape, dtype="fp32", shard_bytes=200_000)
+    assert (path / "model.safetensors.index.json").exists() and len(list(path.glob("*.safetensors"))) > 1
+    model = load_model(path)
+    ids = model.encode("The expert cache holds the experts used most often.")
+    reference = CLASSES[arch][1].from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
+    np.testing.assert_allclose(score(model, ids), reference_logits(reference, ids), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
+def test_default_routing_statistics_fall_in_real_models_ranges(tmp_path, arch):
+    path = synthesize(tmp_path / arch, STATS_SHAPES[arch], dtype="fp32", knobs=DEFAULT_KNOBS[arch])
+    model = load_model(path)
+    with RoutingRecorder(model.decoder) as recorder:
+        score(model, get_workload("score-2048").tokens(model))
+    stats = recorder.stats(STATS_SHAPES[arch].num_experts)
+    assert stats.tokens == 2048
+    assert stats.outside_reference() == {}, (stats, REFERENCE_RANGES)
+
+
+def test_locality_and_skew_knobs_move_the_statistics(tmp_path):
+    shape = STATS_SHAPES["qwen3_moe"]
+    measured = {}
+    for name, knobs in {
+        "hostile": RoutingKnobs(locality=0.1, skew=0.0),
+        "default": RoutingKnobs(),
+        "friendly": RoutingKnobs(locality=0.95, skew=0.3),
+    }.items():
+        model = load_model(synthesize(tmp_path / name, shape, dtype="fp32", knobs=knobs))
+        with RoutingRecorder(model.decoder) as recorder:
+            score(model, get_workload("score-512").tokens(model))
+        measured[name] = recorder.stats(shape.num_experts)
+    for stat in ("adjacent_reuse_ratio", "lru_gain_points_25", "lru_gain_points_50"):
+        values = [getattr(measured[n], stat) for n in ("hostile", "default", "friendly")]
+        assert values == sorted(values), (stat, values)
+    # over 512 tokens the busiest share has a sampling floor near 1.5-2x, so only the extremes are ordered
+    assert measured["friendly"].busiest_share_ratio > measured["hostile"].busiest_share_ratio + 0.5
+
+
+def test_sized_shape_fills_the_size_without_exceeding_it(tmp_path):
+    size = 48 << 20
+    shape = sized_shape("mixtral", size, "bf16", hidden_size=256, moe_intermediate_size=512)
+    path = synthesize(tmp_path / "sized", shape, shard_bytes=16 << 20)
+    written = sum(p.stat().st_size for p in path.glob("*.safetensors"))
+    one_layer = shape.layer_params() * 2
+    assert size - one_layer < written <= size + 64 * 1024  # headers add a few KiB
+    with pytest.raises(ValueError, match="below one layer"):
+        sized_shape("qwen3_moe", 1 << 20, "bf16")
+    with pytest.raises(ValueError, match="num_layers"):
+        sized_shape("qwen3_moe", 1 << 30, "bf16", num_layers=3)
+
+
+def test_topic_stream_keeps_its_topic_at_the_locality_rate():
+    knobs = RoutingKnobs(locality=0.8, topics=16)
+    ids = np.array(topic_stream(knobs, 1024, frozenset({0}), 4000, seed=3))
+    assert 0 not in ids
+    stay = np.mean(ids[1:] % 16 == ids[:-1] % 16)
+    assert 0.77 < stay < 0.83  # locality plus the 1/16 chance that a jump lands on the same topic, minus noise
+
+
+def test_lru_reference_model():
+    experts = np.array([[0, 1], [0, 2], [3, 1], [0, 3]])
+    # capacity 2: [0,1] miss miss; [0,2] hit 0, evict 1; [3,1] miss miss; [0,3] hit 3 (0 was evicted)
+    assert lru_hit_rate(experts, 2) == 2 / 8
+
+
+@pytest.mark.parametrize(
+    ("knobs", "message"),
+    [({"locality": 1.0}, "locality"), ({"skew": -1}, "skew"), ({"topics": 1}, "topics")],
+)
+def test_bad_knobs_are_refused(knobs, message):
+    with pytest.raises(ValueError, match=message):
+        RoutingKnobs(**knobs)
