@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 DEMO_MODEL := data/quickstart-model
 
-.PHONY: run test lint clean
+.PHONY: run test lint clean bench-protocol
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,11 @@ run: $(VENV)/.runtime
 test: $(VENV)/.test
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
+
+# A benchmark, not a test: writes docs/benchmarks/protocol.md (about 15 minutes here; needs root for the limit).
+bench-protocol: $(VENV)/.runtime
+	command -v fio >/dev/null || apt-get install -y fio || echo "fio unavailable: the report will say so"
+	$(BIN)/python -m engine.bench.protocol_report --data data --out docs/benchmarks/protocol.md
 
 lint: $(VENV)/.test
 	$(BIN)/ruff check .

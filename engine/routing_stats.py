@@ -13,7 +13,9 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from engine.model import Model
 from engine.models.decoder import Decoder, Routing
+from engine.workloads import Workload
 
 REFERENCE_RANGES = {
     "adjacent_reuse_ratio": (1.3, 1.7),
@@ -125,3 +127,28 @@ def lru_hit_rate(experts: np.ndarray, capacity: int) -> float:
         while len(cache) > capacity:
             cache.popitem(last=False)
     return hits / experts.size
+
+
+def measure(model: Model, workload: Workload) -> RoutingStats:
+    """Routing statistics of ``model`` over a workload's tokens (a generate workload's generated ones too)."""
+    from engine.generate import generate, score
+
+    tokens = workload.tokens(model)
+    with RoutingRecorder(model.decoder) as recorder:
+        if workload.kind == "score":
+            score(model, tokens)
+        else:
+            generate(model, tokens, workload.new_tokens, workload.sampler(model), stop_at_eos=False)
+    return recorder.stats(model.decoder.spec.num_experts)
+
+
+def format_table(stats: RoutingStats) -> str:
+    """Markdown: each statistic, its range over layers, and the range real models show."""
+    values = stats.to_dict()
+    lines = ["| statistic | mean over layers | min-max over layers | real models |", "|---|---|---|---|"]
+    for name, (low, high) in REFERENCE_RANGES.items():
+        if values[name] is None:
+            continue
+        layer_low, layer_high = stats.ranges[name]
+        lines.append(f"| {name} | {values[name]:.3f} | {layer_low:.3f}-{layer_high:.3f} | {low:g}-{high:g} |")
+    return "\n".join(lines)

@@ -28,6 +28,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     prompt = g.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="text, tokenized with the checkpoint's tokenizer.json")
     prompt.add_argument("--ids", help="comma-separated token ids, e.g. 1,2,3")
+    g.add_argument("--config", help="engine config TOML with an [engine] table")
     g.add_argument("--max-new-tokens", type=int, default=32)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     g.add_argument("--top-p", type=float, default=1.0)
@@ -72,6 +73,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=_probe)
 
+    r = verbs.add_parser("routing-stats", help="routing statistics of a model on a workload, beside real models'")
+    r.add_argument("--model", required=True)
+    r.add_argument("--workload", default="score-2048")
+    r.add_argument("--json", action="store_true")
+    r.set_defaults(run=_routing_stats)
+
     w = verbs.add_parser("workloads", help="list the named workloads")
     w.set_defaults(run=_workloads)
 
@@ -87,8 +94,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _generate(args: argparse.Namespace) -> int:
     from engine import Sampler, generate, load_model
+    from engine.config import EngineConfig
 
-    model = load_model(args.model)
+    model = load_model(args.model, EngineConfig.load(args.config) if args.config else EngineConfig())
     try:
         ids = model.encode(args.prompt) if args.prompt is not None else _parse_ids(args.ids)
         sampler = Sampler(args.temperature, args.top_p, args.seed)
@@ -189,6 +197,21 @@ def _probe(args: argparse.Namespace) -> int:
 
     result = load_or_probe(args.dir, default_cache_dir(), refresh=args.refresh)
     print(json.dumps(result.to_dict()) if args.json else format_table(result))
+    return 0
+
+
+def _routing_stats(args: argparse.Namespace) -> int:
+    from engine import load_model
+    from engine.routing_stats import format_table, measure
+    from engine.workloads import get_workload
+
+    workload = get_workload(args.workload)
+    model = load_model(args.model)
+    try:
+        stats = measure(model, workload)
+    finally:
+        model.close()
+    print(json.dumps(stats.to_dict()) if args.json else format_table(stats))
     return 0
 
 

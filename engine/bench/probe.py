@@ -11,7 +11,6 @@ import json
 import math
 import mmap
 import os
-import random
 import socket
 import statistics
 import sys
@@ -19,11 +18,13 @@ import threading
 import time
 import warnings
 from bisect import bisect_right
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from engine.errors import EngineError
 
@@ -36,6 +37,7 @@ GiB = 1024 * MiB
 DEFAULT_BLOCK_SIZES = (16 * KiB, 256 * KiB, 2 * MiB)
 DEFAULT_QUEUE_DEPTHS = (1, 8, 32)
 DEFAULT_FILE_BYTES = 1 * GiB
+OFFSET_BATCH = 1024
 # Direct I/O on these reads memory, not a disk; recent kernels accept O_DIRECT on tmpfs, so EINVAL cannot tell us.
 MEMORY_FILESYSTEMS = frozenset({"tmpfs", "ramfs", "hugetlbfs", "devtmpfs"})
 
@@ -104,7 +106,7 @@ class ProbeResult:
         for name, value in (("block_bytes", block_bytes), ("queue_depth", queue_depth)):
             if not isinstance(value, int | float) or isinstance(value, bool) or not value > 0:
                 raise ValueError(f"{name} must be a positive number, got {value!r}")
-        exact = self.cell(block_bytes, queue_depth)  # type: ignore[arg-type]
+        exact = self.cell(block_bytes, queue_depth)
         if exact is not None:
             return exact.bytes_per_s
         blocks, depths = self.block_sizes, self.queue_depths
@@ -348,21 +350,31 @@ class _Run:
             self.error = self.error or error
 
 
+def _random_offsets(seed: int, nblocks: int, block: int) -> Iterator[int]:
+    """Uniform block-aligned offsets, drawn in batches.
+
+    Drawing each offset with random.randrange cost 30% more CPU per 16 KiB read at queue depth 32 (26 against
+    20 us, user + system, on 2 cores): longer GIL holds, so more contention among the threads.
+    """
+    rng = np.random.default_rng(seed)
+    while True:
+        yield from (rng.integers(0, nblocks, OFFSET_BATCH, dtype=np.int64) * block).tolist()
+
+
 def _reader(
     fd: int, path: Path, block: int, nblocks: int, seconds: float, seed: int, run: _Run, go: threading.Barrier
 ) -> None:
-    clock = time.perf_counter
-    offsets = random.Random(seed)
+    clock, preadv = time.perf_counter, os.preadv
     count = 0
     try:
         with mmap.mmap(-1, block) as buffer:  # anonymous mmap is page-aligned, as O_DIRECT requires
             buffers = [buffer]
+            offsets = _random_offsets(seed, nblocks, block)
             go.wait()
             start = clock()
             deadline = start + seconds
-            while True:
-                offset = offsets.randrange(nblocks) * block
-                got = os.preadv(fd, buffers, offset)
+            for offset in offsets:
+                got = preadv(fd, buffers, offset)
                 if got != block:
                     raise ProbeError(f"{path}: short read of {got} of {block} bytes at offset {offset}")
                 count += 1

@@ -21,14 +21,13 @@ import numpy as np
 
 from engine.bench import quality
 from engine.bench.fingerprint import engine_version, machine_fingerprint, model_identity
-from engine.bench.memory_limit import MemoryLimit
+from engine.bench.memory_limit import MemoryLimit, remove_stale_groups
 from engine.bench.probe import ProbeResult
 from engine.bench.result import SCHEMA_VERSION, BenchResult
 from engine.bench.stats import median_ci, ratio_ci, slowest_window
 from engine.checkpoint import Checkpoint
 from engine.config import EngineConfig
 from engine.errors import EngineError
-from engine.model import load_model
 from engine.units import format_bytes
 from engine.workloads import Workload
 
@@ -74,21 +73,22 @@ def run_bench(request: BenchRequest, probe: ProbeResult | None = None) -> BenchR
             f"memory limit {format_bytes(request.memory_limit)} does not exceed the weights the engine keeps "
             f"resident ({format_bytes(resident)} as float32, for {request.model}); give a larger --memory-limit"
         )
-    workload_id = _workload_identity(request)
+    remove_stale_groups()  # groups a killed earlier run could not remove
     reference = None
     if request.cache_dir is not None:
-        reference = quality.reference_path(request.cache_dir, quality.reference_key(model_id, workload_id))
+        key = quality.reference_key(model_id, request.workload.name, request.workload.version)
+        reference = quality.reference_path(request.cache_dir, key)
         if not reference.exists():
             _run_child(request, request.config, "reference", reference=reference, repeats=0)
     if request.vs is None:
         run = _run_child(request, request.config, "bench", reference=reference, repeats=request.repeats)
-        return _result(request, request.config, [run], model_id, workload_id, probe)
+        return _result(request, request.config, [run], model_id, probe)
     runs: dict[str, list[dict]] = {"a": [], "b": []}
     for _ in range(request.repeats):  # one repeat per child, alternating, so drift hits both configurations
         for key, config in (("a", request.config), ("b", request.vs)):
             runs[key].append(_run_child(request, config, "bench", reference if not runs[key] else None, repeats=1))
-    result = _result(request, request.config, runs["a"], model_id, workload_id, probe)
-    other = _result(request, request.vs, runs["b"], model_id, workload_id, probe)
+    result = _result(request, request.config, runs["a"], model_id, probe)
+    other = _result(request, request.vs, runs["b"], model_id, probe)
     a = [r["decode_tok_s"] for r in result.per_repeat]
     b = [r["decode_tok_s"] for r in other.per_repeat]
     if None not in a and None not in b:
@@ -104,14 +104,6 @@ def resident_bytes(model_dir: Path) -> int:
         return sum(4 * int(np.prod(t.shape)) for name, t in checkpoint.tensors.items() if ".experts." not in name)
     finally:
         checkpoint.close()
-
-
-def _workload_identity(request: BenchRequest) -> dict:
-    model = load_model(request.model)
-    try:
-        return request.workload.identity(request.workload.tokens(model))
-    finally:
-        model.close()
 
 
 def _run_child(request: BenchRequest, config: EngineConfig, mode: str, reference: Path | None, repeats: int) -> dict:
@@ -166,7 +158,6 @@ def _result(
     config: EngineConfig,
     runs: list[dict],
     model_id: dict,
-    workload_id: dict,
     probe: ProbeResult | None,
 ) -> BenchResult:
     limit_info = runs[-1]["limit"]
@@ -209,7 +200,7 @@ def _result(
         engine=engine_version(),
         machine=machine_fingerprint(request.model),
         model=model_id,
-        workload=workload_id,
+        workload=runs[0]["workload"],
         config=config.to_dict(),
         memory_limit={k: v for k, v in limit_info.items() if k != "peak_bytes"},
         cold={

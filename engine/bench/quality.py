@@ -57,8 +57,10 @@ def perplexity(logp: np.ndarray, tokens: np.ndarray) -> float:
     return float(np.exp(nll.mean()))
 
 
-def reference_key(model_identity: dict, workload_identity: dict) -> str:
-    document = {"protocol": REFERENCE_PROTOCOL, "model": model_identity, "workload": workload_identity}
+def reference_key(model_identity: dict, workload_name: str, workload_version: int) -> str:
+    """A workload's tokens are fixed by its name and version and the model, so these three name a reference."""
+    workload = {"name": workload_name, "version": workload_version}
+    document = {"protocol": REFERENCE_PROTOCOL, "model": model_identity, "workload": workload}
     return hashlib.sha256(json.dumps(document, sort_keys=True).encode()).hexdigest()[:24]
 
 

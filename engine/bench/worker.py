@@ -39,6 +39,7 @@ def main(argv: list[str]) -> int:
         )
     finally:
         model.close()
+    out["workload"] = workload.identity(prompt)
     out["peak_rss_bytes"] = _peak_rss()
     Path(request["out"]).write_text(json.dumps(out))
     return 0

@@ -124,3 +124,26 @@ def test_slowest_window_finds_a_throttled_stretch():
     window, span = slowest_window(steps)
     assert window < 5.0  # the fast stretches run at 10 tok/s
     assert span > 0
+
+
+def test_the_reference_is_computed_once_per_model_and_workload(model_dir, tmp_path):
+    run_bench(_request(model_dir, tmp_path, repeats=1, cold=False))
+    references = list((tmp_path / "references").iterdir())
+    assert len(references) == 1
+    stamp = references[0].stat().st_mtime_ns
+    run_bench(_request(model_dir, tmp_path, repeats=1, cold=False, config=EngineConfig(top_k=2)))
+    assert [p.stat().st_mtime_ns for p in (tmp_path / "references").iterdir()] == [stamp]
+    run_bench(_request(model_dir, tmp_path, repeats=1, cold=False, workload=get_workload("score-512")))
+    assert len(list((tmp_path / "references").iterdir())) == 2
+
+
+def test_reference_key_changes_with_model_or_workload(model_dir):
+    from engine.bench.fingerprint import model_identity
+    from engine.bench.quality import reference_key
+
+    identity = model_identity(model_dir)
+    key = reference_key(identity, "decode-short", 1)
+    assert key == reference_key(identity, "decode-short", 1)
+    assert key != reference_key(identity, "decode-short", 2)
+    assert key != reference_key(identity, "decode-long", 1)
+    assert key != reference_key({**identity, "config_sha256": "0"}, "decode-short", 1)
