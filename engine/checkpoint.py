@@ -77,6 +77,7 @@ class Checkpoint:
         if not hasattr(os, "posix_fadvise"):
             return False
         for fd in self.fds.values():
+            os.fdatasync(fd)  # pages still waiting to be written (a checkpoint written just now) cannot be dropped
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         return True
 

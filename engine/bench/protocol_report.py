@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", default="8GiB")
     parser.add_argument("--memory-limit", default="3GiB")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved probe/fio rounds")
+    parser.add_argument("--rounds", type=int, default=7, help="interleaved probe/fio rounds")
     parser.add_argument("--seconds", type=float, default=2.0, help="per probe or fio cell")
     args = parser.parse_args(argv)
     data = Path(args.data)
@@ -73,24 +73,32 @@ def _probe_vs_fio(data: Path, rounds: int, seconds: float) -> str:
     lines = ["## Disk probe against fio", ""]
     if shutil.which("fio") is None:
         return "\n".join([*lines, "fio is not installed (`apt-get install fio`): no comparison was made."])
-    ours: dict[tuple[int, int], list[float]] = {(b, q): [] for b in BLOCKS for q in DEPTHS}
-    fio: dict[tuple[int, int], list[float]] = {(b, q): [] for b in BLOCKS for q in DEPTHS}
-    for _ in range(rounds):  # the disk is shared: alternate the two tools cell by cell, then take medians
-        for b in BLOCKS:
-            for q in DEPTHS:
-                probe = probe_directory(data, (b,), (q,), seconds_per_cell=seconds, repeats=1)
-                ours[(b, q)].append(probe.bandwidth(b, q))
-                fio[(b, q)].append(fio_bandwidth(data, b, q, seconds))
+    cells = [(b, q) for b in BLOCKS for q in DEPTHS]
+    ours: dict[tuple[int, int], list[float]] = {c: [] for c in cells}
+    fio: dict[tuple[int, int], list[float]] = {c: [] for c in cells}
+    fio_again: dict[tuple[int, int], list[float]] = {c: [] for c in cells}
+    for _ in range(rounds):  # the disk is shared: alternate the tools cell by cell, then take medians
+        for b, q in cells:
+            ours[(b, q)].append(probe_directory(data, (b,), (q,), seconds_per_cell=seconds, repeats=1).bandwidth(b, q))
+            fio[(b, q)].append(fio_bandwidth(data, b, q, seconds))
+            fio_again[(b, q)].append(fio_bandwidth(data, b, q, seconds))
     lines += [
-        f"Random reads with O_DIRECT on a 1 GiB file on `{data}`'s device; {rounds} rounds, each cell alternating "
-        f"the probe (threads in `os.preadv`) and fio (`--ioengine=libaio --direct=1`) for {seconds:g} s; medians.",
+        f"Random reads with O_DIRECT on a 1 GiB file on `{data}`'s device; {rounds} rounds, each cell running "
+        f"the probe (threads in `os.preadv`), fio (`--ioengine=libaio --direct=1`) and fio again, {seconds:g} s "
+        "each; medians over rounds. fio against itself (A/A) shows what agreement the shared disk allows.",
         "",
-        "| block | queue depth | probe MB/s | fio MB/s | probe / fio |",
-        "|---|---|---|---|---|",
+        "| block | queue depth | probe MB/s | fio MB/s | probe / fio | fio A/A |",
+        "|---|---|---|---|---|---|",
     ]
-    for (b, q), values in ours.items():
-        mine, theirs = statistics.median(values), statistics.median(fio[(b, q)])
-        lines.append(f"| {format_bytes(b)} | {q} | {mine / 1e6:.0f} | {theirs / 1e6:.0f} | {mine / theirs:.3f} |")
+    for b, q in cells:
+        mine, theirs = statistics.median(ours[(b, q)]), statistics.median(fio[(b, q)])
+        again = statistics.median(fio_again[(b, q)])
+        lines.append(
+            f"| {format_bytes(b)} | {q} | {mine / 1e6:.0f} | {theirs / 1e6:.0f} | {mine / theirs:.3f} | "
+            f"{again / theirs:.3f} |"
+        )
+    worst = max(abs(statistics.median(ours[c]) / statistics.median(fio[c]) - 1) for c in cells)
+    lines += ["", f"Largest probe/fio disagreement: {100 * worst:.1f}% (target: within 10%)."]
     return "\n".join(lines)
 
 

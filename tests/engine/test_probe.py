@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import json
 import os
@@ -51,6 +52,7 @@ def synthetic(values: dict[tuple[int, int], float]) -> ProbeResult:
         directory="/data",
         direct=True,
         cache_bypass="O_DIRECT",
+        huge_pages=True,
         file_bytes=MiB,
         measured_at="2025-01-01T00:00:00+00:00",
         cells=cells,
@@ -67,9 +69,50 @@ def test_every_cell_is_measured(measured: ProbeResult) -> None:
         assert cell.requests >= cell.queue_depth * SMALL["repeats"]
         assert cell.seconds > 0
     assert measured.direct and measured.cache_bypass in ("O_DIRECT", "F_NOCACHE")
+    assert not measured.huge_pages  # the default, like fio
     assert measured.machine and measured.device
     assert measured.file_bytes == SMALL["file_bytes"]
     assert Path(measured.directory, SCRATCH_NAME).stat().st_size == SMALL["file_bytes"]
+
+
+def test_huge_pages_on_request(tmp_path: Path) -> None:
+    result = probe_directory(tmp_path, **{**SMALL, "repeats": 1, "huge_pages": True})
+    assert result.huge_pages == probe.huge_pages_available()
+    assert all(cell.bytes_per_s > 0 for cell in result.cells)
+
+
+@pytest.mark.parametrize("huge", [False, True])
+def test_read_buffers_are_aligned(huge: bool) -> None:
+    with probe._read_buffer(16 * KiB, huge) as view:
+        assert view.nbytes == 16 * KiB and not view.readonly
+        anchor = ctypes.c_char.from_buffer(view)
+        address = ctypes.addressof(anchor)
+        del anchor
+    assert address % (probe.HUGE_PAGE if huge else 4096) == 0
+
+
+def _anon_huge_kib(address: int) -> int:
+    """AnonHugePages of the mapping holding ``address``, from /proc/self/smaps."""
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and not head.endswith(":"):
+            low, high = (int(x, 16) for x in head.split("-"))
+            inside = low <= address < high
+        elif inside and head == "AnonHugePages:":
+            return int(line.split()[1])
+    return 0
+
+
+@pytest.mark.skipif(not probe.huge_pages_available(), reason="no transparent huge pages")
+@pytest.mark.parametrize("size", [16 * KiB, 256 * KiB, 2 * MiB])
+def test_huge_read_buffers_are_on_a_huge_page(size: int) -> None:
+    with probe._read_buffer(size, huge=True) as view:
+        view[0] = 1  # fault it in
+        anchor = ctypes.c_char.from_buffer(view)
+        address = ctypes.addressof(anchor)
+        del anchor
+        assert _anon_huge_kib(address) >= 2048
 
 
 def test_bandwidth_is_exact_on_cells_and_interpolates_between(measured: ProbeResult) -> None:
@@ -139,6 +182,9 @@ def test_cache_hit_does_not_measure(tmp_path: Path, measured: ProbeResult, monke
         load_or_probe(directory, tmp_path / "cache", **{**SMALL, "queue_depths": (1, 2)})
     with pytest.raises(AssertionError, match="measured"):
         load_or_probe(directory, tmp_path / "cache", refresh=True, **SMALL)
+    if probe.huge_pages_available():
+        with pytest.raises(AssertionError, match="measured"):
+            load_or_probe(directory, tmp_path / "cache", **{**SMALL, "huge_pages": True})
 
 
 def test_cache_miss_measures_and_stores(tmp_path: Path, measured: ProbeResult, monkeypatch) -> None:
