@@ -10,6 +10,8 @@ from pathlib import Path
 
 from engine.bench.probe import ALIGN, DEFAULT_FILE_BYTES, ProbeError, scratch_file
 
+SYNCHRONOUS_ENGINES = frozenset({"sync", "psync", "pvsync", "pvsync2"})
+
 
 def fio_bandwidth(
     directory: str | Path,
@@ -37,6 +39,11 @@ def fio_bandwidth(
         raise ValueError(f"seconds must be a positive number, got {seconds!r}")
     path = scratch_file(directory, file_bytes)
     engine = ioengine or ("libaio" if sys.platform.startswith("linux") else "posixaio")
+    # a synchronous engine keeps one request in flight per thread, as the probe does: depth is the thread count
+    synchronous = engine in SYNCHRONOUS_ENGINES
+    depth = [f"--iodepth={queue_depth}"]
+    if synchronous:
+        depth = ["--iodepth=1", f"--numjobs={queue_depth}", "--thread", "--group_reporting"]
     command = [
         "fio",
         "--name=probe",
@@ -46,7 +53,7 @@ def fio_bandwidth(
         f"--ioengine={engine}",
         "--rw=randread",
         f"--bs={block_bytes}",
-        f"--iodepth={queue_depth}",
+        *depth,
         f"--size={file_bytes}",
         f"--runtime={max(1, round(seconds * 1000))}ms",
         "--time_based",
