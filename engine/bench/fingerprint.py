@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from engine.bench.probe import device_name
 from engine.checkpoint import read_json
 
 
@@ -31,14 +32,10 @@ def machine_fingerprint(directory: Path) -> dict:
 
 def disk_of(directory: Path) -> dict:
     """The block device holding ``directory``: its name and, where sysfs tells, its model and rotational flag."""
-    dev = os.stat(directory).st_dev
-    major, minor = os.major(dev), os.minor(dev)
-    info: dict = {"device": f"{major}:{minor}"}
-    sys_dev = Path(f"/sys/dev/block/{major}:{minor}")
-    if sys_dev.exists():
-        block = sys_dev.resolve()
-        disk = block if (block / "queue").exists() else block.parent  # a partition's disk is its parent
-        info["name"] = block.name
+    info: dict = {"name": device_name(directory)}
+    block = Path("/sys/class/block") / info["name"]
+    if block.exists():
+        disk = block if (block / "queue").exists() else block.resolve().parent  # a partition's disk is its parent
         for key, file in (("model", "device/model"), ("rotational", "queue/rotational")):
             if (disk / file).exists():
                 info[key] = (disk / file).read_text().strip()
