@@ -17,10 +17,11 @@ $(VENV)/.test: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $@ $(VENV)/.runtime
 
-# The main job. Until the search lands it builds a small synthetic checkpoint and decodes from it.
+# The main job. Until the search lands it builds a small synthetic checkpoint and decodes from it
+# (sampling: a synthetic model's next-token distribution is flat within a topic, so greedy repeats one token).
 run: $(VENV)/.runtime
 	test -f $(DEMO_MODEL)/config.json || $(BIN)/autoresearch synth --preset quickstart --out $(DEMO_MODEL)
-	$(BIN)/autoresearch generate --model $(DEMO_MODEL) --prompt "The expert cache" --max-new-tokens 32
+	$(BIN)/autoresearch generate --model $(DEMO_MODEL) --prompt "The expert cache" --max-new-tokens 32 --temperature 1 --seed 0
 
 test: $(VENV)/.test
 	$(BIN)/ruff check .
