@@ -41,8 +41,8 @@ def parse_bytes(text: str | int, what: str = "size") -> int:
 def format_bytes(n: float) -> str:
     if abs(n) < 1024:
         return f"{n:.0f} B"
-    for unit in ("KiB", "MiB"):
+    for unit in ("KiB", "MiB", "GiB"):
         n /= 1024
-        if abs(n) < 1024:
-            return f"{n:.2f} {unit}"
-    return f"{n / 1024:.2f} GiB"
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.2f}".rstrip("0").rstrip(".") + f" {unit}"  # 16 KiB, 1.5 MiB, 7.73 GiB
+    raise AssertionError("unreachable")

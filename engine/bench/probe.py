@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from engine.errors import EngineError
+from engine.units import format_bytes
 
 SCHEMA_VERSION = 2  # 2: huge_pages
 SCRATCH_NAME = ".autoresearch-probe"
@@ -571,13 +572,6 @@ def _covers(cached: ProbeResult, probe_kwargs: dict[str, Any]) -> bool:
     return cached.file_bytes == probe_kwargs.get("file_bytes", DEFAULT_FILE_BYTES)
 
 
-def _size_label(n: int) -> str:
-    for unit, size in (("GiB", GiB), ("MiB", MiB), ("KiB", KiB)):
-        if n >= size and n % size == 0:
-            return f"{n // size} {unit}"
-    return f"{n} B"
-
-
 def format_table(result: ProbeResult) -> str:
     """Markdown table: a row per block size, a column per queue depth, in MB/s (1 MB = 1e6 bytes)."""
     depths = result.queue_depths
@@ -587,5 +581,5 @@ def format_table(result: ProbeResult) -> str:
     ]
     for b in result.block_sizes:
         row = " | ".join(f"{result.bandwidth(b, q) / 1e6:.0f} MB/s" for q in depths)
-        lines.append(f"| {_size_label(b)} | {row} |")
+        lines.append(f"| {format_bytes(b)} | {row} |")
     return "\n".join(lines)

@@ -112,7 +112,7 @@ def _probe_vs_fio(data: Path, rounds: int, seconds: float) -> str:
 
 
 def _synthetic(data: Path, size: int) -> tuple[Path, str]:
-    model = data / f"synth-{format_bytes(size).replace(' ', '').replace('.00', '')}"
+    model = data / f"synth-{format_bytes(size).replace(' ', '')}"
     shape = sized_shape("qwen3_moe", size, "bf16")
     if (model / "config.json").exists():
         timing = "already present (written by an earlier run; delete it to time the writing)"

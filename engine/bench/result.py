@@ -60,12 +60,6 @@ class BenchResult:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
-    @classmethod
-    def from_dict(cls, data: dict) -> BenchResult:
-        if data.get("schema_version") != SCHEMA_VERSION:
-            raise ValueError(f"BenchResult schema_version {data.get('schema_version')!r}, expected {SCHEMA_VERSION}")
-        return cls(**data)
-
     def summary(self) -> str:
         """A markdown table for people (the JSON is for machines)."""
         rows = [
