@@ -69,6 +69,7 @@ def test_cold_reads_fetch_exactly_the_routed_experts_pages(model_dir):
     model = load_model(model_dir)
     workload = get_workload("decode-short")
     prompt = workload.tokens(model)
+    generate(model, prompt, 2, workload.sampler(model), stop_at_eos=False)  # lazy imports read code files: do them now
     assert model.decoder.checkpoint.drop_cached_pages()
     before = _disk_read_bytes()
     with RoutingRecorder(model.decoder) as recorder:
@@ -80,7 +81,7 @@ def test_cold_reads_fetch_exactly_the_routed_experts_pages(model_dir):
             layout = model.decoder.store.layouts[(layer, int(expert))]
             for r in (*layout.gate_up, layout.down):
                 pages |= {(r.path, p) for p in range(r.offset // PAGE, (r.offset + r.nbytes - 1) // PAGE + 1)}
-    # a few extra pages are filesystem metadata and lazily imported code, which dropping the model does not touch
+    # a few extra pages are filesystem metadata, which dropping the model's pages does not touch
     assert len(pages) * PAGE <= fetched <= (len(pages) + 16) * PAGE
     model.close()
 
