@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 DEMO_MODEL := data/quickstart-model
 
-.PHONY: run test lint clean bench-protocol
+.PHONY: run test lint clean bench-protocol bench-engine
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,10 @@ test: $(VENV)/.test
 bench-protocol: $(VENV)/.runtime
 	command -v fio >/dev/null || apt-get install -y fio || echo "fio unavailable: the report will say so"
 	$(BIN)/python -m engine.bench.protocol_report --data data --out docs/benchmarks/protocol.md
+
+# A benchmark, not a test: writes docs/benchmarks/engine.md and .json (about 30 minutes here; needs root).
+bench-engine: $(VENV)/.runtime
+	$(BIN)/python -m engine.bench.engine_report --data data --out docs/benchmarks/engine.md
 
 lint: $(VENV)/.test
 	$(BIN)/ruff check .

@@ -12,18 +12,72 @@ from pathlib import Path
 from typing import Any
 
 from engine.errors import ConfigError
+from engine.units import parse_bytes
 
 TABLE = "engine"
+CACHE_POLICIES = ("none", "lru", "lfu", "slru", "static")
+CACHE_SCOPES = ("global", "per_layer")
+CACHE_FORMATS = ("dequantized", "packed")
+IO_MODES = ("pread", "direct", "mmap")
+PREDICTORS = ("none", "previous_token", "gate_lookahead", "coactivation")
+ALIGN = 4096  # direct I/O request alignment
 
 
 @dataclass(frozen=True)
 class EngineConfig:
+    """Every knob of the engine. The defaults are engine part 1's behaviour: synchronous buffered reads, no cache."""
+
     # Active experts per token; None keeps the model's own. Fewer is faster and changes the output.
     top_k: int | None = None
+    # Cache-aware routing: an expert whose router probability is within this of the k-th best may replace a
+    # better-scored one that is not in RAM. 0 routes exactly. Changes the output.
+    cache_routing_tolerance: float = 0.0
+    # The engine's expert cache: a byte budget (an int, or a string such as "2GiB"), its eviction policy, and
+    # whether one budget serves all layers or each layer gets an equal share.
+    cache_bytes: int = 0
+    cache_policy: str = "none"
+    cache_scope: str = "global"
+    # What the cache holds and the compute reads: "dequantized" float32 (numpy's BLAS) or "packed", the bytes as
+    # stored (half the RAM per expert for bf16), multiplied by the fused kernels.
+    cache_format: str = "dequantized"
+    # How expert bytes come off the disk: buffered pread, O_DIRECT (F_NOCACHE on macOS) or a memory map.
+    io_mode: str = "pread"
+    io_block_bytes: int = 1 << 20  # size of one read request
+    io_threads: int = 4  # read requests in flight
+    # Prefetch: which predictor proposes the experts of the next layers, how many layers ahead, and how many
+    # candidates beyond the predicted top-k.
+    predictor: str = "none"
+    prefetch_depth: int = 1
+    prefetch_extra: int = 0
 
     def __post_init__(self) -> None:
         if self.top_k is not None and (type(self.top_k) is not int or self.top_k < 1):
             raise ValueError(f"top_k must be a positive integer or absent but got {self.top_k!r}")
+        tolerance = self.cache_routing_tolerance
+        if type(tolerance) not in (int, float) or not 0 <= tolerance <= 1:
+            raise ValueError(f"cache_routing_tolerance must be a number in [0, 1] but got {tolerance!r}")
+        object.__setattr__(self, "cache_routing_tolerance", float(tolerance))
+        if isinstance(self.cache_bytes, str):
+            object.__setattr__(self, "cache_bytes", parse_bytes(self.cache_bytes, "cache_bytes"))
+        _check_int("cache_bytes", self.cache_bytes, 0)
+        for name, allowed in (
+            ("cache_policy", CACHE_POLICIES),
+            ("cache_scope", CACHE_SCOPES),
+            ("cache_format", CACHE_FORMATS),
+            ("io_mode", IO_MODES),
+            ("predictor", PREDICTORS),
+        ):
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)} but got {value!r}")
+        if isinstance(self.io_block_bytes, str):
+            object.__setattr__(self, "io_block_bytes", parse_bytes(self.io_block_bytes, "io_block_bytes"))
+        _check_int("io_block_bytes", self.io_block_bytes, ALIGN)
+        if self.io_block_bytes % ALIGN:
+            raise ValueError(f"io_block_bytes must be a multiple of {ALIGN} but got {self.io_block_bytes}")
+        _check_int("io_threads", self.io_threads, 1)
+        _check_int("prefetch_depth", self.prefetch_depth, 1)
+        _check_int("prefetch_extra", self.prefetch_extra, 0)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str | Path = "<config>") -> EngineConfig:
@@ -61,6 +115,11 @@ class EngineConfig:
         for key, value in self.to_dict().items():
             lines.append(f"{key} = {_toml_value(value)}")
         return "\n".join(lines) + "\n"
+
+
+def _check_int(name: str, value: object, minimum: int) -> None:
+    if type(value) is not int or value < minimum:
+        raise ValueError(f"{name} must be an integer of at least {minimum} but got {value!r}")
 
 
 def _toml_value(value: object) -> str:

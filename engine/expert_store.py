@@ -1,150 +1,240 @@
-"""Every access to expert weights goes through an ExpertStore; experts are never loaded wholesale.
+"""The expert store: every access to expert weights goes through it; experts are never loaded wholesale.
 
-An expert is a SwiGLU MLP: ``gate_up`` [2I, H] (gate rows, then up rows) and ``down`` [H, I].
-On disk it is either three per-expert tensors (gate, up, down) or one slice of each fused
-``[E, 2I, H]`` / ``[E, H, I]`` tensor; in both layouts each piece is one contiguous byte range.
+Per MoE layer the decoder calls ``request(layer, experts)`` (the cache records the accesses; misses start
+reading at once, in parallel), then ``get`` for each expert in turn (waiting for its read if needed), then
+``route_done`` with the layer's routing so that the predictor, if any, prefetches the next layers' experts.
+
+What the store holds, in float32 (``cache_format = "dequantized"``) or as stored (``"packed"``, computed by the
+fused kernels; under ``mmap`` these are views of the mapping, so the page cache decides what stays in RAM):
+
+- the cache: experts the policy keeps, within ``cache_bytes`` (the policy is plain logic, ``cache_policy``);
+- staged prefetches: experts read ahead for a later layer, at most ``prefetch_depth x (top_k +
+  prefetch_extra)`` of them; used ones move into the cache like any miss, the others are cancelled (counted
+  as wasted) when their layer comes;
+- the current layer's experts, and those evicted while it runs (kept until the next layer, since the compute
+  may still use them).
+
+Buffers are pooled: after warm-up no array is allocated per expert.
 """
 
 from __future__ import annotations
 
 import time
-from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
-from typing import NamedTuple
+from collections import Counter
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 
-from engine.checkpoint import Checkpoint, to_float32
-from engine.errors import CheckpointError
-from engine.safetensors_file import TensorInfo
+from engine.cache_policy import StaticPolicy, make_cache
+from engine.config import EngineConfig
+from engine.expert_io import ExpertReader, Fetch, IoStats
+from engine.expert_layout import ExpertData, ExpertLayout, ExpertWeights, PackedExpert
+from engine.predictors import Predictor
 
-
-class ExpertWeights(NamedTuple):
-    gate_up: np.ndarray  # [2I, H] float32
-    down: np.ndarray  # [H, I] float32
-
-
-@dataclass(frozen=True)
-class ByteRange:
-    """One contiguous piece of an expert in a checkpoint file."""
-
-    path: str
-    offset: int
-    nbytes: int
-    dtype: str
-    tensor: str
-
-
-@dataclass(frozen=True)
-class ExpertLayout:
-    """Where one expert's bytes are: ``gate_up`` as one fused range or two (gate, up), then ``down``."""
-
-    gate_up: tuple[ByteRange, ...]
-    down: ByteRange
-
-    @property
-    def nbytes(self) -> int:
-        return sum(r.nbytes for r in self.gate_up) + self.down.nbytes
+Key = tuple[int, int]
 
 
 @dataclass
 class StoreStats:
-    bytes_read: int = 0
-    experts_loaded: int = 0
-    reads: int = 0  # read requests issued (bytes_read / reads is the mean request size)
-    read_seconds: float = 0.0  # time spent waiting in reads
+    hits: int = 0  # accesses served from the engine's cache
+    misses: int = 0  # accesses that needed a read (or a prefetched copy)
+    experts_loaded: int = 0  # experts read on demand or by a prefetch that was used
+    prefetch_issued: int = 0
+    prefetch_used: int = 0  # prefetched experts that their layer asked for
+    prefetch_timely: int = 0  # ... and that had arrived when it did
+    prefetch_wasted: int = 0  # prefetched experts that their layer did not ask for
+    stall_seconds: float = 0.0  # time the compute waited for reads
+    wasted_bytes: int = 0  # bytes read for prefetches nobody used
+    io: IoStats = field(default_factory=IoStats)  # the reader's counters, kept by its threads
+
+    @property
+    def bytes_read(self) -> int:
+        """Bytes requested from the files (page-widened under direct I/O)."""
+        return self.io.bytes_read
+
+    @property
+    def reads(self) -> int:
+        return self.io.reads
+
+    @property
+    def read_seconds(self) -> float:
+        return self.io.read_seconds
+
+    def snapshot(self) -> dict[str, float]:
+        """Every counter, the reader's included, as plain numbers."""
+        values = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "io"}
+        return {**values, "bytes_read": self.bytes_read, "reads": self.reads, "read_seconds": self.read_seconds}
 
 
-@dataclass
-class ExpertStore(ABC):
-    """Serves expert weights by (layer, expert) and counts what it read."""
-
-    hidden_size: int
-    intermediate_size: int
-    stats: StoreStats = field(default_factory=StoreStats)
-
-    @abstractmethod
-    def get(self, layer: int, expert: int) -> ExpertWeights: ...
-
-
-class PreadExpertStore(ExpertStore):
-    """Reads exactly one expert's byte ranges with ``os.preadv`` on every access (no cache).
-
-    Reads and conversions go into buffers allocated once, so ``get`` allocates nothing: the arrays
-    it returns are overwritten by the next ``get``; use or copy them before asking for another expert.
-    """
+class ExpertStore:
+    """Serves expert weights by (layer, expert), through the cache, the prefetches and the reader."""
 
     def __init__(
         self,
-        checkpoint: Checkpoint,
-        layouts: dict[tuple[int, int], ExpertLayout],
+        layouts: dict[Key, ExpertLayout],
         hidden_size: int,
         intermediate_size: int,
-    ):
-        super().__init__(hidden_size, intermediate_size)
-        self.checkpoint = checkpoint
+        config: EngineConfig,
+        num_layers: int,
+        top_k: int,
+        predictor: Predictor | None = None,
+    ) -> None:
         self.layouts = layouts
-        self._raw = np.empty(max((layout.nbytes for layout in layouts.values()), default=0), np.uint8)
-        self._gate_up = np.empty((2 * intermediate_size, hidden_size), np.float32)
-        self._down = np.empty((hidden_size, intermediate_size), np.float32)
+        self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
+        self.config = config
+        policy = config.cache_policy if config.cache_bytes else "none"
+        self.cache = make_cache(policy, config.cache_scope, config.cache_bytes, num_layers)
+        self.reader = ExpertReader(
+            list(layouts.values()),
+            config.io_mode,
+            config.io_block_bytes,
+            config.io_threads,
+            hidden_size,
+            intermediate_size,
+        )
+        self.packed = config.cache_format == "packed"
+        if self.packed:  # the slot a read lands in, page padding included
+            self.entry_bytes = self.reader.slots.slot_bytes
+        else:
+            self.entry_bytes = 3 * hidden_size * intermediate_size * 4
+        self.stats = StoreStats(io=self.reader.stats)
+        self.predictor = predictor
+        self.staged_limit = config.prefetch_depth * (top_k + config.prefetch_extra)
+        self._moe_layers = sorted({layer for layer, _ in layouts})
+        self._cached: dict[Key, ExpertData] = {}
+        self._staged: dict[Key, Fetch] = {}
+        self._current: dict[int, ExpertData | Fetch] = {}  # expert -> its data, or the read bringing it
+        self._layer = -1
+        self._retiring: list[ExpertData] = []
+        self._cancelled: list[Fetch] = []
+        self._free: list[ExpertWeights] = []
+        self._forward_passes = 0
+        self._profile: Counter[Key] | None = Counter() if policy == "static" else None
 
-    def get(self, layer: int, expert: int) -> ExpertWeights:
-        layout = self.layouts[(layer, expert)]
-        at = 0
-        started = time.perf_counter()
-        for r in (*layout.gate_up, layout.down):
-            self.checkpoint.read_into(r.path, r.offset, self._raw[at : at + r.nbytes], r.tensor)
-            at += r.nbytes
-        self.stats.read_seconds += time.perf_counter() - started
-        self.stats.reads += len(layout.gate_up) + 1
-        split = at - layout.down.nbytes
-        to_float32(self._raw[:split], layout.gate_up[0].dtype, self._gate_up.reshape(-1))
-        to_float32(self._raw[split:at], layout.down.dtype, self._down.reshape(-1))
-        self.stats.bytes_read += at
-        self.stats.experts_loaded += 1
-        return ExpertWeights(self._gate_up, self._down)
+    def begin_forward(self) -> None:
+        """A forward pass starts. Under the static policy the first pass is the profiling pass: before the
+        second, the experts it used most are pinned (read into the cache, as many as ``cache_bytes`` holds)."""
+        self._forward_passes += 1
+        if self._forward_passes == 2 and self._profile is not None:
+            self._pin(StaticPolicy.rank(self._profile))
+            self._profile = None
 
+    def request(self, layer: int, experts: list[int]) -> None:
+        """Record this layer's accesses and start reading every miss."""
+        for data in self._retiring:
+            self._release(data)
+        self._retiring.clear()
+        self._sweep_cancelled()
+        for key in [key for key in self._staged if (key[0] <= layer and key[1] not in experts) or key[0] < layer]:
+            fetch = self._staged.pop(key)
+            fetch.cancel()
+            self._cancelled.append(fetch)
+            self.stats.prefetch_wasted += 1
+        self._layer = layer
+        self._current.clear()
+        stats = self.stats
+        for expert in experts:
+            key = (layer, expert)
+            if self.cache.access(key):
+                stats.hits += 1
+                self._current[expert] = self._cached[key]
+                continue
+            stats.misses += 1
+            stats.experts_loaded += 1
+            fetch = self._staged.pop(key, None)
+            if fetch is not None:
+                stats.prefetch_used += 1
+                stats.prefetch_timely += fetch.done
+            else:
+                fetch = self.reader.fetch(self.layouts[key], self._take())
+            self._current[expert] = fetch
 
-def locate_experts(
-    checkpoint: Checkpoint,
-    prefix: str,
-    num_experts: int,
-    hidden_size: int,
-    intermediate_size: int,
-    names: tuple[str, str, str],
-) -> dict[int, ExpertLayout]:
-    """Find each expert's byte ranges under ``prefix`` (e.g. ``model.layers.3.mlp.experts``).
+    def get(self, layer: int, expert: int) -> ExpertData:
+        """The weights of an expert requested for this layer; valid until the next ``request``."""
+        if layer != self._layer or expert not in self._current:
+            raise KeyError(f"expert {expert} of layer {layer} was not requested for the current layer")
+        fetch = self._current[expert]
+        if not isinstance(fetch, Fetch):
+            return fetch
+        if not fetch.done:
+            began = time.perf_counter()
+            fetch.wait()
+            self.stats.stall_seconds += time.perf_counter() - began
+        data = fetch.wait()  # raises the read's error, if any
+        self._current[expert] = data
+        self._admit((layer, expert), data)
+        return data
 
-    ``names`` are the per-expert projection names (gate, up, down): ``gate_proj/up_proj/down_proj``
-    or Mixtral's ``w1/w3/w2``. Fused ``gate_up_proj`` / ``down_proj`` tensors are used when present.
-    """
-    h, i, e_count = hidden_size, intermediate_size, num_experts
-    fused_name = f"{prefix}.gate_up_proj"
-    if fused_name in checkpoint.tensors:
-        gate_up = checkpoint.info(fused_name, (e_count, 2 * i, h))
-        down = checkpoint.info(f"{prefix}.down_proj", (e_count, h, i))
-        return {e: ExpertLayout((_slice(gate_up, e, e_count),), _slice(down, e, e_count)) for e in range(e_count)}
-    gate, up, down_name = names
-    layouts = {}
-    for e in range(e_count):
-        pieces = [
-            checkpoint.info(f"{prefix}.{e}.{n}.weight", s)
-            for n, s in ((gate, (i, h)), (up, (i, h)), (down_name, (h, i)))
-        ]
-        if pieces[0].dtype != pieces[1].dtype:
-            raise CheckpointError(
-                pieces[1].path,
-                f"dtype {pieces[1].dtype} differs from its gate's {pieces[0].dtype}",
-                tensor=pieces[1].name,
-            )
-        layouts[e] = ExpertLayout(tuple(_whole(p) for p in pieces[:2]), _whole(pieces[2]))
-    return layouts
+    def route_done(self, layer: int, h: np.ndarray, experts: np.ndarray, probs: np.ndarray) -> None:
+        """Count the tokens each expert served (the static policy's profile); let the predictor learn from this
+        layer's routing, then prefetch the next layers' likely experts."""
+        if self._profile is not None:
+            self._profile.update((layer, expert) for expert in experts.reshape(-1).tolist())
+        predictor = self.predictor
+        if predictor is None:
+            return
+        predictor.observe(layer, h, experts, probs)
+        position = self._moe_layers.index(layer)
+        count = experts.shape[1] + self.config.prefetch_extra
+        for target in self._moe_layers[position + 1 : position + 1 + self.config.prefetch_depth]:
+            for expert in predictor.propose(layer, h, experts, target, count):
+                if len(self._staged) >= self.staged_limit:
+                    return
+                key = (target, expert)
+                if key in self._staged or key in self.cache:
+                    continue
+                self._staged[key] = self.reader.fetch(self.layouts[key], self._take())
+                self.stats.prefetch_issued += 1
 
+    def is_resident(self, layer: int, expert: int) -> bool:
+        """Whether the expert is in RAM now (cached, or prefetched and arrived): using it costs no read."""
+        key = (layer, expert)
+        staged = self._staged.get(key)
+        return key in self.cache or (staged is not None and staged.done)
 
-def _whole(info: TensorInfo) -> ByteRange:
-    return ByteRange(info.path, info.start, info.nbytes, info.dtype, info.name)
+    def close(self) -> None:
+        self.reader.close()  # waits for the reads in flight
 
+    def _pin(self, ranked: list[Key]) -> None:
+        self.cache.pin([(key, self.entry_bytes) for key in ranked])
+        pinned = self.cache.keys()
+        fetches = {key: self.reader.fetch(self.layouts[key], self._take()) for key in pinned}
+        for key, fetch in fetches.items():
+            self._cached[key] = fetch.wait()
 
-def _slice(info: TensorInfo, expert: int, count: int) -> ByteRange:
-    size = info.nbytes // count
-    return ByteRange(info.path, info.start + expert * size, size, info.dtype, f"{info.name}[{expert}]")
+    def _admit(self, key: Key, data: ExpertData) -> None:
+        for evicted in self.cache.admit(key, self.entry_bytes):
+            self._retiring.append(self._cached.pop(evicted))
+        if key in self.cache:
+            self._cached[key] = data
+        else:
+            self._retiring.append(data)
+
+    def _release(self, data: ExpertData) -> None:
+        if isinstance(data, PackedExpert):
+            if data.buffer is not None:
+                self.reader.give_slot(data.buffer)
+        else:
+            self._free.append(data)
+
+    def _take(self) -> ExpertWeights | None:
+        """Arrays for a dequantized read; None for a packed one (the reader brings its own slot)."""
+        if self.packed:
+            return None
+        if self._free:
+            return self._free.pop()
+        h, i = self.hidden_size, self.intermediate_size
+        return ExpertWeights(np.empty((2 * i, h), np.float32), np.empty((h, i), np.float32))
+
+    def _sweep_cancelled(self) -> None:
+        still = []
+        for fetch in self._cancelled:
+            if fetch.done:
+                self.stats.wasted_bytes += fetch.bytes_read
+                if fetch.result is not None:  # it finished before the cancel reached it
+                    self._release(fetch.result)
+                elif fetch.weights is not None:
+                    self._free.append(fetch.weights)
+            else:
+                still.append(fetch)
+        self._cancelled = still

@@ -35,6 +35,7 @@ class Model:
         return None if self.tokenizer is None else self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def close(self) -> None:
+        self.decoder.store.close()
         self.decoder.checkpoint.close()
 
 
@@ -47,7 +48,7 @@ def load_model(path: str | Path, config: EngineConfig = EngineConfig()) -> Model
             if config.top_k > spec.top_k:
                 raise ValueError(f"top_k {config.top_k} exceeds the model's {spec.top_k} active experts ({path})")
             spec = dataclasses.replace(spec, top_k=config.top_k)
-        decoder = build_decoder(spec, checkpoint)
+        decoder = build_decoder(spec, checkpoint, config)
         tokenizer = _load_tokenizer(path / TOKENIZER_FILE)
         eos = set(spec.eos_token_ids) | _generation_eos(path / GENERATION_CONFIG)
     except BaseException:

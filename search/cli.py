@@ -51,6 +51,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     s.add_argument("--out", required=True)
     s.set_defaults(run=_synth)
 
+    k = verbs.add_parser("repack", help="write a streaming layout: each expert one aligned range, optionally quantized")
+    k.add_argument("model", help="checkpoint directory to repack")
+    k.add_argument("--format", required=True, choices=("fp32", "bf16", "fp16", "int8", "int4"))
+    k.add_argument("--group-size", type=int, default=64, help="int4 only: weights per scale (default 64)")
+    k.add_argument("--align", type=int, default=4096, help="byte alignment of each expert's range (default 4096)")
+    k.add_argument("--out", required=True, help="new, empty directory for the repacked checkpoint")
+    k.set_defaults(run=_repack)
+
     b = verbs.add_parser("bench", help="measure one engine configuration (child process, memory limit, repeats)")
     b.add_argument("--model", required=True, help="checkpoint directory")
     b.add_argument("--config", help="engine config TOML with an [engine] table (default: the engine's defaults)")
@@ -123,6 +131,14 @@ def _parse_ids(text: str) -> list[int]:
         return [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
         raise ValueError(f"--ids must be comma-separated integers, got {text!r}") from None
+
+
+def _repack(args: argparse.Namespace) -> int:
+    from engine.repack import repack
+
+    report = repack(args.model, args.out, args.format, group_size=args.group_size, align=args.align)
+    print(report.summary())
+    return 0
 
 
 def _synth(args: argparse.Namespace) -> int:

@@ -28,6 +28,7 @@ from engine.bench.stats import median_ci, ratio_ci, slowest_window
 from engine.checkpoint import Checkpoint
 from engine.config import EngineConfig
 from engine.errors import EngineError
+from engine.expert_store import StoreStats
 from engine.units import format_bytes
 from engine.workloads import Workload
 
@@ -179,18 +180,21 @@ def _result(
     disk = per_token("disk_bytes")
     roofline = roofline_info = efficiency = None
     if probe is not None and disk and totals["reads"]:
-        block = int(totals["expert_bytes"] / totals["reads"])
-        bandwidth = probe.bandwidth(block, 1)
+        block = int(totals["bytes_read"] / totals["reads"])
+        bandwidth = probe.bandwidth(block, config.io_threads)
         roofline = bandwidth / disk
         roofline_info = {
             "request_bytes": block,
-            "queue_depth": 1,
+            "queue_depth": config.io_threads,
             "bytes_per_s": bandwidth,
             "probe_device": probe.device,
         }
         efficiency = median / roofline if median is not None else None
     decode_seconds = totals["decode_seconds"]
-    io = totals["read_seconds"]
+    stall = totals["stall_seconds"]
+    accesses = totals["hits"] + totals["misses"]
+    issued, used = totals["prefetch_issued"], totals["prefetch_used"]
+    prefetching = config.predictor != "none"
     q = next((run["quality"] for run in runs if run.get("quality")), None)
     cold_dropped = all(run.get("cold_dropped") for run in runs)
     peaks = [run.get("peak_rss_bytes") for run in runs]
@@ -215,14 +219,18 @@ def _result(
         window_seconds=span,
         prefill_tok_s=float(np.median([r["prefill_tok_s"] for r in repeats])),
         ttft_s=_median([r["ttft_s"] for r in repeats]),
-        hit_rate=None,
-        bytes_read_per_token=per_token("expert_bytes"),
+        hit_rate=totals["hits"] / accesses
+        if config.cache_bytes and config.cache_policy != "none" and accesses
+        else None,
+        bytes_read_per_token=per_token("bytes_read"),
         disk_bytes_per_token=disk,
         read_gbps=totals["disk_bytes"] / decode_seconds / 1e9 if totals["disk_bytes"] and decode_seconds else None,
-        io_stall_frac=io / decode_seconds if decode_seconds else None,
-        compute_s_per_token=(decode_seconds - io) / tokens if tokens else None,
-        prefetch_precision=None,
-        prefetch_recall=None,
+        io_stall_frac=stall / decode_seconds if decode_seconds else None,
+        compute_s_per_token=(decode_seconds - stall) / tokens if tokens else None,
+        prefetch_precision=used / issued if prefetching and issued else None,
+        prefetch_recall=used / totals["misses"] if prefetching and totals["misses"] else None,
+        prefetch_timeliness=totals["prefetch_timely"] / used if prefetching and used else None,
+        wasted_bytes_per_token=per_token("wasted_bytes") if prefetching else None,
         peak_rss_bytes=max(p for p in peaks if p is not None) if any(peaks) else None,
         memory_peak_bytes=max(run["limit"]["peak_bytes"] or 0 for run in runs) if limit_info["enforced"] else None,
         quality_top1=q["top1"] if q else None,
@@ -251,22 +259,16 @@ def _repeat_figures(r: dict) -> dict:
 
 
 def _decode_totals(runs: list[dict]) -> dict:
-    totals: dict = {
-        "tokens": 0,
-        "decode_seconds": 0.0,
-        "expert_bytes": 0,
-        "reads": 0,
-        "read_seconds": 0.0,
-        "disk_bytes": 0,
-    }
+    """Decode tokens and seconds, and every store counter, summed over the repeats (None if any lacks it)."""
+    totals: dict = {"tokens": 0, "decode_seconds": 0.0, **dict.fromkeys(StoreStats().snapshot(), 0), "disk_bytes": 0}
     for run in runs:
         for r in run["repeats"]:
             if "decode" not in r:
                 continue
             totals["tokens"] += len(r["step_seconds"])
             totals["decode_seconds"] += r["decode_seconds"]
-            for key in ("expert_bytes", "reads", "read_seconds", "disk_bytes"):
-                value = r["decode"][key]
+            for key in totals.keys() - {"tokens", "decode_seconds"}:
+                value = r["decode"].get(key)
                 totals[key] = None if value is None or totals[key] is None else totals[key] + value
     return totals
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from engine import load_model
 from engine.bench.fingerprint import machine_fingerprint
 from engine.bench.fio import fio_bandwidth
-from engine.bench.probe import default_cache_dir, load_or_probe, probe_directory
+from engine.bench.probe import default_cache_dir, default_mechanism, load_or_probe, probe_directory
 from engine.bench.protocol import BenchRequest, run_bench
 from engine.config import EngineConfig
 from engine.routing_stats import format_table, measure
@@ -79,17 +79,30 @@ def _probe_vs_fio(data: Path, rounds: int, seconds: float) -> str:
     fio: dict[tuple[int, int], list[float]] = {c: [] for c in cells}
     fio_again: dict[tuple[int, int], list[float]] = {c: [] for c in cells}
     fio_sync: dict[tuple[int, int], list[float]] = {c: [] for c in cells}
-    for _ in range(rounds):  # the disk is shared: alternate the tools cell by cell, then take medians
+    mechanism = default_mechanism()
+
+    def measure_ours(b: int, q: int) -> None:
+        result = probe_directory(data, (b,), (q,), seconds_per_cell=seconds, repeats=1, mechanism=mechanism)
+        ours[(b, q)].append(result.bandwidth(b, q))
+
+    # The disk is shared: alternate the tools cell by cell, the probe first in even rounds and last in odd ones
+    # (a disk that speeds up or slows down within a cell's runs then favours neither), and take medians.
+    for r in range(rounds):
         for b, q in cells:
-            ours[(b, q)].append(probe_directory(data, (b,), (q,), seconds_per_cell=seconds, repeats=1).bandwidth(b, q))
+            if r % 2 == 0:
+                measure_ours(b, q)
             fio[(b, q)].append(fio_bandwidth(data, b, q, seconds))
             fio_again[(b, q)].append(fio_bandwidth(data, b, q, seconds))
             fio_sync[(b, q)].append(fio_bandwidth(data, b, q, seconds, ioengine="psync"))
+            if r % 2 == 1:
+                measure_ours(b, q)
+    how = {"aio": "native AIO from one thread, like fio's libaio", "threads": "one thread per request in `os.preadv`"}
     lines += [
         f"Random reads with O_DIRECT on a 1 GiB file on `{data}`'s device; {rounds} rounds, each cell running "
-        f"the probe (threads in `os.preadv`), fio (`--ioengine=libaio`), fio again, and fio with one synchronous "
-        f"reader thread per request in flight (`--ioengine=psync --numjobs=QD`), {seconds:g} s each; medians "
-        "over rounds. fio against itself (A/A) shows what agreement the shared disk allows.",
+        f"the probe ({how[mechanism]}), fio (`--ioengine=libaio`), fio again, and fio with one synchronous "
+        f"reader thread per request in flight (`--ioengine=psync --numjobs=QD`), {seconds:g} s each, the probe "
+        "first in even rounds and last in odd ones; medians over rounds. fio against itself (A/A) shows what "
+        "agreement the shared disk allows.",
         "",
         "| block | QD | probe MB/s | fio libaio MB/s | probe / fio | fio A/A | fio psync MB/s | probe / psync |",
         "|---|---|---|---|---|---|---|---|",

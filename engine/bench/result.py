@@ -12,7 +12,7 @@ from pathlib import Path
 
 from engine.units import format_bytes
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: prefetch_timeliness, wasted_bytes_per_token; io_stall_frac is the compute's wait
 
 
 @dataclass
@@ -37,10 +37,12 @@ class BenchResult:
     bytes_read_per_token: float | None  # expert bytes the engine asked for, per decoded token
     disk_bytes_per_token: float | None  # bytes that really came from storage (Linux), per decoded token
     read_gbps: float | None  # disk bytes over decode time
-    io_stall_frac: float | None  # share of decode time spent waiting for expert reads
+    io_stall_frac: float | None  # share of decode time the compute spent waiting for expert reads
     compute_s_per_token: float | None  # decode time not spent waiting for reads
-    prefetch_precision: float | None
-    prefetch_recall: float | None
+    prefetch_precision: float | None  # prefetched experts that were used, over those prefetched
+    prefetch_recall: float | None  # cache misses a prefetch covered, over all cache misses
+    prefetch_timeliness: float | None  # used prefetches that had arrived when needed, over those used
+    wasted_bytes_per_token: float | None  # bytes read for prefetches nobody used
     peak_rss_bytes: int | None
     memory_peak_bytes: int | None  # the budget's own accounting (cgroup peak, page cache included)
     quality_top1: float | None
@@ -81,6 +83,11 @@ class BenchResult:
             ("time to first token", _num(self.ttft_s, " s")),
             ("expert bytes / token", _bytes(self.bytes_read_per_token)),
             ("disk bytes / token", _bytes(self.disk_bytes_per_token)),
+            ("hit rate", _num(self.hit_rate and 100 * self.hit_rate, " %", 1)),
+            ("prefetch precision", _num(self.prefetch_precision and 100 * self.prefetch_precision, " %", 1)),
+            ("prefetch recall", _num(self.prefetch_recall and 100 * self.prefetch_recall, " %", 1)),
+            ("prefetch timeliness", _num(self.prefetch_timeliness and 100 * self.prefetch_timeliness, " %", 1)),
+            ("wasted bytes / token", _bytes(self.wasted_bytes_per_token)),
             ("read bandwidth", _num(self.read_gbps, " GB/s", 3)),
             ("I/O stall", _num(self.io_stall_frac and 100 * self.io_stall_frac, " %", 1)),
             ("compute / token", _num(self.compute_s_per_token and 1000 * self.compute_s_per_token, " ms")),

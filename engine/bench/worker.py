@@ -113,13 +113,7 @@ class _Counters:
         self.last = self._now()
 
     def _now(self) -> dict:
-        s = self.stats
-        return {
-            "expert_bytes": s.bytes_read,
-            "reads": s.reads,
-            "read_seconds": s.read_seconds,
-            "disk_bytes": _disk_read_bytes(),
-        }
+        return {**self.stats.snapshot(), "disk_bytes": _disk_read_bytes()}
 
     def take(self) -> dict:
         now = self._now()

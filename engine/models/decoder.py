@@ -11,10 +11,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from engine.checkpoint import Checkpoint
+from engine.config import EngineConfig
 from engine.errors import CheckpointError
-from engine.expert_store import ExpertStore, PreadExpertStore, locate_experts
+from engine.expert_layout import locate_experts, repacked_layouts
+from engine.expert_store import ExpertStore
+from engine.models.experts import expert_mlp
 from engine.models.layers import Rope, attend, rms_norm, sigmoid, softmax, swiglu
 from engine.models.spec import DecoderSpec
+from engine.predictors import make_predictor
+from engine.repack_manifest import is_repacked, load_manifest
 
 
 class KVCache:
@@ -71,6 +76,7 @@ class Routing:
 
     experts: np.ndarray  # [T, k] expert ids, best first
     weights: np.ndarray  # [T, k]
+    probs: np.ndarray  # [T, E] the router's probabilities
 
 
 RouteObserver = Callable[[int, np.ndarray, "Routing"], None]
@@ -85,6 +91,7 @@ class Decoder:
     def __init__(
         self,
         spec: DecoderSpec,
+        config: EngineConfig,
         checkpoint: Checkpoint,
         store: ExpertStore,
         layers: list[Layer],
@@ -93,6 +100,7 @@ class Decoder:
         lm_head: np.ndarray,
     ):
         self.spec = spec
+        self.config = config
         self.checkpoint = checkpoint
         self.store = store
         self.layers = layers
@@ -109,6 +117,7 @@ class Decoder:
         """Logits [T, V] for token ``ids`` [T] following the cached ones (only the last row unless all_logits)."""
         s = self.spec
         start = cache.length
+        self.store.begin_forward()
         x = self.embed[ids]  # [T, H]
         cos, sin = s.rope.tables(np.arange(start, start + len(ids)))
         for i, layer in enumerate(self.layers):
@@ -143,26 +152,46 @@ class Decoder:
     def _mlp(self, i: int, layer: Layer, h: np.ndarray) -> np.ndarray:
         if layer.dense is not None:
             return swiglu(h, *layer.dense)
-        routing = self.route(layer.router, h)
+        routing = self.route(layer.router, h, i)
         if self.route_observer is not None:
             self.route_observer(i, h, routing)
+        experts = np.unique(routing.experts).tolist()
+        self.store.request(i, experts)
+        self.store.route_done(i, h, routing.experts, routing.probs)
         out = np.zeros_like(h)
-        for expert in np.unique(routing.experts):
+        for expert in experts:
             rows, slots = np.nonzero(routing.experts == expert)
-            weights = self.store.get(i, int(expert))
-            out[rows] += swiglu(h[rows], *weights) * routing.weights[rows, slots, None]
+            out[rows] += expert_mlp(h[rows], self.store.get(i, expert)) * routing.weights[rows, slots, None]
         if layer.shared_expert is not None:
             out += sigmoid(h @ layer.shared_expert_gate.T) * swiglu(h, *layer.shared_expert)
         return out
 
-    def route(self, router: np.ndarray, h: np.ndarray) -> Routing:
-        """Softmax over the E router logits, keep the top k (Shazeer et al. 2017), optionally renormalised."""
+    def route(self, router: np.ndarray, h: np.ndarray, layer: int) -> Routing:
+        """Softmax over the E router logits, keep the top k (Shazeer et al. 2017), optionally renormalised.
+
+        With ``cache_routing_tolerance`` > 0, experts within that probability of the k-th best compete for the
+        places not taken by clearly better ones, those already in RAM first.
+        """
+        k = self.spec.top_k
         probs = softmax(h @ router.T)  # [T, E]
-        experts = np.argsort(-probs, axis=-1, kind="stable")[:, : self.spec.top_k]  # [T, k]
+        order = np.argsort(-probs, axis=-1, kind="stable")
+        experts = order[:, :k]  # [T, k]
+        if self.config.cache_routing_tolerance > 0:
+            experts = np.stack([self._prefer_resident(layer, p, o, k) for p, o in zip(probs, order, strict=True)])
         weights = np.take_along_axis(probs, experts, axis=-1)
         if self.spec.norm_topk_prob:
             weights = weights / weights.sum(axis=-1, keepdims=True)
-        return Routing(experts, weights)
+        return Routing(experts, weights, probs)
+
+    def _prefer_resident(self, layer: int, probs: np.ndarray, order: np.ndarray, k: int) -> np.ndarray:
+        tolerance = self.config.cache_routing_tolerance
+        kth = probs[order[k - 1]]
+        sure = [e for e in order[:k] if probs[e] > kth + tolerance]
+        close = [e for e in order if abs(probs[e] - kth) <= tolerance]
+        resident = [e for e in close if self.store.is_resident(layer, int(e))]
+        others = [e for e in close if e not in resident]
+        chosen = sure + (resident + others)[: k - len(sure)]
+        return np.asarray(sorted(chosen, key=lambda e: -probs[e]))
 
 
 def _linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
@@ -170,7 +199,7 @@ def _linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None) -> np.nd
     return y if bias is None else y + bias
 
 
-def build_decoder(spec: DecoderSpec, ckpt: Checkpoint) -> Decoder:
+def build_decoder(spec: DecoderSpec, ckpt: Checkpoint, config: EngineConfig) -> Decoder:
     """Read the resident weights, locate (but do not read) every expert, and check all shapes."""
     s = spec
     h, d = s.hidden_size, s.head_dim
@@ -188,7 +217,9 @@ def build_decoder(spec: DecoderSpec, ckpt: Checkpoint) -> Decoder:
         return gate_up, read(f"{prefix}.down_proj.weight", (h, inter))
 
     norm_shapes = {"per_head": ((d,), (d,)), "full": ((q_dim,), (kv_dim,))}
-    layers, layouts = [], {}
+    repacked = is_repacked(ckpt.path)
+    layouts = repacked_layouts(load_manifest(ckpt.path)) if repacked else {}
+    layers = []
     for i in range(s.num_layers):
         p = f"model.layers.{i}"
         qn, kn = norm_shapes.get(s.qk_norm, (None, None))
@@ -208,8 +239,11 @@ def build_decoder(spec: DecoderSpec, ckpt: Checkpoint) -> Decoder:
         if s.sparse_layers[i]:
             moe = _moe_prefix(ckpt, p, s)
             router = read(f"{moe}.gate.weight", (s.num_experts, h))
-            experts = locate_experts(ckpt, f"{moe}.experts", s.num_experts, h, s.moe_intermediate_size, s.expert_names)
-            layouts.update({(i, e): layout for e, layout in experts.items()})
+            if not repacked:
+                experts = locate_experts(
+                    ckpt, f"{moe}.experts", s.num_experts, h, s.moe_intermediate_size, s.expert_names
+                )
+                layouts.update({(i, e): layout for e, layout in experts.items()})
             if s.shared_expert_intermediate_size:
                 shared = mlp(f"{moe}.shared_expert", s.shared_expert_intermediate_size)
                 shared_gate = read(f"{moe}.shared_expert_gate.weight", (1, h))
@@ -228,8 +262,10 @@ def build_decoder(spec: DecoderSpec, ckpt: Checkpoint) -> Decoder:
         )
     embed = read("model.embed_tokens.weight", (s.vocab_size, h))
     lm_head = embed if s.tie_word_embeddings else read("lm_head.weight", (s.vocab_size, h))
-    store = PreadExpertStore(ckpt, layouts, h, s.moe_intermediate_size)
-    return Decoder(s, ckpt, store, layers, embed, read("model.norm.weight", (h,)), lm_head)
+    routers = {i: layer.router for i, layer in enumerate(layers) if layer.router is not None}
+    predictor = make_predictor(config.predictor, sorted(routers), s.num_experts, routers)
+    store = ExpertStore(layouts, h, s.moe_intermediate_size, config, s.num_layers, s.top_k, predictor)
+    return Decoder(s, config, ckpt, store, layers, embed, read("model.norm.weight", (h,)), lm_head)
 
 
 def _moe_prefix(ckpt: Checkpoint, layer_prefix: str, spec: DecoderSpec) -> str:

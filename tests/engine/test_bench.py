@@ -59,7 +59,8 @@ def test_result_under_an_enforced_limit(model_dir, tmp_path):
     # every cold repeat fetched its experts from the disk during the prefill
     assert all(r["prefill"]["disk_bytes"] >= expert_bytes for r in result.per_repeat)
     assert result.quality_top1 == 1.0 and abs(result.quality_kl) < 1e-6  # the defaults are the reference (stored fp32)
-    assert result.to_dict()["schema_version"] == 1
+    assert result.to_dict()["schema_version"] == 2
+    assert result.hit_rate is None and result.prefetch_precision is None  # no cache, no predictor
     assert "decode tok/s" in result.summary()
 
 
@@ -94,7 +95,7 @@ def test_quality_sees_fewer_experts(model_dir, tmp_path):
 
 def test_vs_interleaves_and_reports_a_ratio(model_dir, tmp_path):
     result = run_bench(_request(model_dir, tmp_path, vs=EngineConfig(top_k=2), repeats=2, cold=False))
-    assert result.vs is not None and result.vs["config"] == {"top_k": 2}
+    assert result.vs is not None and result.vs["config"] == EngineConfig(top_k=2).to_dict()
     low, high = result.vs["ratio_ci"]
     assert low <= result.vs["ratio"] <= high
     assert len(result.vs["result"]["per_repeat"]) == 2
@@ -148,3 +149,16 @@ def test_reference_key_changes_with_model_or_workload(model_dir):
     assert key != reference_key(identity, "decode-short", 2)
     assert key != reference_key(identity, "decode-long", 1)
     assert key != reference_key({**identity, "config_sha256": "0"}, "decode-short", 1)
+
+
+def test_cache_and_prefetch_metrics(model_dir, tmp_path):
+    expert = 3 * SHAPE.hidden_size * SHAPE.moe_intermediate_size * 4
+    config = EngineConfig(cache_policy="lru", cache_bytes=4 * expert, predictor="gate_lookahead", prefetch_extra=1)
+    result = run_bench(_request(model_dir, tmp_path, config=config, repeats=1, cold=False))
+    assert 0 <= result.hit_rate <= 1
+    assert 0 <= result.prefetch_precision <= 1 and 0 <= result.prefetch_recall <= 1
+    assert 0 <= result.prefetch_timeliness <= 1
+    assert result.wasted_bytes_per_token >= 0
+    assert result.quality_top1 == 1.0  # caching and prefetching never change the output
+    for line in ("hit rate", "prefetch precision", "prefetch recall", "prefetch timeliness"):
+        assert line in result.summary()

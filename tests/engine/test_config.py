@@ -22,7 +22,7 @@ def test_round_trip_through_toml(tmp_path):
     [
         ("[engine]\ntop_k = 0\n", "field 'top_k': top_k must be a positive integer"),
         ("[engine]\ntop_k = 1.5\n", "field 'top_k'"),
-        ("[engine]\ncache_policy = 'lru'\n", "field 'cache_policy': unknown engine setting"),
+        ("[engine]\ncache_size = 1\n", "field 'cache_size': unknown engine setting"),
         ("top_k = 2\n", "expected an [engine] table"),
         ("[engine\n", "not valid TOML"),
     ],

@@ -72,7 +72,7 @@ def test_decode_step_reads_exactly_the_routed_experts(tmp_path, monkeypatch, fus
     cache = model.decoder.new_cache()
     model.decoder.forward(ids[:-1], cache)
 
-    fd_paths = {fd: p for p, fd in model.decoder.checkpoint.fds.items()}
+    fd_paths = {fd: p for p, fd in model.decoder.store.reader.fds.items()}
     reads: list[tuple[str, int, int]] = []
     real_preadv = os.preadv
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import json
 import os
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from engine import aio
 from engine.bench import probe
 from engine.bench.fio import fio_bandwidth
 from engine.bench.probe import (
@@ -27,6 +27,7 @@ from engine.bench.probe import (
     probe_directory,
     scratch_file,
 )
+from engine.buffers import huge_pages_available
 from engine.errors import EngineError
 
 KiB, MiB = 1024, 1024 * 1024
@@ -53,6 +54,7 @@ def synthetic(values: dict[tuple[int, int], float]) -> ProbeResult:
         direct=True,
         cache_bypass="O_DIRECT",
         huge_pages=True,
+        mechanism="aio",
         file_bytes=MiB,
         measured_at="2025-01-01T00:00:00+00:00",
         cells=cells,
@@ -70,49 +72,30 @@ def test_every_cell_is_measured(measured: ProbeResult) -> None:
         assert cell.seconds > 0
     assert measured.direct and measured.cache_bypass in ("O_DIRECT", "F_NOCACHE")
     assert not measured.huge_pages  # the default, like fio
+    assert measured.mechanism == probe.default_mechanism()
     assert measured.machine and measured.device
     assert measured.file_bytes == SMALL["file_bytes"]
     assert Path(measured.directory, SCRATCH_NAME).stat().st_size == SMALL["file_bytes"]
 
 
+@pytest.mark.parametrize("mechanism", probe.MECHANISMS)
+def test_each_mechanism_measures_every_cell(tmp_path: Path, mechanism: str) -> None:
+    if mechanism == "aio" and not aio.available():
+        pytest.skip("no native AIO here")
+    result = probe_directory(tmp_path, **{**SMALL, "repeats": 1, "mechanism": mechanism})
+    assert result.mechanism == mechanism
+    assert all(cell.bytes_per_s > 0 and cell.requests >= cell.queue_depth for cell in result.cells)
+
+
+def test_unknown_mechanism_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="mechanism must be one of"):
+        probe_directory(tmp_path, **{**SMALL, "mechanism": "io_uring"})
+
+
 def test_huge_pages_on_request(tmp_path: Path) -> None:
     result = probe_directory(tmp_path, **{**SMALL, "repeats": 1, "huge_pages": True})
-    assert result.huge_pages == probe.huge_pages_available()
+    assert result.huge_pages == huge_pages_available()
     assert all(cell.bytes_per_s > 0 for cell in result.cells)
-
-
-@pytest.mark.parametrize("huge", [False, True])
-def test_read_buffers_are_aligned(huge: bool) -> None:
-    with probe._read_buffer(16 * KiB, huge) as view:
-        assert view.nbytes == 16 * KiB and not view.readonly
-        anchor = ctypes.c_char.from_buffer(view)
-        address = ctypes.addressof(anchor)
-        del anchor
-    assert address % (probe.HUGE_PAGE if huge else 4096) == 0
-
-
-def _anon_huge_kib(address: int) -> int:
-    """AnonHugePages of the mapping holding ``address``, from /proc/self/smaps."""
-    inside = False
-    for line in Path("/proc/self/smaps").read_text().splitlines():
-        head = line.split()[0]
-        if "-" in head and not head.endswith(":"):
-            low, high = (int(x, 16) for x in head.split("-"))
-            inside = low <= address < high
-        elif inside and head == "AnonHugePages:":
-            return int(line.split()[1])
-    return 0
-
-
-@pytest.mark.skipif(not probe.huge_pages_available(), reason="no transparent huge pages")
-@pytest.mark.parametrize("size", [16 * KiB, 256 * KiB, 2 * MiB])
-def test_huge_read_buffers_are_on_a_huge_page(size: int) -> None:
-    with probe._read_buffer(size, huge=True) as view:
-        view[0] = 1  # fault it in
-        anchor = ctypes.c_char.from_buffer(view)
-        address = ctypes.addressof(anchor)
-        del anchor
-        assert _anon_huge_kib(address) >= 2048
 
 
 def test_bandwidth_is_exact_on_cells_and_interpolates_between(measured: ProbeResult) -> None:
@@ -182,7 +165,7 @@ def test_cache_hit_does_not_measure(tmp_path: Path, measured: ProbeResult, monke
         load_or_probe(directory, tmp_path / "cache", **{**SMALL, "queue_depths": (1, 2)})
     with pytest.raises(AssertionError, match="measured"):
         load_or_probe(directory, tmp_path / "cache", refresh=True, **SMALL)
-    if probe.huge_pages_available():
+    if huge_pages_available():
         with pytest.raises(AssertionError, match="measured"):
             load_or_probe(directory, tmp_path / "cache", **{**SMALL, "huge_pages": True})
 
@@ -278,6 +261,19 @@ def test_direct_io_refused_by_the_filesystem(tmp_path: Path, monkeypatch) -> Non
 def test_short_read_names_the_file(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(os, "preadv", lambda fd, buffers, offset: 100)
     with pytest.raises(ProbeError, match=f"{tmp_path / SCRATCH_NAME}: short read"):
+        probe_directory(tmp_path, **{**SMALL, "mechanism": "threads"})
+
+
+@pytest.mark.skipif(not aio.available(), reason="no native AIO here")
+def test_failed_asynchronous_read_names_the_file(tmp_path: Path, monkeypatch) -> None:
+    real_reap = aio.AioContext.reap
+
+    def failing(self, min_events=1):
+        return [(slot, -errno.EIO) for slot, _ in real_reap(self, min_events)]
+
+    monkeypatch.setattr(aio.AioContext, "reap", failing)
+    expected = f"{tmp_path / SCRATCH_NAME}: direct read of 16384 bytes failed: {os.strerror(errno.EIO)}"
+    with pytest.raises(ProbeError, match=expected):
         probe_directory(tmp_path, **SMALL)
 
 

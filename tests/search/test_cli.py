@@ -11,6 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from engine import load_model, score
+from engine.config import EngineConfig
 from search.cli import main
 
 
@@ -103,7 +104,7 @@ def test_bench_prints_a_table_and_writes_json(tmp_path, capsys):
     args = ["bench", "--model", str(tmp_path / "m"), "--config", str(config), "--repeats", "1", "--warm"]
     assert main([*args, "--no-probe", "--no-quality", "--out", str(out)]) == 0
     assert "decode tok/s" in capsys.readouterr().out
-    assert json.loads(out.read_text())["config"] == {"top_k": 1}
+    assert json.loads(out.read_text())["config"] == EngineConfig(top_k=1).to_dict()
 
 
 def test_bench_errors_are_one_clear_line(tmp_path, capsys):
@@ -121,3 +122,16 @@ def test_bench_errors_are_one_clear_line(tmp_path, capsys):
     bad.write_text("[engine]\ncache_size = 3\n")
     assert main([*base, "--model", str(model), "--config", str(bad)]) == 2
     assert f"{bad}: field 'cache_size': unknown engine setting" in capsys.readouterr().err
+
+
+def test_repack_then_generate(tmp_path, capsys):
+    assert main(["synth", "--preset", "tiny", "--out", str(tmp_path / "m")]) == 0
+    assert main(["repack", str(tmp_path / "m"), "--format", "int8", "--out", str(tmp_path / "r")]) == 0
+    assert "int8" in capsys.readouterr().out
+    args = ["generate", "--model", str(tmp_path / "r"), "--ids", "1,2,3", "--max-new-tokens", "2"]
+    assert main(args) == 0
+    assert (
+        main(["repack", str(tmp_path / "m"), "--format", "int4", "--group-size", "32", "--out", str(tmp_path / "r")])
+        == 2
+    )
+    assert "not empty" in capsys.readouterr().err

@@ -1,0 +1,143 @@
+"""Where each expert's bytes are in a checkpoint: one or more contiguous byte ranges per weight matrix.
+
+An expert is a SwiGLU MLP: ``gate_up`` [2I, H] (gate rows, then up rows) and ``down`` [H, I].
+On disk it is either three per-expert tensors (gate, up, down) or one slice of each fused
+``[E, 2I, H]`` / ``[E, H, I]`` tensor; in both layouts each piece is one contiguous byte range.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+
+from engine.buffers import Slot
+from engine.checkpoint import Checkpoint
+from engine.errors import CheckpointError
+from engine.quant import PackedMatrix
+from engine.repack_manifest import ExpertEntry, RepackManifest
+from engine.safetensors_file import TensorInfo
+
+
+class ExpertWeights(NamedTuple):
+    """An expert in float32, what the compute uses under ``cache_format = "dequantized"``."""
+
+    gate_up: np.ndarray  # [2I, H] float32
+    down: np.ndarray  # [H, I] float32
+
+
+@dataclass(frozen=True, eq=False)
+class PackedExpert:
+    """An expert as stored (``cache_format = "packed"``): ``gate_up`` in one or two parts (fused, or gate then
+    up), each a PackedMatrix over the bytes read; ``buffer`` holds them (None for views of a memory map)."""
+
+    gate_up: tuple[PackedMatrix, ...]
+    down: PackedMatrix
+    buffer: Slot | None
+
+    def parts(self) -> tuple[PackedMatrix, PackedMatrix]:
+        """(gate_up, down) for a one-part gate_up (fused or repacked)."""
+        if len(self.gate_up) != 1:
+            raise ValueError("gate_up is in two parts")
+        return self.gate_up[0], self.down
+
+
+ExpertData = ExpertWeights | PackedExpert
+
+
+@dataclass(frozen=True)
+class ByteRange:
+    """One contiguous piece of an expert in a checkpoint file."""
+
+    path: str
+    offset: int
+    nbytes: int
+    dtype: str
+    tensor: str
+
+
+@dataclass(frozen=True)
+class ExpertLayout:
+    """Where one expert's bytes are.
+
+    In a checkpoint: ``gate_up`` as one fused range or two (gate, up), then ``down``. In a repacked directory
+    (``engine.repack``): one range, ``gate_up[0]``, holding both packed matrices as ``repacked`` describes.
+    """
+
+    gate_up: tuple[ByteRange, ...]
+    down: ByteRange | None
+    repacked: ExpertEntry | None = None
+
+    @property
+    def ranges(self) -> tuple[ByteRange, ...]:
+        return self.gate_up if self.down is None else (*self.gate_up, self.down)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(r.nbytes for r in self.ranges)
+
+
+def repacked_layouts(manifest: RepackManifest) -> dict[tuple[int, int], ExpertLayout]:
+    """Each expert's one range in a repacked directory, from its validated manifest."""
+    return {
+        key: ExpertLayout(
+            (
+                ByteRange(
+                    str(manifest.path / e.file),
+                    e.offset,
+                    e.nbytes,
+                    "U8",
+                    f"{e.file}[layer {e.layer}, expert {e.expert}]",
+                ),
+            ),
+            None,
+            e,
+        )
+        for key, e in manifest.experts.items()
+    }
+
+
+def locate_experts(
+    checkpoint: Checkpoint,
+    prefix: str,
+    num_experts: int,
+    hidden_size: int,
+    intermediate_size: int,
+    names: tuple[str, str, str],
+) -> dict[int, ExpertLayout]:
+    """Find each expert's byte ranges under ``prefix`` (e.g. ``model.layers.3.mlp.experts``).
+
+    ``names`` are the per-expert projection names (gate, up, down): ``gate_proj/up_proj/down_proj``
+    or Mixtral's ``w1/w3/w2``. Fused ``gate_up_proj`` / ``down_proj`` tensors are used when present.
+    """
+    h, i, e_count = hidden_size, intermediate_size, num_experts
+    fused_name = f"{prefix}.gate_up_proj"
+    if fused_name in checkpoint.tensors:
+        gate_up = checkpoint.info(fused_name, (e_count, 2 * i, h))
+        down = checkpoint.info(f"{prefix}.down_proj", (e_count, h, i))
+        return {e: ExpertLayout((_slice(gate_up, e, e_count),), _slice(down, e, e_count)) for e in range(e_count)}
+    gate, up, down_name = names
+    layouts = {}
+    for e in range(e_count):
+        pieces = [
+            checkpoint.info(f"{prefix}.{e}.{n}.weight", s)
+            for n, s in ((gate, (i, h)), (up, (i, h)), (down_name, (h, i)))
+        ]
+        if pieces[0].dtype != pieces[1].dtype:
+            raise CheckpointError(
+                pieces[1].path,
+                f"dtype {pieces[1].dtype} differs from its gate's {pieces[0].dtype}",
+                tensor=pieces[1].name,
+            )
+        layouts[e] = ExpertLayout(tuple(_whole(p) for p in pieces[:2]), _whole(pieces[2]))
+    return layouts
+
+
+def _whole(info: TensorInfo) -> ByteRange:
+    return ByteRange(info.path, info.start, info.nbytes, info.dtype, info.name)
+
+
+def _slice(info: TensorInfo, expert: int, count: int) -> ByteRange:
+    size = info.nbytes // count
+    return ByteRange(info.path, info.start + expert * size, size, info.dtype, f"{info.name}[{expert}]")

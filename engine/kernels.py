@@ -1,0 +1,179 @@
+"""Fused dequantize-and-multiply: ``matmul(x, p)`` = x @ dequantize(p).T without the dequantized matrix.
+
+Decode (few tokens) streams the packed bytes once through numba kernels, each thread over a contiguous
+half (or so) of the output rows, accumulating in float32. Prefill (``BLAS_TOKENS`` tokens or more) is
+compute-bound: a block of rows is dequantized into a small float32 scratch and multiplied with BLAS.
+``fp32`` always uses BLAS, so its threads are BLAS's own, not ``set_threads``'s.
+
+Sums are reordered for vectorisation (``reassoc``), so a result differs from numpy's by float32 rounding.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic
+
+from engine.quant import INT4_OFFSET, PackedMatrix
+
+BLAS_TOKENS = 16
+BLAS_ROWS = 256  # rows dequantized per BLAS call: the scratch stays in L2
+_FASTMATH = {"reassoc", "contract"}
+_ROW_BLOCK = 16
+
+
+def max_threads() -> int:
+    return numba.config.NUMBA_NUM_THREADS
+
+
+def set_threads(threads: int) -> None:
+    """Threads for the numba kernels, from 1 to ``max_threads()``; numba keeps this per calling thread."""
+    if not isinstance(threads, int) or not 1 <= threads <= max_threads():
+        raise ValueError(f"threads must be an integer from 1 to {max_threads()}, got {threads!r}")
+    numba.set_num_threads(threads)
+
+
+def matmul(x: np.ndarray, p: PackedMatrix, out: np.ndarray | None = None) -> np.ndarray:
+    """x [T, in] float32 @ dequantize(p).T: float32 [T, out], written into ``out`` when given."""
+    rows, cols = p.shape
+    if not isinstance(x, np.ndarray) or x.dtype != np.float32 or x.ndim != 2 or x.shape[1] != cols:
+        raise ValueError(f"x must be a float32 [tokens, {cols}] array, got {_describe(x)}")
+    tokens = x.shape[0]
+    if out is None:
+        out = np.empty((tokens, rows), np.float32)
+    elif out.dtype != np.float32 or out.shape != (tokens, rows) or not out.flags.c_contiguous:
+        raise ValueError(f"out must be a contiguous float32 [{tokens}, {rows}] array, got {_describe(out)}")
+    x = np.ascontiguousarray(x)
+    data, scales = _kernel_views(p)
+    if p.format == "fp32":
+        np.matmul(x, p.data.T, out=out)
+    elif tokens < BLAS_TOKENS:
+        _FUSED[p.format](x, data, scales, p.group_size, out)
+    else:
+        scratch = np.empty((min(BLAS_ROWS, rows), cols), np.float32)
+        for start in range(0, rows, BLAS_ROWS):
+            block = scratch[: min(BLAS_ROWS, rows - start)]
+            _DEQUANTIZE[p.format](data, scales, p.group_size, start, block)
+            np.matmul(x, block.T, out=out[:, start : start + len(block)])
+    return out
+
+
+def _kernel_views(p: PackedMatrix) -> tuple[np.ndarray, np.ndarray]:
+    """numba has no float16 arrays: float16 data and scales go in as their uint16 bits."""
+    data = p.data.view(np.uint16) if p.format == "fp16" else p.data
+    scales = p.scales.view(np.uint16) if p.format == "int4" else p.scales
+    return data, scales
+
+
+@intrinsic
+def _bf16_to_f32(typingctx, bits):
+    def codegen(context, builder, signature, args):
+        wide = builder.shl(builder.zext(args[0], ir.IntType(32)), ir.Constant(ir.IntType(32), 16))
+        return builder.bitcast(wide, ir.FloatType())
+
+    return types.float32(types.uint16), codegen
+
+
+@intrinsic
+def _f16_to_f32(typingctx, bits):
+    def codegen(context, builder, signature, args):
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+
+    return types.float32(types.uint16), codegen
+
+
+@njit(parallel=True, fastmath=_FASTMATH, cache=True)
+def _fused_bf16(x, data, scales, group_size, y):
+    for r in prange(data.shape[0]):
+        for t in range(x.shape[0]):
+            acc = np.float32(0)
+            for k in range(data.shape[1]):
+                acc += x[t, k] * _bf16_to_f32(data[r, k])
+            y[t, r] = acc
+
+
+@njit(parallel=True, fastmath=_FASTMATH, cache=True)
+def _fused_fp16(x, data, scales, group_size, y):
+    for r in prange(data.shape[0]):
+        for t in range(x.shape[0]):
+            acc = np.float32(0)
+            for k in range(data.shape[1]):
+                acc += x[t, k] * _f16_to_f32(data[r, k])
+            y[t, r] = acc
+
+
+@njit(parallel=True, fastmath=_FASTMATH, cache=True)
+def _fused_int8(x, data, scales, group_size, y):
+    for r in prange(data.shape[0]):
+        for t in range(x.shape[0]):
+            acc = np.float32(0)
+            for k in range(data.shape[1]):
+                acc += x[t, k] * np.float32(data[r, k])
+            y[t, r] = acc * scales[r]
+
+
+@njit(parallel=True, fastmath=_FASTMATH, cache=True)
+def _fused_int4(x, data, scales, group_size, y):
+    rows, half = data.shape
+    pairs = group_size // 2
+    # x split into its even and odd elements, so the low and high nibbles each meet contiguous x
+    x_even = np.ascontiguousarray(x[:, 0::2])
+    x_odd = np.ascontiguousarray(x[:, 1::2])
+    for block in prange((rows + _ROW_BLOCK - 1) // _ROW_BLOCK):
+        # one partial sum per position in a group, scaled group by group: no horizontal sum per group
+        lanes = np.empty(pairs, np.float32)
+        for r in range(block * _ROW_BLOCK, min(rows, (block + 1) * _ROW_BLOCK)):
+            for t in range(x.shape[0]):
+                lanes[:] = 0
+                for g in range(half // pairs):
+                    scale = _f16_to_f32(scales[r, g])
+                    for i in range(pairs):
+                        j = g * pairs + i
+                        low = np.float32(np.int8(np.int8(data[r, j] & np.uint8(15)) - np.int8(INT4_OFFSET)))
+                        high = np.float32(np.int8(np.int8(data[r, j] >> np.uint8(4)) - np.int8(INT4_OFFSET)))
+                        lanes[i] += scale * (low * x_even[t, j] + high * x_odd[t, j])
+                y[t, r] = lanes.sum()
+
+
+@njit(cache=True)
+def _dequantize_bf16(data, scales, group_size, start, w):
+    for i in range(w.shape[0]):
+        for k in range(w.shape[1]):
+            w[i, k] = _bf16_to_f32(data[start + i, k])
+
+
+@njit(cache=True)
+def _dequantize_fp16(data, scales, group_size, start, w):
+    for i in range(w.shape[0]):
+        for k in range(w.shape[1]):
+            w[i, k] = _f16_to_f32(data[start + i, k])
+
+
+@njit(cache=True)
+def _dequantize_int8(data, scales, group_size, start, w):
+    for i in range(w.shape[0]):
+        for k in range(w.shape[1]):
+            w[i, k] = np.float32(data[start + i, k]) * scales[start + i]
+
+
+@njit(cache=True)
+def _dequantize_int4(data, scales, group_size, start, w):
+    pairs = group_size // 2
+    for i in range(w.shape[0]):
+        for g in range(data.shape[1] // pairs):
+            scale = _f16_to_f32(scales[start + i, g])
+            for j in range(g * pairs, (g + 1) * pairs):
+                w[i, 2 * j] = np.float32(np.int8(np.int8(data[start + i, j] & np.uint8(15)) - np.int8(INT4_OFFSET))) * scale
+                w[i, 2 * j + 1] = np.float32(np.int8(np.int8(data[start + i, j] >> np.uint8(4)) - np.int8(INT4_OFFSET))) * scale
+
+
+_FUSED = {"bf16": _fused_bf16, "fp16": _fused_fp16, "int8": _fused_int8, "int4": _fused_int4}
+_DEQUANTIZE = {"bf16": _dequantize_bf16, "fp16": _dequantize_fp16, "int8": _dequantize_int8, "int4": _dequantize_int4}
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, np.ndarray):
+        return f"{value.dtype} {list(value.shape)}"
+    return type(value).__name__

@@ -1,0 +1,187 @@
+"""Packed weight formats for one matrix W [out, in]: their reference (de)quantization and byte layout.
+
+| format | data | scales | w |
+| --- | --- | --- | --- |
+| ``fp32`` | float32 [out, in] | none | data |
+| ``bf16`` | uint16 [out, in], the top half of a float32 | none | data << 16, exact |
+| ``fp16`` | float16 [out, in] | none | data |
+| ``int8`` | int8 [out, in] | float32 [out] | data * scale[row], scale = max|w_row| / 127 |
+| ``int4`` | uint8 [out, in / 2] | float16 [out, in / G] | (nibble - 8) * scale[row, k // G] |
+
+``int4`` is symmetric and group-wise along ``in`` (group size G even and dividing ``in``): element 2j of a
+row is the low nibble of byte j, element 2j + 1 the high nibble, each holding q + 8 for q in [-8, 7].
+Its scale max|w_group| / 7 is rounded to float16 before quantizing, so dequantizing reproduces exactly
+what was quantized against. A zero row (int8) or group (int4) has scale 0. Groups whose scale falls
+below float16's normal range (max|w_group| < 4.3e-4) lose scale precision.
+
+Byte layout (``to_bytes`` / ``from_bytes``), one contiguous range per matrix: the data array's bytes
+(C order, little-endian), zero-padded to a multiple of 16 bytes, then the scales' bytes. ``fp32``, ``bf16``
+and ``fp16`` have no scales, so their range is the data alone, padded. A buffer that starts 16-byte aligned
+keeps both arrays aligned.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+FORMATS = ("fp32", "bf16", "fp16", "int8", "int4")
+ALIGN = 16
+INT8_MAX = 127
+INT4_MAX = 7
+INT4_OFFSET = 8
+
+_DTYPES = {  # format: (data, scales)
+    "fp32": (np.dtype(np.float32), np.dtype(np.float32)),
+    "bf16": (np.dtype(np.uint16), np.dtype(np.float32)),
+    "fp16": (np.dtype(np.float16), np.dtype(np.float32)),
+    "int8": (np.dtype(np.int8), np.dtype(np.float32)),
+    "int4": (np.dtype(np.uint8), np.dtype(np.float16)),
+}
+
+
+@dataclass(frozen=True, eq=False)
+class PackedMatrix:
+    """W [out, in] = ``shape`` in ``format``; ``group_size`` is 0 for every format but ``int4``.
+
+    ``scales`` is empty (float32 [0]) for the formats without scales.
+    """
+
+    format: str
+    shape: tuple[int, int]
+    group_size: int
+    data: np.ndarray
+    scales: np.ndarray
+
+    @property
+    def nbytes(self) -> int:
+        """Packed bytes, data and scales: what a kernel reads."""
+        return self.data.nbytes + self.scales.nbytes
+
+
+def quantize(w: np.ndarray, format: str, group_size: int = 64) -> PackedMatrix:
+    """Pack the finite float32 matrix ``w`` [out, in]; ``group_size`` matters only for ``int4``."""
+    if not isinstance(w, np.ndarray) or w.dtype != np.float32 or w.ndim != 2:
+        raise ValueError(f"w must be a 2-D float32 array, got {_describe(w)}")
+    group_size = _check(format, w.shape, group_size)
+    if not np.isfinite(w).all():
+        raise ValueError("w must be finite")
+    w = np.ascontiguousarray(w)
+    no_scales = np.empty(0, np.float32)
+    if format == "fp32":
+        return PackedMatrix(format, w.shape, 0, w.copy(), no_scales)
+    if format == "fp16":
+        return PackedMatrix(format, w.shape, 0, w.astype(np.float16), no_scales)
+    if format == "bf16":
+        bits = w.view(np.uint32)
+        round_half_even = ((bits >> 16) & 1) + 0x7FFF
+        return PackedMatrix(format, w.shape, 0, ((bits + round_half_even) >> 16).astype(np.uint16), no_scales)
+    if format == "int8":
+        scales = np.abs(w).max(axis=1) / np.float32(INT8_MAX)
+        q = _round(w, scales[:, None], INT8_MAX)
+        return PackedMatrix(format, w.shape, 0, q.astype(np.int8), scales)
+    out, cols = w.shape
+    groups = w.reshape(out, cols // group_size, group_size)
+    scales = (np.abs(groups).max(axis=2) / np.float32(INT4_MAX)).astype(np.float16)
+    if not np.isfinite(scales).all():
+        raise ValueError(f"w has values too large for int4's float16 scales (|w| > {INT4_MAX * 65504})")
+    q = _round(groups, scales[:, :, None].astype(np.float32), INT4_MAX).reshape(out, cols)
+    nibbles = (q + INT4_OFFSET).astype(np.uint8)
+    return PackedMatrix(format, w.shape, group_size, nibbles[:, 0::2] | (nibbles[:, 1::2] << 4), scales)
+
+
+def dequantize(p: PackedMatrix) -> np.ndarray:
+    """The float32 [out, in] matrix that ``p`` stands for: the reference the kernels are tested against."""
+    if p.format == "fp32":
+        return p.data.copy()
+    if p.format == "fp16":
+        return p.data.astype(np.float32)
+    if p.format == "bf16":
+        return (p.data.astype(np.uint32) << 16).view(np.float32)
+    if p.format == "int8":
+        return p.data.astype(np.float32) * p.scales[:, None]
+    out, cols = p.shape
+    q = np.empty(p.shape, np.float32)
+    q[:, 0::2] = p.data & 0xF
+    q[:, 1::2] = p.data >> 4
+    q -= INT4_OFFSET
+    groups = q.reshape(out, cols // p.group_size, p.group_size) * p.scales[:, :, None].astype(np.float32)
+    return groups.reshape(p.shape)
+
+
+def byte_size(format: str, shape: tuple[int, int], group_size: int = 64) -> int:
+    """Length of the byte range ``to_bytes`` writes for a matrix of this format and shape."""
+    return _layout(format, shape, _check(format, shape, group_size))[3]
+
+
+def to_bytes(p: PackedMatrix) -> bytes:
+    """``p`` in the byte layout of this module's docstring."""
+    data = p.data.tobytes()
+    return data + bytes(-len(data) % ALIGN) + p.scales.tobytes()
+
+
+def from_bytes(buffer: np.ndarray, format: str, shape: tuple[int, int], group_size: int = 64) -> PackedMatrix:
+    """A PackedMatrix viewing (not copying) ``buffer``, a contiguous uint8 array laid out as ``to_bytes`` writes."""
+    group_size = _check(format, shape, group_size)
+    data_shape, scales_shape, scales_offset, nbytes = _layout(format, shape, group_size)
+    if not isinstance(buffer, np.ndarray) or buffer.dtype != np.uint8 or buffer.ndim != 1:
+        raise ValueError(f"buffer must be a 1-D uint8 array, got {_describe(buffer)}")
+    if not buffer.flags.c_contiguous or buffer.nbytes != nbytes:
+        raise ValueError(f"buffer must be {nbytes} contiguous bytes for {format} {list(shape)}, got {buffer.nbytes}")
+    data_dtype, scales_dtype = _DTYPES[format]
+    data = buffer[: data_shape[0] * data_shape[1] * data_dtype.itemsize].view(data_dtype).reshape(data_shape)
+    scales = buffer[scales_offset:].view(scales_dtype).reshape(scales_shape)
+    return PackedMatrix(format, (int(shape[0]), int(shape[1])), group_size, data, scales)
+
+
+def quantization_error(w: np.ndarray, p: PackedMatrix) -> dict[str, float]:
+    """``max_abs``: the largest |w - dequantize(p)|; ``rel_fro``: ||w - dequantize(p)||_F / ||w||_F (0 for w = 0)."""
+    w = w.astype(np.float64)
+    error = w - dequantize(p)
+    norm = np.linalg.norm(w)
+    return {
+        "max_abs": float(np.abs(error).max(initial=0.0)),
+        "rel_fro": float(np.linalg.norm(error) / norm) if norm else 0.0,
+    }
+
+
+def _check(format: str, shape: tuple[int, ...], group_size: int) -> int:
+    """The group size to record for this format (0 unless int4), after checking all three arguments."""
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+    if len(shape) != 2 or not all(isinstance(n, int | np.integer) and n > 0 for n in shape):
+        raise ValueError(f"shape must be two positive sizes [out, in], got {shape}")
+    if format != "int4":
+        return 0
+    if not isinstance(group_size, int | np.integer) or group_size <= 0 or group_size % 2:
+        raise ValueError(f"group_size must be a positive even integer for int4, got {group_size!r}")
+    if shape[1] % group_size:
+        raise ValueError(f"group_size {group_size} must divide in = {shape[1]} for int4")
+    return int(group_size)
+
+
+def _layout(format: str, shape: tuple[int, int], group_size: int) -> tuple[tuple[int, int], tuple[int, ...], int, int]:
+    """(data shape, scales shape, scales' byte offset, total bytes) of the ``to_bytes`` layout."""
+    out, cols = shape
+    data_shape, scales_shape = (out, cols), (0,)
+    if format == "int8":
+        scales_shape = (out,)
+    elif format == "int4":
+        data_shape, scales_shape = (out, cols // 2), (out, cols // group_size)
+    data_dtype, scales_dtype = _DTYPES[format]
+    data_nbytes = data_shape[0] * data_shape[1] * data_dtype.itemsize
+    scales_offset = data_nbytes + -data_nbytes % ALIGN
+    return data_shape, scales_shape, scales_offset, scales_offset + int(np.prod(scales_shape)) * scales_dtype.itemsize
+
+
+def _round(w: np.ndarray, scales: np.ndarray, limit: int) -> np.ndarray:
+    """round(w / scales) clipped to [-limit, limit], 0 where the scale is 0."""
+    q = np.divide(w, scales, out=np.zeros_like(w), where=scales > 0)
+    return np.clip(np.rint(q), -limit, limit)
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, np.ndarray):
+        return f"{value.ndim}-D {value.dtype}"
+    return type(value).__name__

@@ -1,0 +1,73 @@
+"""Native AIO: reads land in the right buffers with the right bytes; errors come back as -errno."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import mmap
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engine import aio
+
+pytestmark = pytest.mark.skipif(not aio.available(), reason="no native AIO here")
+BLOCK = 4096
+
+
+def test_reads_many_blocks_in_flight(tmp_path: Path) -> None:
+    data = np.random.default_rng(0).integers(0, 256, 64 * BLOCK, dtype=np.uint8).tobytes()
+    path = tmp_path / "f"
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECT", 0))
+    buffer = mmap.mmap(-1, 8 * BLOCK)
+    anchor = ctypes.c_char.from_buffer(buffer)
+    base = ctypes.addressof(anchor)
+    offsets = [5, 0, 63, 17, 17, 40, 2, 9]
+    try:
+        with aio.AioContext(8) as context:
+            for slot, block in enumerate(offsets):
+                context.prepare(slot, fd, base + slot * BLOCK, BLOCK, block * BLOCK)
+            context.submit(list(range(8)))
+            assert context.in_flight == 8
+            done: dict[int, int] = {}
+            while context.in_flight:
+                done.update(context.reap(1))
+        assert done == dict.fromkeys(range(8), BLOCK)
+        for slot, block in enumerate(offsets):
+            assert buffer[slot * BLOCK : (slot + 1) * BLOCK] == data[block * BLOCK : (block + 1) * BLOCK]
+    finally:
+        del anchor
+        buffer.close()
+        os.close(fd)
+
+
+def test_a_bad_descriptor_is_refused_at_submit(tmp_path: Path) -> None:
+    buffer = ctypes.create_string_buffer(BLOCK)
+    with aio.AioContext(1) as context:
+        context.prepare(0, 1_000_000, ctypes.addressof(buffer), BLOCK, 0)
+        with pytest.raises(OSError) as info:
+            context.submit([0])
+        assert info.value.errno == errno.EBADF
+        assert context.in_flight == 0
+
+
+def test_reading_past_the_end_returns_zero_bytes(tmp_path: Path) -> None:
+    path = tmp_path / "f"
+    path.write_bytes(b"x" * BLOCK)
+    fd = os.open(path, os.O_RDONLY)
+    buffer = ctypes.create_string_buffer(BLOCK)
+    try:
+        with aio.AioContext(1) as context:
+            context.prepare(0, fd, ctypes.addressof(buffer), BLOCK, 10 * BLOCK)
+            context.submit([0])
+            assert context.reap(1) == [(0, 0)]
+    finally:
+        os.close(fd)
+
+
+def test_slots_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="slots"):
+        aio.AioContext(0)

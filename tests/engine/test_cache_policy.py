@@ -1,0 +1,557 @@
+"""Cache policies: byte accounting under any operations, agreement with list-based models, each policy's behaviour."""
+
+from __future__ import annotations
+
+import math
+from itertools import chain
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from engine.cache_policy import (
+    POLICIES,
+    SCOPES,
+    CachePolicy,
+    Key,
+    LFUPolicy,
+    LRUPolicy,
+    NoCache,
+    PerLayerCache,
+    SLRUPolicy,
+    StaticPolicy,
+    make_cache,
+    make_policy,
+)
+
+NUM_LAYERS = 3
+KEYS = [(layer, expert) for layer in range(NUM_LAYERS) for expert in range(6)]
+KEY = st.sampled_from(KEYS)
+FRACTION = st.sampled_from((0.0, 0.3, 0.5, 0.8, 1.0))
+SETTINGS = settings(max_examples=200, deadline=None)
+
+
+class RefLRU:
+    """Resident keys in a list, least recent first."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.order: list[Key] = []
+        self.size: dict[Key, int] = {}
+
+    def used(self) -> int:
+        return sum(self.size[key] for key in self.order)
+
+    def access(self, key: Key) -> bool:
+        if key not in self.order:
+            return False
+        self.order.remove(key)
+        self.order.append(key)
+        return True
+
+    def admit(self, key: Key, nbytes: int) -> list[Key]:
+        if key in self.order or nbytes > self.capacity:
+            return []
+        evicted = []
+        while self.used() + nbytes > self.capacity:
+            evicted.append(self.order.pop(0))
+        self.order.append(key)
+        self.size[key] = nbytes
+        return evicted
+
+    def discard(self, key: Key) -> None:
+        if key in self.order:
+            self.order.remove(key)
+
+    def keys(self) -> list[Key]:
+        return list(self.order)
+
+
+class RefLFU:
+    """Resident [key, size, uses, time of last use] in a list; the victim has the smallest (uses, time)."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.entries: list[list[Any]] = []
+        self.clock = 0
+
+    def find(self, key: Key) -> list[Any] | None:
+        return next((entry for entry in self.entries if entry[0] == key), None)
+
+    def used(self) -> int:
+        return sum(entry[1] for entry in self.entries)
+
+    def access(self, key: Key) -> bool:
+        entry = self.find(key)
+        if entry is None:
+            return False
+        self.clock += 1
+        entry[2] += 1
+        entry[3] = self.clock
+        return True
+
+    def admit(self, key: Key, nbytes: int) -> list[Key]:
+        if self.find(key) is not None or nbytes > self.capacity:
+            return []
+        evicted = []
+        while self.used() + nbytes > self.capacity:
+            victim = min(self.entries, key=lambda entry: (entry[2], entry[3]))
+            self.entries.remove(victim)
+            evicted.append(victim[0])
+        self.clock += 1
+        self.entries.append([key, nbytes, 1, self.clock])
+        return evicted
+
+    def discard(self, key: Key) -> None:
+        self.entries = [entry for entry in self.entries if entry[0] != key]
+
+    def keys(self) -> list[Key]:
+        return [entry[0] for entry in sorted(self.entries, key=lambda entry: (entry[2], entry[3]))]
+
+
+class RefSLRU:
+    """Two lists, least recent first: probationary and protected."""
+
+    def __init__(self, capacity: int, protected_fraction: float = 0.8) -> None:
+        self.capacity = capacity
+        self.protected_capacity = int(capacity * protected_fraction)
+        self.probation: list[Key] = []
+        self.protected: list[Key] = []
+        self.size: dict[Key, int] = {}
+
+    def used(self) -> int:
+        return sum(self.size[key] for key in self.keys())
+
+    def access(self, key: Key) -> bool:
+        if key in self.protected:
+            self.protected.remove(key)
+            self.protected.append(key)
+            return True
+        if key not in self.probation:
+            return False
+        self.probation.remove(key)
+        self.protected.append(key)
+        while sum(self.size[k] for k in self.protected) > self.protected_capacity:
+            self.probation.append(self.protected.pop(0))
+        return True
+
+    def admit(self, key: Key, nbytes: int) -> list[Key]:
+        if key in self.keys() or nbytes > self.capacity:
+            return []
+        evicted = []
+        while self.used() + nbytes > self.capacity:
+            evicted.append((self.probation or self.protected).pop(0))
+        self.probation.append(key)
+        self.size[key] = nbytes
+        return evicted
+
+    def discard(self, key: Key) -> None:
+        for segment in (self.probation, self.protected):
+            if key in segment:
+                segment.remove(key)
+
+    def keys(self) -> list[Key]:
+        return self.probation + self.protected
+
+
+class RefStatic:
+    """The pinned keys in a list, hottest first."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.pinned: list[Key] = []
+        self.size: dict[Key, int] = {}
+
+    def used(self) -> int:
+        return sum(self.size[key] for key in self.pinned)
+
+    def pin(self, ranked: list[tuple[Key, int]]) -> None:
+        self.pinned = []
+        for key, nbytes in ranked:
+            if key not in self.pinned and self.used() + nbytes <= self.capacity:
+                self.pinned.append(key)
+                self.size[key] = nbytes
+
+    def access(self, key: Key) -> bool:
+        return key in self.pinned
+
+    def admit(self, key: Key, nbytes: int) -> list[Key]:
+        return []
+
+    def discard(self, key: Key) -> None:
+        if key in self.pinned:
+            self.pinned.remove(key)
+
+    def keys(self) -> list[Key]:
+        return self.pinned[::-1]
+
+
+class RefNone:
+    def __init__(self, capacity: int) -> None:
+        pass
+
+    def used(self) -> int:
+        return 0
+
+    def access(self, key: Key) -> bool:
+        return False
+
+    def admit(self, key: Key, nbytes: int) -> list[Key]:
+        return []
+
+    def discard(self, key: Key) -> None:
+        pass
+
+    def keys(self) -> list[Key]:
+        return []
+
+
+REFERENCES: dict[str, Any] = {"lru": RefLRU, "lfu": RefLFU, "slru": RefSLRU, "static": RefStatic, "none": RefNone}
+
+
+class RefPerLayer:
+    def __init__(self, model: Any, capacity: int, num_layers: int, **kw: Any) -> None:
+        self.layers = [model(capacity // num_layers, **kw) for _ in range(num_layers)]
+
+    def used(self) -> int:
+        return sum(layer.used() for layer in self.layers)
+
+    def pin(self, ranked: list[tuple[Key, int]]) -> None:
+        for i, layer in enumerate(self.layers):
+            layer.pin([(key, nbytes) for key, nbytes in ranked if key[0] == i])
+
+    def access(self, key: Key) -> bool:
+        return self.layers[key[0]].access(key)
+
+    def admit(self, key: Key, nbytes: int) -> list[Key]:
+        return self.layers[key[0]].admit(key, nbytes)
+
+    def discard(self, key: Key) -> None:
+        self.layers[key[0]].discard(key)
+
+    def keys(self) -> list[Key]:
+        return list(chain.from_iterable(layer.keys() for layer in self.layers))
+
+
+def home(cache: CachePolicy, key: Key) -> CachePolicy:
+    """The policy that holds ``key``: the cache itself, or its layer's."""
+    return cache.layers[key[0]] if isinstance(cache, PerLayerCache) else cache
+
+
+def pin(cache: CachePolicy, ranked: list[tuple[Key, int]]) -> None:
+    assert isinstance(cache, StaticPolicy | PerLayerCache)
+    cache.pin(ranked)
+
+
+SIZES = st.one_of(
+    st.integers(1, 4).map(lambda size: dict.fromkeys(KEYS, size)),
+    st.fixed_dictionaries({key: st.integers(0, 10) for key in KEYS}),
+)
+ENGINE_OPS = st.lists(st.tuples(st.sampled_from(("use", "use", "use", "prefetch", "discard")), KEY), max_size=60)
+
+
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+@SETTINGS
+@given(
+    scope=st.sampled_from(SCOPES),
+    capacity=st.integers(0, 24),
+    fraction=FRACTION,
+    sizes=SIZES,
+    ranking=st.permutations(KEYS),
+    ops=ENGINE_OPS,
+)
+def test_matches_reference_model(
+    policy: str,
+    scope: str,
+    capacity: int,
+    fraction: float,
+    sizes: dict[Key, int],
+    ranking: list[Key],
+    ops: list[tuple[str, Key]],
+) -> None:
+    kw = {"protected_fraction": fraction} if policy == "slru" else {}
+    cache = make_cache(policy, scope, capacity, NUM_LAYERS, **kw)
+    model = REFERENCES[policy]
+    ref = model(capacity, **kw) if scope == "global" else RefPerLayer(model, capacity, NUM_LAYERS, **kw)
+    if policy == "static":
+        ranked = [(key, sizes[key]) for key in ranking]
+        pin(cache, ranked)
+        ref.pin(ranked)
+    hits = misses = 0
+    for op, key in ops:
+        if op == "use":
+            hit = cache.access(key)
+            assert hit == ref.access(key)
+            hits, misses = hits + hit, misses + (not hit)
+            if not hit:
+                assert cache.admit(key, sizes[key]) == ref.admit(key, sizes[key])
+        elif op == "prefetch":
+            assert cache.admit(key, sizes[key]) == ref.admit(key, sizes[key])
+        else:
+            cache.discard(key)
+            ref.discard(key)
+        expected = ref.keys()
+        assert [key in cache for key in KEYS] == [key in expected for key in KEYS]
+        assert cache.keys() == expected
+        assert cache.used_bytes == ref.used()
+    assert (cache.hits, cache.misses) == (hits, misses)
+
+
+ANY_OPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("access"), KEY, st.just(0)),
+        st.tuples(st.just("admit"), KEY, st.integers(0, 40)),
+        st.tuples(st.just("discard"), KEY, st.just(0)),
+    ),
+    max_size=60,
+)
+
+
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+@SETTINGS
+@given(
+    scope=st.sampled_from(SCOPES),
+    capacity=st.integers(0, 30),
+    fraction=FRACTION,
+    pins=st.lists(st.tuples(KEY, st.integers(0, 40)), unique_by=lambda p: p[0]),
+    ops=ANY_OPS,
+)
+def test_byte_accounting_holds_under_any_operations(
+    policy: str,
+    scope: str,
+    capacity: int,
+    fraction: float,
+    pins: list[tuple[Key, int]],
+    ops: list[tuple[str, Key, int]],
+) -> None:
+    kw = {"protected_fraction": fraction} if policy == "slru" else {}
+    cache = make_cache(policy, scope, capacity, NUM_LAYERS, **kw)
+    sizes = dict(pins)
+    if policy == "static":
+        pin(cache, pins)
+    accesses = 0
+    for op, key, nbytes in ops:
+        before = cache.keys()
+        was = key in cache
+        if op == "access":
+            accesses += 1
+            assert cache.access(key) == was
+            assert set(cache.keys()) == set(before)
+        elif op == "discard":
+            cache.discard(key)
+            assert set(cache.keys()) == set(before) - {key}
+        else:
+            policy_home = home(cache, key)
+            room = policy_home.capacity_bytes - policy_home.used_bytes
+            evicted = cache.admit(key, nbytes)
+            if key in cache and not was:
+                sizes[key] = nbytes
+            inserts = policy not in ("static", "none") and nbytes <= policy_home.capacity_bytes
+            assert (key in cache) == (was or inserts)
+            assert len(set(evicted)) == len(evicted) and set(evicted) <= set(before) - {key}
+            assert not any(victim in cache for victim in evicted)
+            if evicted:  # without its last victim, the key would not have fit
+                assert room + sum(sizes[victim] for victim in evicted[:-1]) < nbytes
+        keys = cache.keys()
+        assert len(set(keys)) == len(keys) == len(cache)
+        assert [key in cache for key in KEYS] == [key in keys for key in KEYS]
+        assert cache.used_bytes == sum(sizes[key] for key in keys) <= cache.capacity_bytes
+        if isinstance(cache, PerLayerCache):
+            assert all(layer.used_bytes <= cache.layer_capacity_bytes for layer in cache.layers)
+    assert cache.hits + cache.misses == accesses
+
+
+def use(cache: CachePolicy, key: Key, nbytes: int = 1) -> bool:
+    """The engine's pattern: a demand access, and admission on a miss."""
+    hit = cache.access(key)
+    if not hit:
+        cache.admit(key, nbytes)
+    return hit
+
+
+A, B, C, D, E = ((0, i) for i in range(5))
+
+
+def test_lru_evicts_least_recently_used_first() -> None:
+    cache = LRUPolicy(3)
+    for key in (A, B, C):
+        cache.admit(key, 1)
+    assert cache.access(A)
+    assert cache.admit(B, 1) == []  # already resident: a no-op that does not refresh B
+    assert cache.keys() == [B, C, A]
+    assert cache.admit(D, 1) == [B]
+    assert cache.admit(E, 2) == [C, A]
+    assert cache.keys() == [D, E]
+    assert (cache.used_bytes, cache.hits, cache.misses) == (3, 1, 0)
+
+
+def test_lru_admits_nothing_larger_than_its_capacity() -> None:
+    cache = LRUPolicy(3)
+    cache.admit(A, 2)
+    assert cache.admit(B, 4) == []
+    assert cache.keys() == [A]
+
+
+def test_lfu_evicts_least_used_then_least_recent() -> None:
+    cache = LFUPolicy(3)
+    for key in (A, B, C):
+        cache.admit(key, 1)
+    for key in (A, A, C, B):
+        assert cache.access(key)
+    assert cache.keys() == [C, B, A]  # uses 2, 2, 3: C was used before B
+    assert cache.admit(D, 1) == [C]
+    assert cache.admit(C, 1) == [D]  # the newcomer has the fewest uses
+    assert cache.keys() == [C, B, A]  # C's old uses were forgotten
+
+
+def test_lfu_does_not_count_misses() -> None:
+    cache = LFUPolicy(2)
+    cache.admit(A, 1)
+    assert cache.access(A)
+    for _ in range(3):
+        assert not cache.access(B)
+    cache.admit(B, 1)
+    assert cache.keys() == [B, A]
+    assert (cache.hits, cache.misses) == (1, 3)
+
+
+def test_slru_promotes_on_a_second_use_and_demotes_overflow() -> None:
+    cache = SLRUPolicy(4, protected_fraction=0.5)
+    for key in (A, B, C, D):
+        cache.admit(key, 1)
+    assert cache.access(B) and cache.access(C)
+    assert cache.keys() == [A, D, B, C]  # probationary, then protected
+    assert cache.access(A)  # protected would hold 3 > 2 bytes: B goes back to probationary
+    assert cache.keys() == [D, B, C, A]
+    assert cache.protected_bytes == 2
+    assert cache.admit(E, 2) == [D, B]
+
+
+def test_slru_evicts_protected_keys_once_probationary_is_empty() -> None:
+    cache = SLRUPolicy(3, protected_fraction=1.0)
+    for key in (A, B, C):
+        cache.admit(key, 1)
+        cache.access(key)
+    assert cache.keys() == [A, B, C]
+    assert cache.admit(D, 2) == [A, B]
+    assert cache.keys() == [D, C]
+    assert cache.protected_bytes == 1
+
+
+def test_slru_discarding_a_protected_key_frees_its_share() -> None:
+    cache = SLRUPolicy(4, protected_fraction=0.5)
+    for key in (A, A, B, B):
+        use(cache, key)
+    cache.discard(A)
+    for key in (C, C):
+        use(cache, key)
+    assert cache.protected_bytes == 2  # B and C: neither was demoted
+    cache.admit(D, 1)
+    cache.admit(E, 1)
+    assert cache.admit((0, 9), 1) == [D]
+
+
+@pytest.mark.parametrize(("policy", "keeps_hot_set"), [("slru", True), ("lru", False)])
+def test_slru_resists_a_scan_that_flushes_lru(policy: str, keeps_hot_set: bool) -> None:
+    cache = make_policy(policy, 10)
+    hot = [(1, i) for i in range(4)]
+    for key in hot * 3:
+        use(cache, key)
+    for i in range(100):
+        use(cache, (2, i))
+    assert [key in cache for key in hot] == [keeps_hot_set] * len(hot)
+
+
+def test_static_pins_every_ranked_key_that_still_fits() -> None:
+    cache = StaticPolicy(10)
+    assert len(cache) == 0 and not cache.access(A)
+    cache.pin([(A, 6), (B, 5), (C, 3), (D, 1), (A, 1)])
+    assert cache.keys() == [D, C, A]  # coldest first; B did not fit
+    assert cache.used_bytes == 10
+    assert cache.access(A) and not cache.access(B)
+    assert cache.admit(B, 1) == [] and B not in cache
+    assert (cache.hits, cache.misses) == (1, 2)
+    cache.pin([(E, 4)])
+    assert (cache.keys(), cache.used_bytes) == ([E], 4)
+
+
+def test_static_ranks_by_count_then_key() -> None:
+    counts = {(0, 1): 5, (2, 3): 1, (1, 0): 9, (0, 0): 5}
+    assert StaticPolicy.rank(counts) == [(1, 0), (0, 0), (0, 1), (2, 3)]
+
+
+def test_none_holds_nothing() -> None:
+    cache = make_policy("none", 100)
+    assert isinstance(cache, NoCache)
+    assert cache.admit(A, 1) == []
+    assert not cache.access(A) and A not in cache
+    assert (len(cache), cache.keys(), cache.used_bytes, cache.misses) == (0, [], 0, 1)
+
+
+def test_per_layer_splits_the_budget_and_routes_by_layer() -> None:
+    cache = make_cache("lru", "per_layer", 10, 3)
+    assert isinstance(cache, PerLayerCache)
+    assert cache.layer_capacity_bytes == 3  # the remaining byte is never used
+    assert cache.admit((0, 0), 3) == []
+    assert cache.admit((2, 5), 2) == []
+    assert cache.admit((1, 0), 4) == []  # fits the budget, not the layer's share
+    assert cache.admit((0, 1), 1) == [(0, 0)]
+    assert cache.keys() == [(0, 1), (2, 5)]
+    assert cache.layers[2].keys() == [(2, 5)]
+    assert cache.used_bytes == 3
+    assert cache.access((2, 5)) and not cache.access((1, 0))
+    assert (cache.hits, cache.misses) == (1, 1)
+    assert [(layer.hits, layer.misses) for layer in cache.layers] == [(0, 0), (0, 1), (1, 0)]
+
+
+def test_per_layer_static_pins_each_layer_within_its_share() -> None:
+    cache = make_cache("static", "per_layer", 8, 2)
+    pin(cache, [((0, 0), 3), ((1, 0), 4), ((0, 1), 2), ((0, 2), 1)])
+    assert cache.keys() == [(0, 2), (0, 0), (1, 0)]
+    assert cache.used_bytes == 8
+    with pytest.raises(TypeError, match="static"):
+        pin(make_cache("lru", "per_layer", 8, 2), [])
+
+
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+def test_make_cache_builds_the_named_policy_in_either_scope(policy: str) -> None:
+    assert type(make_cache(policy, "global", 100, 4)) is POLICIES[policy]
+    cache = make_cache(policy, "per_layer", 100, 4)
+    assert isinstance(cache, PerLayerCache)
+    assert [type(layer) for layer in cache.layers] == [POLICIES[policy]] * 4
+    assert all(layer.capacity_bytes == 25 for layer in cache.layers)
+
+
+def test_per_layer_passes_policy_options_on() -> None:
+    cache = make_cache("slru", "per_layer", 100, 4, protected_fraction=0.5)
+    assert isinstance(cache, PerLayerCache)
+    assert [layer.protected_capacity_bytes for layer in cache.layers if isinstance(layer, SLRUPolicy)] == [12] * 4
+
+
+@pytest.mark.parametrize(
+    ("build", "name"),
+    [
+        (lambda: make_policy("lru", -1), "capacity_bytes"),
+        (lambda: make_policy("lfu", 1.5), "capacity_bytes"),
+        (lambda: make_policy("slru", True), "capacity_bytes"),
+        (lambda: make_cache("lru", "per_layer", -1, 2), "capacity_bytes"),
+        (lambda: make_policy("arc", 1), "policy must be one of lru, lfu, slru, static, none"),
+        (lambda: make_cache("arc", "per_layer", 1, 2), "policy"),
+        (lambda: make_cache("lru", "everywhere", 1, 2), "scope"),
+        (lambda: make_cache("lru", "per_layer", 1, 0), "num_layers"),
+        (lambda: make_policy("slru", 10, protected_fraction=1.5), "protected_fraction"),
+        (lambda: make_policy("slru", 10, protected_fraction=-0.1), "protected_fraction"),
+        (lambda: make_policy("slru", 10, protected_fraction=math.nan), "protected_fraction"),
+        (lambda: make_policy("slru", 10, protected_fraction="0.5"), "protected_fraction"),
+    ],
+)
+def test_bad_arguments_are_named(build: Any, name: str) -> None:
+    with pytest.raises(ValueError, match=name):
+        build()
+
+
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+def test_negative_sizes_are_refused(policy: str) -> None:
+    with pytest.raises(ValueError, match="nbytes"):
+        make_policy(policy, 10).admit(A, -1)
