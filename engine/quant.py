@@ -8,10 +8,11 @@
 | ``int8`` | int8 [out, in] | float32 [out] | data * scale[row], scale = max|w_row| / 127 |
 | ``int4`` | uint8 [out, in / 2] | float16 [out, in / G] | (nibble - 8) * scale[row, k // G] |
 
+``bf16`` quantizes with round-to-nearest-even; a checkpoint's bf16 bits are used as they are.
 ``int4`` is symmetric and group-wise along ``in`` (group size G even and dividing ``in``): element 2j of a
-row is the low nibble of byte j, element 2j + 1 the high nibble, each holding q + 8 for q in [-8, 7].
-Its scale max|w_group| / 7 is rounded to float16 before quantizing, so dequantizing reproduces exactly
-what was quantized against. A zero row (int8) or group (int4) has scale 0. Groups whose scale falls
+row is the low nibble of byte j, element 2j + 1 the high nibble, each holding q + 8 for q in [-8, 7] (quantize
+uses [-7, 7]). The scale max|w_group| / 7 is rounded to float16 before quantizing, so dequantizing reproduces
+exactly what was quantized against. A zero row (int8) or group (int4) has scale 0. Groups whose scale falls
 below float16's normal range (max|w_group| < 4.3e-4) lose scale precision.
 
 Byte layout (``to_bytes`` / ``from_bytes``), one contiguous range per matrix: the data array's bytes
