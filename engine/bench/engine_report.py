@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     sections.append(_kernels())
     probe = load_or_probe(model, default_cache_dir(), **PROBE_GRID)
     sections.append(_streaming(model, args.rounds))
-    results = _decode(model, size, limit, args.repeats, probe)
+    results = _decode(model, size, limit, args.repeats, probe, Path(args.out).with_suffix(".json"))
     sections.append(results[0])
     sections.append(_versus(model, limit, args.repeats, probe, results[1]))
     out = Path(args.out)
@@ -158,7 +158,7 @@ def _request(model: Path, config: EngineConfig, limit: int, repeats: int, vs: En
     )
 
 
-def _decode(model: Path, size: int, limit: int, repeats: int, probe) -> tuple[str, EngineConfig]:
+def _decode(model: Path, size: int, limit: int, repeats: int, probe, details_path: Path) -> tuple[str, EngineConfig]:
     rows, best, best_speed = [], BASELINE, 0.0
     details = {}
     for name, config in candidates(limit).items():
@@ -171,7 +171,8 @@ def _decode(model: Path, size: int, limit: int, repeats: int, probe) -> tuple[st
         rows.append(_row(name, result))
         if name != "mmap (baseline)" and (result.decode_tok_s or 0) > best_speed:
             best, best_speed = config, result.decode_tok_s or 0
-    Path("docs/benchmarks/engine.json").write_text(json.dumps(details, indent=2) + "\n")
+    details_path.parent.mkdir(parents=True, exist_ok=True)
+    details_path.write_text(json.dumps(details, indent=2) + "\n")
     text = [
         f"## Decode under an enforced {format_bytes(limit)} limit",
         "",
@@ -179,7 +180,7 @@ def _decode(model: Path, size: int, limit: int, repeats: int, probe) -> tuple[st
         f"dropped before each repeat), {repeats} repeats after a warm-up, each configuration in its own cgroup. "
         "Caches get half the limit. The probe column is the huge-page probe at the run's mean request size and "
         "its reader threads; the roofline is that bandwidth over the disk bytes per token. Full results: "
-        "`docs/benchmarks/engine.json`.",
+        f"`{details_path}`.",
         "",
         "| configuration | decode tok/s [95% CI] | hit rate | expert bytes/token | disk bytes/token | read MB/s "
         "| probe MB/s | roofline tok/s | efficiency | I/O stall | prefetch precision / recall |",

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import os
-import struct
 import sys
 from pathlib import Path
 
@@ -13,36 +11,25 @@ import pytest
 import torch
 
 from engine import load_model
+from tests.engine.safetensors_headers import independent_headers
 from tests.engine.tiny_models import build
 
 
-def _headers(path: Path) -> dict[str, tuple[str, int, int, list[int]]]:
-    """name -> (file, absolute start, nbytes, shape), read independently of the engine's parser."""
-    out = {}
-    for file in sorted(path.glob("*.safetensors")):
-        raw = file.read_bytes()
-        (n,) = struct.unpack("<Q", raw[:8])
-        for name, entry in json.loads(raw[8 : 8 + n]).items():
-            if name != "__metadata__":
-                begin, end = entry["data_offsets"]
-                out[name] = (str(file), 8 + n + begin, end - begin, entry["shape"])
-    return out
-
-
 def _expected_reads(path: Path, routed: dict[int, list[int]], fused: bool) -> list[tuple[str, int, int]]:
-    headers = _headers(path)
+    headers = independent_headers(path)
     reads = []
     for layer, experts in routed.items():
         prefix = f"model.layers.{layer}.mlp.experts"
         for e in experts:
             if fused:
                 for name in ("gate_up_proj", "down_proj"):
-                    file, start, nbytes, shape = headers[f"{prefix}.{name}"]
-                    size = nbytes // shape[0]
-                    reads.append((file, start + e * size, size))
+                    info = headers[f"{prefix}.{name}"]
+                    size = info["nbytes"] // info["shape"][0]
+                    reads.append((str(info["file"]), info["start"] + e * size, size))
             else:
                 for name in ("gate_proj", "up_proj", "down_proj"):
-                    reads.append(headers[f"{prefix}.{e}.{name}.weight"][:3])
+                    info = headers[f"{prefix}.{e}.{name}.weight"]
+                    reads.append((str(info["file"]), info["start"], info["nbytes"]))
     return sorted(reads)
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import struct
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from engine.errors import CheckpointError
 from engine.repack import repack
 from engine.repack_manifest import ExpertEntry, is_repacked, load_manifest, unpack_expert
 from engine.synth import PRESETS, SynthShape, synthesize
+from tests.engine.safetensors_headers import independent_headers
 from tests.engine.tiny_models import build
 
 NUM_EXPERTS = 8  # every tiny checkpoint here
@@ -54,19 +54,6 @@ def repacked(synth: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def _headers(path: Path) -> dict[str, dict[str, Any]]:
-    """name -> file, start, nbytes, dtype, shape: read independently of the engine's parser."""
-    out = {}
-    for file in sorted(path.glob("*.safetensors")):
-        raw = file.read_bytes()
-        (n,) = struct.unpack("<Q", raw[:8])
-        for name, entry in json.loads(raw[8 : 8 + n]).items():
-            if name != "__metadata__":
-                begin, end = entry["data_offsets"]
-                out[name] = {"file": file, "start": 8 + n + begin, "nbytes": end - begin, **entry}
-    return out
-
-
 def _tensor_bytes(info: dict[str, Any]) -> bytes:
     with open(info["file"], "rb") as f:
         f.seek(info["start"])
@@ -75,7 +62,7 @@ def _tensor_bytes(info: dict[str, Any]) -> bytes:
 
 def _source_expert(model: Path, layer: int, expert: int) -> tuple[bytes, bytes]:
     """The bf16 bytes of (gate_up, down) of one expert, in either layout."""
-    headers = _headers(model)
+    headers = independent_headers(model)
     block = next(b for b in EXPERT_NAMES if f"model.layers.{layer}.{b}.gate.weight" in headers)
     prefix = f"model.layers.{layer}.{block}.experts"
     if f"{prefix}.gate_up_proj" in headers:
@@ -166,7 +153,7 @@ def test_dense_weights_and_side_files_are_copied_unchanged(source, request, tmp_
     out.mkdir()  # an empty directory is as good as a new one
     report = repack(model, out, "int4", group_size=16)
 
-    before, after = _headers(model), _headers(out)
+    before, after = independent_headers(model), independent_headers(out)
     experts = {name for name in before if ".experts." in name}
     assert set(after) == set(before) - experts
     assert [p.name for p in out.glob("*.safetensors")] == ["model.safetensors"]
