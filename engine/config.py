@@ -49,6 +49,9 @@ class EngineConfig:
     predictor: str = "none"
     prefetch_depth: int = 1
     prefetch_extra: int = 0
+    # Threads for the compute (the fused kernels and BLAS), for the whole process; None leaves the libraries'
+    # defaults (every core).
+    compute_threads: int | None = None
 
     def __post_init__(self) -> None:
         if self.top_k is not None and (type(self.top_k) is not int or self.top_k < 1):
@@ -78,6 +81,8 @@ class EngineConfig:
         _check_int("io_threads", self.io_threads, 1)
         _check_int("prefetch_depth", self.prefetch_depth, 1)
         _check_int("prefetch_extra", self.prefetch_extra, 0)
+        if self.compute_threads is not None:
+            _check_int("compute_threads", self.compute_threads, 1)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str | Path = "<config>") -> EngineConfig:

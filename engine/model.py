@@ -6,8 +6,10 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
+from threadpoolctl import threadpool_limits
 from tokenizers import Tokenizer
 
+from engine import kernels
 from engine.checkpoint import Checkpoint, read_json
 from engine.config import EngineConfig
 from engine.errors import CheckpointError
@@ -48,6 +50,8 @@ def load_model(path: str | Path, config: EngineConfig = EngineConfig()) -> Model
             if config.top_k > spec.top_k:
                 raise ValueError(f"top_k {config.top_k} exceeds the model's {spec.top_k} active experts ({path})")
             spec = dataclasses.replace(spec, top_k=config.top_k)
+        if config.compute_threads is not None:
+            set_compute_threads(config.compute_threads)
         decoder = build_decoder(spec, checkpoint, config)
         tokenizer = _load_tokenizer(path / TOKENIZER_FILE)
         eos = set(spec.eos_token_ids) | _generation_eos(path / GENERATION_CONFIG)
@@ -55,6 +59,14 @@ def load_model(path: str | Path, config: EngineConfig = EngineConfig()) -> Model
         checkpoint.close()
         raise
     return Model(path, decoder, tokenizer, frozenset(eos))
+
+
+def set_compute_threads(threads: int) -> None:
+    """Limit BLAS (for the whole process) and the fused kernels (for the calling thread) to ``threads``."""
+    if threads > kernels.max_threads():
+        raise ValueError(f"compute_threads {threads} exceeds the {kernels.max_threads()} threads this machine offers")
+    threadpool_limits(threads, user_api="blas")
+    kernels.set_threads(threads)
 
 
 def _load_tokenizer(path: Path) -> Tokenizer | None:

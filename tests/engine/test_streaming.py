@@ -173,3 +173,25 @@ def test_a_truncated_shard_is_an_error_naming_the_file(tmp_path, io_mode) -> Non
 def test_stream_throughput_reads_experts(model_dir) -> None:
     config = EngineConfig(io_mode="direct", io_block_bytes=4096, io_threads=2)
     assert stream_throughput(model_dir, config, seconds=0.2, experts_per_step=2, seed=0) > 0
+
+
+def test_compute_threads_limits_blas_and_the_kernels(model_dir, packed_reference) -> None:
+    from threadpoolctl import threadpool_info
+
+    from engine import kernels
+    from engine.model import set_compute_threads
+
+    try:
+        logits, _ = run(model_dir, EngineConfig(cache_format="packed", compute_threads=1))
+        assert kernels.numba.get_num_threads() == 1
+        assert all(pool["num_threads"] == 1 for pool in threadpool_info() if pool["user_api"] == "blas")
+        np.testing.assert_allclose(logits, packed_reference, rtol=1e-5, atol=1e-5)
+        with pytest.raises(ValueError, match="compute_threads 999 exceeds"):
+            load_model(model_dir, EngineConfig(compute_threads=999))
+    finally:
+        set_compute_threads(kernels.max_threads())
+
+
+def test_compute_threads_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="compute_threads must be an integer of at least 1"):
+        EngineConfig(compute_threads=0)
