@@ -11,16 +11,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from engine.buffers import PAGE
+from engine.cache_policy import POLICIES
 from engine.errors import ConfigError
 from engine.units import parse_bytes
 
 TABLE = "engine"
-CACHE_POLICIES = ("none", "lru", "lfu", "slru", "static")
+CACHE_POLICIES = tuple(POLICIES)
 CACHE_SCOPES = ("global", "per_layer")
 CACHE_FORMATS = ("dequantized", "packed")
 IO_MODES = ("pread", "direct", "mmap")
 PREDICTORS = ("none", "previous_token", "gate_lookahead", "coactivation")
-ALIGN = 4096  # direct I/O request alignment
 
 
 @dataclass(frozen=True)
@@ -75,9 +76,9 @@ class EngineConfig:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)} but got {value!r}")
         if isinstance(self.io_block_bytes, str):
             object.__setattr__(self, "io_block_bytes", parse_bytes(self.io_block_bytes, "io_block_bytes"))
-        _check_int("io_block_bytes", self.io_block_bytes, ALIGN)
-        if self.io_block_bytes % ALIGN:
-            raise ValueError(f"io_block_bytes must be a multiple of {ALIGN} but got {self.io_block_bytes}")
+        _check_int("io_block_bytes", self.io_block_bytes, PAGE)
+        if self.io_block_bytes % PAGE:
+            raise ValueError(f"io_block_bytes must be a multiple of {PAGE} but got {self.io_block_bytes}")
         _check_int("io_threads", self.io_threads, 1)
         _check_int("prefetch_depth", self.prefetch_depth, 1)
         _check_int("prefetch_extra", self.prefetch_extra, 0)

@@ -29,22 +29,22 @@ import numpy as np
 
 from engine.buffers import PAGE, Slot, SlotPool
 from engine.checkpoint import to_float32
+from engine.config import IO_MODES
 from engine.errors import CheckpointError
 from engine.expert_layout import ExpertData, ExpertLayout, ExpertWeights, PackedExpert
 from engine.quant import PackedMatrix, dequantize
 from engine.repack_manifest import unpack_expert
+from engine.safetensors_file import DTYPE_SIZES
 
 # A checkpoint's float dtypes as packed formats the kernels compute from, and their numpy element types.
 STORED_FORMATS = {"F32": ("fp32", np.float32), "F16": ("fp16", np.float16), "BF16": ("bf16", np.uint16)}
 NO_SCALES = np.empty(0, np.float32)
 
-IO_MODES = ("pread", "direct", "mmap")
 
-
-def open_uncached(path: str) -> int:
-    """A read-only descriptor whose reads bypass the page cache: O_DIRECT on Linux, F_NOCACHE on macOS."""
+def open_uncached(path: str) -> tuple[int, str]:
+    """A read-only descriptor whose reads bypass the page cache, and how: O_DIRECT (Linux) or F_NOCACHE (macOS)."""
     if hasattr(os, "O_DIRECT"):
-        return os.open(path, os.O_RDONLY | os.O_DIRECT)
+        return os.open(path, os.O_RDONLY | os.O_DIRECT), "O_DIRECT"
     import fcntl
 
     if sys.platform == "darwin" and hasattr(fcntl, "F_NOCACHE"):
@@ -54,7 +54,7 @@ def open_uncached(path: str) -> int:
         except OSError:
             os.close(fd)
             raise
-        return fd
+        return fd, "F_NOCACHE"
     raise OSError(f"no way to bypass the page cache on {sys.platform} (need O_DIRECT or F_NOCACHE)")
 
 
@@ -148,7 +148,7 @@ class ExpertReader:
                     mapping = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
                     self._maps[path] = (mapping, np.frombuffer(mapping, np.uint8))
                 elif mode == "direct":
-                    self.fds[path] = open_uncached(path)
+                    self.fds[path] = open_uncached(path)[0]
                 else:
                     self.fds[path] = fd = os.open(path, os.O_RDONLY)
                     if hasattr(os, "posix_fadvise"):  # random reads: fetch exactly what is asked, no readahead
@@ -178,7 +178,7 @@ class ExpertReader:
                     _Piece(r.path, r.offset - skip, nbytes, skip, r.nbytes, at, r.dtype, r.tensor, target, element)
                 )
                 at += nbytes
-                element += r.nbytes // _ITEMSIZE[r.dtype]
+                element += r.nbytes // DTYPE_SIZES[r.dtype]
         self._plans[layout] = pieces
         return pieces
 
@@ -243,7 +243,7 @@ class ExpertReader:
     def _convert_mapped(self, weights: ExpertWeights, piece: _Piece, start: int, size: int) -> None:
         view = self._maps[piece.path][1]
         self._check_mapped(piece, piece.offset + start + size)
-        item = _ITEMSIZE[piece.dtype]
+        item = DTYPE_SIZES[piece.dtype]
         first = piece.element + start // item
         target = weights[piece.target].reshape(-1)[first : first + size // item]
         to_float32(view[piece.offset + start : piece.offset + start + size], piece.dtype, target)
@@ -263,7 +263,7 @@ class ExpertReader:
                 else:
                     if slot is not None:
                         for piece, raw in zip(pieces, self._raw(slot, pieces), strict=True):
-                            count = piece.length // _ITEMSIZE[piece.dtype]
+                            count = piece.length // DTYPE_SIZES[piece.dtype]
                             to_float32(
                                 raw, piece.dtype, fetch.weights[piece.target].reshape(-1)[piece.element :][:count]
                             )
@@ -328,6 +328,3 @@ class ExpertReader:
                 mapping.close()
         if hasattr(self, "slots"):
             self.slots.close()
-
-
-_ITEMSIZE = {"F32": 4, "F16": 2, "BF16": 2, "U8": 1}

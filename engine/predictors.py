@@ -19,9 +19,8 @@ from abc import ABC, abstractmethod
 
 import numpy as np
 
+from engine.config import PREDICTORS
 from engine.models.layers import softmax
-
-PREDICTORS = ("none", "previous_token", "gate_lookahead", "coactivation")
 
 
 class Predictor(ABC):

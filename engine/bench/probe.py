@@ -30,6 +30,7 @@ import numpy as np
 from engine import aio
 from engine.buffers import AlignedBuffer, huge_pages_available
 from engine.errors import EngineError
+from engine.expert_io import open_uncached
 from engine.units import format_bytes
 
 SCHEMA_VERSION = 3  # 2: huge_pages; 3: mechanism
@@ -323,27 +324,15 @@ def _drop_pages(path: Path) -> None:
 
 def _open_direct(path: Path) -> tuple[int, str]:
     """Open ``path`` for reads that bypass the page cache; returns the fd and the mechanism's name."""
-    if hasattr(os, "O_DIRECT"):
-        try:
-            return os.open(path, os.O_RDONLY | os.O_DIRECT), "O_DIRECT"
-        except OSError as e:
-            if e.errno == errno.EINVAL:
-                raise ProbeError(
-                    f"{path.parent}: the filesystem does not support direct I/O (O_DIRECT refused), "
-                    "so its disk bandwidth cannot be measured without the page cache"
-                ) from None
-            raise ProbeError(f"{path}: cannot open for direct reads: {e}") from None
-    import fcntl
-
-    if sys.platform == "darwin" and hasattr(fcntl, "F_NOCACHE"):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            fcntl.fcntl(fd, fcntl.F_NOCACHE, 1)
-        except OSError as e:
-            os.close(fd)
-            raise ProbeError(f"{path.parent}: the filesystem refused F_NOCACHE: {e}") from None
-        return fd, "F_NOCACHE"
-    raise ProbeError(f"{path.parent}: no way to bypass the page cache on {sys.platform} (need O_DIRECT or F_NOCACHE)")
+    try:
+        return open_uncached(str(path))
+    except OSError as e:
+        if e.errno == errno.EINVAL:
+            raise ProbeError(
+                f"{path.parent}: the filesystem does not support direct I/O (O_DIRECT refused), "
+                "so its disk bandwidth cannot be measured without the page cache"
+            ) from None
+        raise ProbeError(f"{path}: cannot open for direct reads: {e}") from None
 
 
 @dataclass
