@@ -16,8 +16,11 @@ from engine.expert_layout import PackedExpert
 from engine.model import load_model
 
 
-def stream_throughput(model_dir: Path, config: EngineConfig, seconds: float, experts_per_step: int, seed: int) -> float:
-    """Bytes/s of experts read by ``config``'s reader (packed, no cache), ``experts_per_step`` at a time.
+def stream_throughput(
+    model_dir: Path, config: EngineConfig, seconds: float, experts_per_step: int, seed: int
+) -> tuple[float, int]:
+    """Bytes/s of experts read by ``config``'s reader (packed, no cache), ``experts_per_step`` at a time, and the
+    bytes of memory the reads landed in.
 
     Each step picks a random MoE layer and that many distinct random experts of it, fetches them all, and
     waits for them, as a decode step does when nothing is cached. The model's pages are dropped first.
@@ -41,6 +44,6 @@ def stream_throughput(model_dir: Path, config: EngineConfig, seconds: float, exp
                 done += fetch.bytes_read
                 if isinstance(data, PackedExpert) and data.buffer is not None:
                     reader.give_slot(data.buffer)
-        return done / (time.perf_counter() - start)
+        return done / (time.perf_counter() - start), experts_per_step * reader.slots.slot_bytes
     finally:
         model.close()

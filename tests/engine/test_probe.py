@@ -266,13 +266,15 @@ def test_short_read_names_the_file(tmp_path: Path, monkeypatch) -> None:
 
 @pytest.mark.skipif(not aio.available(), reason="no native AIO here")
 def test_failed_asynchronous_read_names_the_file(tmp_path: Path, monkeypatch) -> None:
-    real_reap = aio.AioContext.reap
+    real_scratch_file = probe.scratch_file
 
-    def failing(self, min_events=1):
-        return [(slot, -errno.EIO) for slot, _ in real_reap(self, min_events)]
+    def truncated(directory: Path, file_bytes: int) -> Path:  # reads past the end come back short
+        path = real_scratch_file(directory, file_bytes)
+        os.truncate(path, 4096)
+        return path
 
-    monkeypatch.setattr(aio.AioContext, "reap", failing)
-    expected = f"{tmp_path / SCRATCH_NAME}: direct read of 16384 bytes failed: {os.strerror(errno.EIO)}"
+    monkeypatch.setattr(probe, "scratch_file", truncated)
+    expected = f"{tmp_path / SCRATCH_NAME}: direct read of 16384 bytes failed: a short read of"
     with pytest.raises(ProbeError, match=expected):
         probe_directory(tmp_path, **SMALL)
 

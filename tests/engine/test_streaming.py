@@ -172,7 +172,9 @@ def test_a_truncated_shard_is_an_error_naming_the_file(tmp_path, io_mode) -> Non
 
 def test_stream_throughput_reads_experts(model_dir) -> None:
     config = EngineConfig(io_mode="direct", io_block_bytes=4096, io_threads=2)
-    assert stream_throughput(model_dir, config, seconds=0.2, experts_per_step=2, seed=0) > 0
+    bytes_per_s, footprint = stream_throughput(model_dir, config, seconds=0.2, experts_per_step=2, seed=0)
+    assert bytes_per_s > 0
+    assert footprint >= 2 * 3 * 64 * 32 * 2 and footprint % 4096 == 0  # two experts of three bf16 64x32 matrices
 
 
 def test_compute_threads_limits_blas_and_the_kernels(model_dir, packed_reference) -> None:
