@@ -14,6 +14,7 @@ from typing import Any
 from engine.buffers import PAGE
 from engine.cache_policy import POLICIES
 from engine.errors import ConfigError
+from engine.quant import FORMATS
 from engine.units import parse_bytes
 
 TABLE = "engine"
@@ -22,12 +23,17 @@ CACHE_SCOPES = ("global", "per_layer")
 CACHE_FORMATS = ("dequantized", "packed")
 IO_MODES = ("pread", "direct", "mmap")
 PREDICTORS = ("none", "previous_token", "gate_lookahead", "coactivation")
+WEIGHTS = ("original", *FORMATS)
 
 
 @dataclass(frozen=True)
 class EngineConfig:
     """Every knob of the engine. The defaults are engine part 1's behaviour: synchronous buffered reads, no cache."""
 
+    # The experts' stored format: the checkpoint as it is, or a repacked copy (made once, see engine.weights) in
+    # another format; int4 groups ``group_size`` weights per scale (None: 64). Changes the output unless lossless.
+    weights: str = "original"
+    group_size: int | None = None
     # Active experts per token; None keeps the model's own. Fewer is faster and changes the output.
     top_k: int | None = None
     # Cache-aware routing: an expert whose router probability is within this of the k-th best may replace a
@@ -55,6 +61,14 @@ class EngineConfig:
     compute_threads: int | None = None
 
     def __post_init__(self) -> None:
+        if self.weights not in WEIGHTS:
+            raise ValueError(f"weights must be one of {', '.join(WEIGHTS)} but got {self.weights!r}")
+        if self.group_size is not None:
+            if self.weights != "int4":
+                raise ValueError(f"group_size applies only to weights = int4, not {self.weights!r}")
+            _check_int("group_size", self.group_size, 2)
+            if self.group_size % 2:
+                raise ValueError(f"group_size must be even (two int4 weights per byte) but got {self.group_size}")
         if self.top_k is not None and (type(self.top_k) is not int or self.top_k < 1):
             raise ValueError(f"top_k must be a positive integer or absent but got {self.top_k!r}")
         tolerance = self.cache_routing_tolerance

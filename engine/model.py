@@ -15,6 +15,7 @@ from engine.config import EngineConfig
 from engine.errors import CheckpointError
 from engine.models import parse_config
 from engine.models.decoder import Decoder, build_decoder
+from engine.weights import weights_dir
 
 TOKENIZER_FILE = "tokenizer.json"
 GENERATION_CONFIG = "generation_config.json"
@@ -42,7 +43,8 @@ class Model:
 
 
 def load_model(path: str | Path, config: EngineConfig = EngineConfig()) -> Model:
-    path = Path(path)
+    """The checkpoint at ``path`` ready to run with ``config`` (its ``weights`` repacked first if asked)."""
+    path = weights_dir(path, config.weights, config.group_size)
     checkpoint = Checkpoint.open(path)
     try:
         spec = parse_config(checkpoint.config, path / "config.json")

@@ -142,6 +142,7 @@ def repack(
         checkpoint.close()
     expert_file_bytes = (out_dir / EXPERTS_FILE).stat().st_size
     source = {
+        "path": str(model_dir.resolve()),
         "config_sha256": config_sha256(model_dir),
         "weight_files": {p.name: p.stat().st_size for p in sorted(model_dir.glob("*.safetensors"))},
     }

@@ -86,7 +86,7 @@ class RepackManifest:
     format: str
     group_size: int  # 0 unless format is int4
     align: int
-    source: dict[str, Any]  # config_sha256, weight_files {name: bytes}
+    source: dict[str, Any]  # path (absolute), config_sha256, weight_files {name: bytes}
     files: dict[str, int]  # name: size in bytes
     experts: dict[tuple[int, int], ExpertEntry]
 
@@ -206,6 +206,8 @@ class _Parser:
         return RepackManifest(self.directory, format, group_size, align, source, files, experts)
 
     def source(self, source: dict[str, Any]) -> dict[str, Any]:
+        if "path" in source and not isinstance(source["path"], str):
+            raise self.error("source.path", f"must be the source checkpoint's directory, got {source['path']!r}")
         sha = self.get(source, "config_sha256", str, "source")
         weight_files = self.get(source, "weight_files", dict, "source")
         if not all(isinstance(v, int) and not isinstance(v, bool) for v in weight_files.values()):

@@ -175,10 +175,11 @@ def _synth(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from engine.bench.probe import default_cache_dir, load_or_probe
+    from engine.bench.probe import load_or_probe
     from engine.bench.protocol import BenchFailure, BenchRequest, run_bench
     from engine.checkpoint import Checkpoint
     from engine.config import EngineConfig
+    from engine.paths import default_cache_dir
     from engine.units import parse_bytes
     from engine.workloads import get_workload
 
@@ -209,7 +210,8 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _probe(args: argparse.Namespace) -> int:
-    from engine.bench.probe import default_cache_dir, format_table, load_or_probe
+    from engine.bench.probe import format_table, load_or_probe
+    from engine.paths import default_cache_dir
 
     result = load_or_probe(args.dir, default_cache_dir(), refresh=args.refresh)
     print(json.dumps(result.to_dict()) if args.json else format_table(result))

@@ -244,15 +244,6 @@ def _safe(text: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in text)
 
 
-def default_cache_dir() -> Path:
-    """``$AUTORESEARCH_CACHE``, else ``$XDG_CACHE_HOME/autoresearch``, else ``~/.cache/autoresearch``."""
-    if os.environ.get("AUTORESEARCH_CACHE"):
-        return Path(os.environ["AUTORESEARCH_CACHE"])
-    if os.environ.get("XDG_CACHE_HOME"):
-        return Path(os.environ["XDG_CACHE_HOME"]) / "autoresearch"
-    return Path.home() / ".cache" / "autoresearch"
-
-
 def _check_positive_int(name: str, value: object, multiple_of: int = 1) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")

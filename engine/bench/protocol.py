@@ -29,7 +29,9 @@ from engine.checkpoint import Checkpoint
 from engine.config import EngineConfig
 from engine.errors import EngineError
 from engine.expert_store import StoreStats
+from engine.repack_manifest import is_repacked, load_manifest
 from engine.units import format_bytes
+from engine.weights import source_dir, weights_dir
 from engine.workloads import Workload
 
 STDERR_TAIL = 2000  # characters of a crashed child's stderr kept in the error
@@ -75,12 +77,16 @@ def run_bench(request: BenchRequest, probe: ProbeResult | None = None) -> BenchR
             f"resident ({format_bytes(resident)} as float32, for {request.model}); give a larger --memory-limit"
         )
     remove_stale_groups()  # groups a killed earlier run could not remove
+    for config in (request.config, request.vs):
+        if config is not None:  # repacked copies are made here, outside the children's limit and timeout
+            weights_dir(request.model, config.weights, config.group_size)
     reference = None
     if request.cache_dir is not None:
-        key = quality.reference_key(model_id, request.workload.name, request.workload.version)
+        original = _original(request.model)
+        key = quality.reference_key(model_identity(original), request.workload.name, request.workload.version)
         reference = quality.reference_path(request.cache_dir, key)
         if not reference.exists():
-            _run_child(request, request.config, "reference", reference=reference, repeats=0)
+            _run_child(request, EngineConfig(), "reference", reference=reference, repeats=0, model=original)
     if request.vs is None:
         run = _run_child(request, request.config, "bench", reference=reference, repeats=request.repeats)
         return _result(request, request.config, [run], model_id, probe)
@@ -107,10 +113,31 @@ def resident_bytes(model_dir: Path) -> int:
         checkpoint.close()
 
 
-def _run_child(request: BenchRequest, config: EngineConfig, mode: str, reference: Path | None, repeats: int) -> dict:
+def _original(model: Path) -> Path:
+    """The checkpoint whose weights are the quality reference: ``model``, or the one it was repacked from."""
+    if not is_repacked(model):
+        return model
+    source = source_dir(model)
+    if source is None:
+        path = load_manifest(model).source.get("path", "(not recorded)")
+        raise ValueError(
+            f"{model} is repacked, and the checkpoint it was made from ({path}) is gone or changed; quality is "
+            "measured against the original weights, so restore them, or skip quality (--no-quality)"
+        )
+    return source
+
+
+def _run_child(
+    request: BenchRequest,
+    config: EngineConfig,
+    mode: str,
+    reference: Path | None,
+    repeats: int,
+    model: Path | None = None,
+) -> dict:
     with tempfile.TemporaryDirectory(prefix="autoresearch-bench-") as tmp:
         spec = {
-            "model": str(request.model),
+            "model": str(model or request.model),
             "config": config.to_dict(),
             "workload": request.workload.name,
             "mode": mode,

@@ -18,9 +18,10 @@ from pathlib import Path
 from engine import load_model
 from engine.bench.fingerprint import machine_fingerprint
 from engine.bench.fio import fio_bandwidth
-from engine.bench.probe import default_cache_dir, default_mechanism, load_or_probe, probe_directory
+from engine.bench.probe import default_mechanism, load_or_probe, probe_directory
 from engine.bench.protocol import BenchRequest, run_bench
 from engine.config import EngineConfig
+from engine.paths import default_cache_dir
 from engine.routing_stats import format_table, measure
 from engine.synth import sized_shape, synthesize
 from engine.synth.weights import DEFAULT_KNOBS

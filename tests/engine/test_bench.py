@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -14,8 +15,10 @@ from engine.bench.protocol import BenchFailure, BenchRequest, resident_bytes, ru
 from engine.bench.stats import median_ci, ratio_ci, slowest_window
 from engine.bench.worker import _disk_read_bytes
 from engine.config import EngineConfig
+from engine.repack import repack
 from engine.routing_stats import RoutingRecorder
 from engine.synth import SynthShape, synthesize
+from engine.weights import weights_dir
 from engine.workloads import get_workload
 
 SHAPE = SynthShape("qwen3_moe", 128, 2, 4, 2, 32, 16, 4, 256, 512)
@@ -162,3 +165,22 @@ def test_cache_and_prefetch_metrics(model_dir, tmp_path):
     assert result.quality_top1 == 1.0  # caching and prefetching never change the output
     for line in ("hit rate", "prefetch precision", "prefetch recall", "prefetch timeliness"):
         assert line in result.summary()
+
+
+def test_quality_of_repacked_weights_is_against_the_original(model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("AUTORESEARCH_CACHE", str(tmp_path / "cache"))  # children inherit it
+    config = EngineConfig(weights="int4")
+    result = run_bench(_request(model_dir, tmp_path, config=config, repeats=1, cold=False))
+    assert result.config["weights"] == "int4" and result.quality_kl > 0
+    copy = weights_dir(model_dir, "int4")
+    assert run_bench(_request(copy, tmp_path, repeats=1, cold=False)).quality_kl == pytest.approx(result.quality_kl)
+
+
+def test_a_repacked_model_without_its_source_cannot_measure_quality(model_dir, tmp_path):
+    source = shutil.copytree(model_dir, tmp_path / "source")
+    copy = tmp_path / "int8"
+    repack(source, copy, "int8")
+    shutil.rmtree(source)
+    with pytest.raises(ValueError, match=f"{copy} is repacked, and the checkpoint it was made from .* is gone"):
+        run_bench(_request(copy, tmp_path, repeats=1, cold=False))
+    assert run_bench(_request(copy, tmp_path, repeats=1, cold=False, cache_dir=None)).quality_kl is None

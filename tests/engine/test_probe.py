@@ -20,7 +20,6 @@ from engine.bench.probe import (
     ProbeCell,
     ProbeError,
     ProbeResult,
-    default_cache_dir,
     filesystem_type,
     format_table,
     load_or_probe,
@@ -194,17 +193,6 @@ def test_corrupt_cache_warns_and_measures_again(tmp_path: Path, measured: ProbeR
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert load_or_probe(tmp_path, tmp_path) == measured  # now a valid cache
-
-
-def test_default_cache_dir(monkeypatch, tmp_path: Path) -> None:
-    monkeypatch.setenv("AUTORESEARCH_CACHE", str(tmp_path / "a"))
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "x"))
-    assert default_cache_dir() == tmp_path / "a"
-    monkeypatch.delenv("AUTORESEARCH_CACHE")
-    assert default_cache_dir() == tmp_path / "x" / "autoresearch"
-    monkeypatch.delenv("XDG_CACHE_HOME")
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert default_cache_dir() == tmp_path / "home" / ".cache" / "autoresearch"
 
 
 @pytest.mark.parametrize(
