@@ -13,6 +13,11 @@ start right after (measured: a decode layer of BLAS attention and kernel experts
 dequantizing of the prefill path is single-threaded for this reason, and OpenMP is told to wait passively
 (``OMP_WAIT_POLICY=passive`` unless the environment says otherwise; it is read when numba starts its threads):
 the layer then took 8 ms instead of 68.
+
+On CPUs with AVX-512, LLVM vectorises 256 bits wide by default (``prefer-256-bit``); the kernels are told to use
+the full 512 (unless ``NUMBA_CPU_FEATURES`` says otherwise), which measured 15-25% faster on the project's
+Cascade Lake for int4, int8 and bf16. This holds for all numba code of the process, so ``engine`` imports this
+module before anything is compiled.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "passive")
 
+import llvmlite.binding
 import numba
 import numpy as np
 from llvmlite import ir
@@ -28,6 +34,17 @@ from numba import njit, prange, types
 from numba.extending import intrinsic
 
 from engine.quant import INT4_OFFSET, PackedMatrix
+
+
+def _prefer_512_bit_vectors() -> None:
+    if numba.config.CPU_FEATURES is not None:  # NUMBA_CPU_FEATURES: the user's choice
+        return
+    features = llvmlite.binding.get_host_cpu_features().flatten()
+    if "+avx512f" in features.split(","):
+        numba.config.CPU_FEATURES = features + ",-prefer-256-bit"
+
+
+_prefer_512_bit_vectors()
 
 # From this many tokens on (measured crossovers on a 2-core Xeon), dequantizing into a scratch and multiplying
 # with BLAS beats the fused kernels, which decode every weight once per token.

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -230,3 +234,19 @@ def test_thread_count_does_not_change_results(format):
 def test_bad_arguments_name_the_argument(call, argument):
     with pytest.raises(ValueError, match=rf"^{argument}\b"):
         call()
+
+
+def test_kernels_vectorise_512_bits_wide_where_the_cpu_can() -> None:
+    import llvmlite.binding
+
+    host = llvmlite.binding.get_host_cpu_features().flatten()
+    if "+avx512f" not in host.split(",") or os.environ.get("NUMBA_CPU_FEATURES"):
+        pytest.skip("no AVX-512 here, or the user chose the features")
+    assert host + ",-prefer-256-bit" == kernels.numba.config.CPU_FEATURES
+
+
+def test_the_users_numba_cpu_features_are_kept() -> None:
+    code = "import engine, numba; print(numba.config.CPU_FEATURES)"
+    env = {**os.environ, "NUMBA_CPU_FEATURES": "+sse2"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "+sse2"
