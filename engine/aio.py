@@ -179,7 +179,9 @@ class ReadQueue:
     A request is ``(fd, address, nbytes, offset, token)``. ``done(token, result, seconds)`` is called once per
     request, with the bytes read or ``-errno`` and the seconds from submission to completion, or with ``None``
     for a request that ``skip(token)`` declined when its turn came (say, a cancelled fetch). Callbacks run
-    outside the queue's lock, on the reaper thread or on the thread that put the request.
+    outside the queue's lock, on the reaper thread or on the thread that put the request. If the reaper fails
+    (``io_getevents`` refused, or ``done`` raised), every request left is reported with ``-EIO`` and ``put``
+    raises from then on.
     """
 
     def __init__(self, depth: int, done: Callable[[Any, int | None, float], None], skip: Callable[[Any], bool]) -> None:
@@ -191,6 +193,7 @@ class ReadQueue:
         self._tokens: list[Any] = [None] * depth
         self._submitted = [0.0] * depth
         self._closing = False
+        self.error: BaseException | None = None  # what stopped the reaper, if anything did
         self._reaper = threading.Thread(target=self._reap, name="expert-aio", daemon=True)
         self._reaper.start()
 
@@ -198,6 +201,8 @@ class ReadQueue:
         with self._lock:
             if self._closing:
                 raise RuntimeError("put on a closed ReadQueue")
+            if self.error is not None:
+                raise RuntimeError(f"the read queue's reaper failed: {self.error!r}") from self.error
             self._waiting.extend(requests)
             finished = self._submit_waiting()
         self._report(finished)
@@ -231,22 +236,59 @@ class ReadQueue:
 
     def _reap(self) -> None:
         depth = self._context.slots
-        while True:
-            events = self._context.reap(1, timeout=0.1)
-            now = time.perf_counter()
-            with self._lock:
-                finished = [(self._tokens[slot], result, now - self._submitted[slot]) for slot, result in events]
-                for slot, _ in events:
-                    self._release(slot)
-                finished += self._submit_waiting()
-                if self._closing and len(self._free) == depth:
-                    break
+        try:
+            while True:
+                events = self._context.reap(1, timeout=0.1)
+                now = time.perf_counter()
+                with self._lock:
+                    finished = [(self._tokens[slot], result, now - self._submitted[slot]) for slot, result in events]
+                    for slot, _ in events:
+                        self._release(slot)
+                    finished += self._submit_waiting()
+                    if self._closing and len(self._free) == depth:
+                        break
+                self._report(finished)
             self._report(finished)
-        self._report(finished)
+        except BaseException as e:  # no reaper any more: fail every request left, so that nobody waits forever
+            with self._lock:
+                self.error = e
+                lost = [(token, -errno.EIO, 0.0) for *_, token in self._waiting]
+                self._waiting.clear()
+            self._report(lost, swallow=True)
+            self._drain()
 
-    def _report(self, finished: list[tuple[Any, int | None, float]]) -> None:
+    def _drain(self) -> None:
+        """Report the reads still in flight once the kernel is done with their buffers (or as failed if it
+        cannot say), so that no buffer is handed back while a read may still land in it."""
+        while True:
+            with self._lock:
+                if len(self._free) == self._context.slots:
+                    return
+            try:
+                events = self._context.reap(1, timeout=1.0)
+            except BaseException:
+                events = None
+            with self._lock:
+                if events is None:
+                    finished = [(token, -errno.EIO, 0.0) for token in self._tokens if token is not None]
+                    slots = [slot for slot, token in enumerate(self._tokens) if token is not None]
+                else:
+                    finished = [(self._tokens[slot], result, 0.0) for slot, result in events]
+                    slots = [slot for slot, _ in events]
+                for slot in slots:
+                    self._release(slot)
+            self._report(finished, swallow=True)
+
+    def _report(self, finished: list[tuple[Any, int | None, float]], swallow: bool = False) -> None:
+        """Call ``done`` for each; one that raises does not keep the others from being reported."""
+        error = None
         for token, result, seconds in finished:
-            self._done(token, result, seconds)
+            try:
+                self._done(token, result, seconds)
+            except BaseException as e:
+                error = error or e
+        if error is not None and not swallow:
+            raise error
 
     def close(self) -> None:
         """Skip what is still waiting, let the reads in flight finish, and free the context."""

@@ -75,3 +75,57 @@ def test_reap_returns_empty_after_its_timeout() -> None:
 def test_slots_must_be_positive() -> None:
     with pytest.raises(ValueError, match="slots"):
         aio.AioContext(0)
+
+
+def _queue_reads(tmp_path: Path, count: int) -> tuple[int, ctypes.Array, list[tuple[int, int, int, int, int]]]:
+    path = tmp_path / "f"
+    path.write_bytes(bytes(range(256)) * (count * BLOCK // 256))
+    fd = os.open(path, os.O_RDONLY)
+    buffer = ctypes.create_string_buffer(count * BLOCK)
+    base = ctypes.addressof(buffer)
+    return fd, buffer, [(fd, base + i * BLOCK, BLOCK, i * BLOCK, i) for i in range(count)]
+
+
+def test_read_queue_reports_every_read_even_when_a_callback_fails(tmp_path: Path) -> None:
+    fd, _buffer, requests = _queue_reads(tmp_path, 16)
+    results: dict[int, int | None] = {}
+
+    def done(token: int, result: int | None, seconds: float) -> None:
+        results[token] = result
+        if token == 3:
+            raise ValueError("a bug in a callback")
+
+    queue = aio.ReadQueue(2, done, lambda token: False)
+    try:
+        queue.put(requests)
+        queue._reaper.join(timeout=10)  # it stops at the failure, reporting the rest first
+        queue.close()
+    finally:
+        os.close(fd)
+    assert sorted(results) == list(range(16))  # nobody is left waiting
+    assert results[0] == BLOCK and set(results.values()) <= {BLOCK, -errno.EIO}
+    assert isinstance(queue.error, ValueError)
+    with pytest.raises(RuntimeError):
+        queue.put(requests[:1])
+
+
+def test_read_queue_fails_what_is_left_when_reaping_fails(tmp_path: Path, monkeypatch) -> None:
+    fd, _buffer, requests = _queue_reads(tmp_path, 8)
+    results: dict[int, int | None] = {}
+    queue = aio.ReadQueue(2, lambda token, result, seconds: results.setdefault(token, result), lambda token: False)
+
+    def broken(*args: object, **kwargs: object) -> list:
+        raise OSError(errno.EINVAL, "io_getevents failed")
+
+    monkeypatch.setattr(queue._context, "reap", broken)
+    try:
+        queue.put(requests)
+        queue._reaper.join(timeout=10)
+        assert sorted(results) == list(range(8))
+        assert -errno.EIO in results.values()
+        with pytest.raises(RuntimeError, match="reaper failed"):
+            queue.put(requests[:1])
+    finally:
+        monkeypatch.undo()
+        queue.close()
+        os.close(fd)
