@@ -3,7 +3,8 @@
 Decode (fewer than ``BLAS_TOKENS[format]`` tokens) runs numba kernels that split the output rows between threads
 and decode each weight once per token, accumulating in float32. Prefill dequantizes blocks of ``BLAS_ROWS`` rows
 into a float32 scratch on one thread and multiplies them with BLAS; ``fp32`` always uses BLAS. ``set_threads``
-sets the kernels' threads; BLAS keeps its own.
+sets the kernels' threads; BLAS keeps its own. A matrix too small to gain from splitting runs on one thread
+(``_ThreadChoice``: chosen per shape by timing the first calls).
 
 Sums are reordered and fused into FMAs so that they vectorise, so results differ from numpy's by float32 rounding:
 |matmul(x, p) - x @ dequantize(p).T| <= 1e-6 * sqrt(in) * (|x| @ |dequantize(p)|.T), against float64 (tested).
@@ -23,6 +24,8 @@ module before anything is compiled.
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Callable
 
 os.environ.setdefault("OMP_WAIT_POLICY", "passive")
 
@@ -80,7 +83,7 @@ def matmul(x: np.ndarray, p: PackedMatrix, out: np.ndarray | None = None) -> np.
     if p.format == "fp32":
         np.matmul(x, p.data.T, out=out)
     elif tokens < BLAS_TOKENS[p.format]:
-        _FUSED[p.format](x, data, scales, p.group_size, out)
+        _fused(p, x, data, scales, out)
     else:
         scratch = np.empty((min(BLAS_ROWS, rows), cols), np.float32)
         for start in range(0, rows, BLAS_ROWS):
@@ -88,6 +91,62 @@ def matmul(x: np.ndarray, p: PackedMatrix, out: np.ndarray | None = None) -> np.
             _DEQUANTIZE[p.format](data, scales, p.group_size, start, block)
             np.matmul(x, block.T, out=out[:, start : start + len(block)])
     return out
+
+
+class _ThreadChoice:
+    """Whether a fused kernel call of a given shape runs faster on one thread than on the ones it was given.
+
+    Starting a parallel region costs tens of microseconds where OpenMP's workers sleep between regions (as they
+    must here, see above), which is more than a small matrix saves by being split: measured on a 2-core EPYC,
+    a bf16 1536x1024 decode took 64 µs on one thread and 95 on two. So the first calls of each (format, shape,
+    tokens, threads) alternate between one thread and all of them, timed, and the faster is kept. Rows are
+    summed on one thread either way: the result does not depend on the choice.
+    """
+
+    CALLS = 5  # timed calls of each kind; the fastest of each is compared (the first may include compiling)
+
+    def __init__(self) -> None:
+        self.serial: dict[tuple, bool] = {}
+        self.timings: dict[tuple, tuple[list[float], list[float]]] = {}
+
+    def run(self, key: tuple, call: Callable[[], None]) -> None:
+        serial = self.serial.get(key)
+        if serial is False:
+            call()
+            return
+        if serial is None:
+            one, all_ = self.timings.setdefault(key, ([], []))
+            serial = len(one) <= len(all_)
+            began = time.perf_counter()
+            _call_with_threads(call, 1 if serial else key[-1])
+            (one if serial else all_).append(time.perf_counter() - began)
+            if len(all_) == self.CALLS:
+                self.serial[key] = min(one) < min(all_)
+                del self.timings[key]
+            return
+        _call_with_threads(call, 1)
+
+
+def _call_with_threads(call: Callable[[], None], threads: int) -> None:
+    before = numba.get_num_threads()
+    numba.set_num_threads(threads)
+    try:
+        call()
+    finally:
+        numba.set_num_threads(before)
+
+
+_THREAD_CHOICE = _ThreadChoice()
+
+
+def _fused(p: PackedMatrix, x: np.ndarray, data: np.ndarray, scales: np.ndarray, out: np.ndarray) -> None:
+    kernel = _FUSED[p.format]
+    threads = numba.get_num_threads()
+    if threads == 1:
+        kernel(x, data, scales, p.group_size, out)
+        return
+    key = (p.format, p.shape, x.shape[0], threads)
+    _THREAD_CHOICE.run(key, lambda: kernel(x, data, scales, p.group_size, out))
 
 
 def _kernel_views(p: PackedMatrix) -> tuple[np.ndarray, np.ndarray]:

@@ -125,7 +125,8 @@ def kernel_table(rounds: int = 3, seconds: float = 0.2, group_size: int = 64) ->
                 rates[(c, (baseline, cold))].append(rate / 1e9)
     lines = [
         f"Packed GB/s, medians of {rounds} rounds of {seconds:g} s per cell; int4 group size {group_size}; BLAS "
-        f"threads limited with threadpoolctl; `matmul` overhead {call_overhead() * 1e6:.1f} µs per call.",
+        f"threads limited with threadpoolctl; `matmul` overhead {call_overhead() * 1e6:.1f} µs per call. With more "
+        "than one thread a kernel runs a shape on one if its first calls found that faster (`engine.kernels`).",
         "",
         "| format | matrix | tokens | threads | kernel hot | kernel cold | numpy hot | numpy cold | gain (hot) |",
         "|---|---|---|---|---|---|---|---|---|",
