@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 DEMO_MODEL := data/quickstart-model
 
-.PHONY: run test lint clean bench-protocol bench-engine
+.PHONY: run test lint clean bench-protocol bench-engine bench-simulator
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,10 @@ bench-protocol: $(VENV)/.runtime
 # A benchmark, not a test: writes docs/benchmarks/engine.md and .json (about 30 minutes here; needs root).
 bench-engine: $(VENV)/.runtime
 	$(BIN)/python -m engine.bench.engine_report --data data --out docs/benchmarks/engine.md
+
+# A benchmark, not a test: writes docs/benchmarks/simulator.md and .json (about 25 minutes here; needs root).
+bench-simulator: $(VENV)/.runtime
+	$(BIN)/python -m engine.bench.simulator_report --data data --out docs/benchmarks/simulator.md
 
 lint: $(VENV)/.test
 	$(BIN)/ruff check .

@@ -129,6 +129,30 @@ def _abandoned(token: tuple) -> bool:
     return token[0].abandoned
 
 
+def plan_pieces(layout: ExpertLayout, mode: str) -> list[_Piece]:
+    """The pieces of ``layout`` as ``mode`` reads them: under ``direct`` each range widened to page boundaries."""
+    direct = mode == "direct"
+    pieces, at = [], 0
+    targets = ((0, layout.gate_up),) if layout.down is None else ((0, layout.gate_up), (1, (layout.down,)))
+    for target, ranges in targets:
+        element = 0
+        for r in ranges:
+            skip = r.offset % PAGE if direct else 0
+            nbytes = -(-(skip + r.nbytes) // PAGE) * PAGE if direct else r.nbytes
+            pieces.append(
+                _Piece(r.path, r.offset - skip, nbytes, skip, r.nbytes, at, r.dtype, r.tensor, target, element)
+            )
+            at += nbytes
+            element += r.nbytes // DTYPE_SIZES[r.dtype]
+    return pieces
+
+
+def issues_reads(mode: str, repacked: bool, packed: bool) -> bool:
+    """Whether a fetch reads (and counts) bytes: under ``mmap`` the mapping itself serves packed experts and
+    repacked ones (dequantized from it), so nothing is read then; the page faults are the reads."""
+    return not (mode == "mmap" and (packed or repacked))
+
+
 class ExpertReader:
     """Reads whole experts in ``mode`` with ``threads`` requests of ``block_bytes`` in flight."""
 
@@ -182,27 +206,14 @@ class ExpertReader:
     def plan(self, layout: ExpertLayout) -> list[_Piece]:
         """The pieces of ``layout`` as this mode reads them (cached per layout)."""
         pieces = self._plans.get(layout)
-        if pieces is not None:
-            return pieces
-        pieces, at, element = [], 0, 0
-        targets = ((0, layout.gate_up),) if layout.down is None else ((0, layout.gate_up), (1, (layout.down,)))
-        for target, ranges in targets:
-            element = 0
-            for r in ranges:
-                skip = r.offset % PAGE if self.mode == "direct" else 0
-                nbytes = -(-(skip + r.nbytes) // PAGE) * PAGE if self.mode == "direct" else r.nbytes
-                pieces.append(
-                    _Piece(r.path, r.offset - skip, nbytes, skip, r.nbytes, at, r.dtype, r.tensor, target, element)
-                )
-                at += nbytes
-                element += r.nbytes // DTYPE_SIZES[r.dtype]
-        self._plans[layout] = pieces
+        if pieces is None:
+            pieces = self._plans[layout] = plan_pieces(layout, self.mode)
         return pieces
 
     def fetch(self, layout: ExpertLayout, weights: ExpertWeights | None) -> Fetch:
         """Start reading ``layout``: converted into ``weights``, or, without them, kept as stored (packed)."""
         pieces = self.plan(layout)
-        if self.mode == "mmap" and (weights is None or layout.repacked is not None):
+        if not issues_reads(self.mode, repacked=layout.repacked is not None, packed=weights is None):
             fetch = Fetch(weights, 0)
             if weights is None:  # the mapping is the data: nothing to read now
                 self._finish(fetch, None, layout)

@@ -78,13 +78,16 @@ class ExpertStore:
         num_layers: int,
         top_k: int,
         predictor: Predictor | None = None,
+        reader: ExpertReader | None = None,
     ) -> None:
+        """``reader``: where reads go; by default an ``ExpertReader`` for ``config`` (the simulator brings one that
+        only keeps time)."""
         self.layouts = layouts
         self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
         self.config = config
         policy = config.cache_policy if config.cache_bytes else "none"
         self.cache = make_cache(policy, config.cache_scope, config.cache_bytes, num_layers)
-        self.reader = ExpertReader(
+        self.reader = reader or ExpertReader(
             list(layouts.values()),
             config.io_mode,
             config.io_block_bytes,
@@ -121,15 +124,18 @@ class ExpertStore:
 
     def request(self, layer: int, experts: list[int]) -> None:
         """Record this layer's accesses and start reading every miss."""
-        for data in self._retiring:
-            self._release(data)
-        self._retiring.clear()
-        self._sweep_cancelled()
-        for key in [key for key in self._staged if (key[0] <= layer and key[1] not in experts) or key[0] < layer]:
-            fetch = self._staged.pop(key)
-            fetch.cancel()
-            self._cancelled.append(fetch)
-            self.stats.prefetch_wasted += 1
+        if self._retiring:
+            for data in self._retiring:
+                self._release(data)
+            self._retiring.clear()
+        if self._cancelled:
+            self._sweep_cancelled()
+        if self._staged:
+            for key in [key for key in self._staged if (key[0] <= layer and key[1] not in experts) or key[0] < layer]:
+                fetch = self._staged.pop(key)
+                fetch.cancel()
+                self._cancelled.append(fetch)
+                self.stats.prefetch_wasted += 1
         self._layer = layer
         self._current.clear()
         stats = self.stats
@@ -151,16 +157,17 @@ class ExpertStore:
 
     def get(self, layer: int, expert: int) -> ExpertData:
         """The weights of an expert requested for this layer; valid until the next ``request``."""
-        if layer != self._layer or expert not in self._current:
+        fetch = self._current.get(expert) if layer == self._layer else None
+        if fetch is None:
             raise KeyError(f"expert {expert} of layer {layer} was not requested for the current layer")
-        fetch = self._current[expert]
         if not isinstance(fetch, Fetch):
             return fetch
-        if not fetch.done:
+        if fetch.done:
+            data = fetch.wait()  # raises the read's error, if any
+        else:
             began = time.perf_counter()
-            fetch.wait()
+            data = fetch.wait()
             self.stats.stall_seconds += time.perf_counter() - began
-        data = fetch.wait()  # raises the read's error, if any
         self._current[expert] = data
         self._admit((layer, expert), data)
         return data
@@ -203,8 +210,11 @@ class ExpertStore:
             self._cached[key] = fetch.wait()
 
     def _admit(self, key: Key, data: ExpertData) -> None:
-        for evicted in self.cache.admit(key, self.entry_bytes):
-            self._retiring.append(self._cached.pop(evicted))
+        evicted = self.cache.admit(key, self.entry_bytes)
+        if evicted:
+            cached, retiring = self._cached, self._retiring
+            for victim in evicted:
+                retiring.append(cached.pop(victim))
         if key in self.cache:
             self._cached[key] = data
         else:

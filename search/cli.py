@@ -87,6 +87,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     r.add_argument("--json", action="store_true")
     r.set_defaults(run=_routing_stats)
 
+    t = verbs.add_parser("trace", help="record a routing trace of a model on a workload, for `simulate`")
+    t.add_argument("--model", required=True, help="checkpoint directory")
+    t.add_argument("--workload", default="decode-short", help="a named workload (see `autoresearch workloads`)")
+    t.add_argument("--config", help="engine config TOML the recording runs with (its weights are the trace's)")
+    t.add_argument("--out", required=True, help="the trace file to write (.npz)")
+    t.set_defaults(run=_trace)
+
+    m = verbs.add_parser("simulate", help="replay a trace through the engine's cache and prefetch logic, no weights")
+    m.add_argument("--trace", required=True, help="a file written by `autoresearch trace`")
+    m.add_argument("--config", help="engine config TOML to simulate (default: the engine's defaults)")
+    disk = m.add_mutually_exclusive_group()
+    disk.add_argument("--probe", help="directory whose disk's probe gives the bandwidth (default: the trace's model)")
+    disk.add_argument("--bandwidth", help="disk bandwidth in bytes/s instead of a probe, e.g. 2GB or inf")
+    disk.add_argument(
+        "--reader",
+        action="store_true",
+        help="serve reads at the bandwidth the engine's reader reaches on the trace's model (3 s), not the probe's",
+    )
+    m.add_argument("--compute-ms-per-token", type=float, help="decode compute per token (default: as recorded)")
+    m.add_argument("--warmup", type=int, default=1, help="passes replayed first and not counted")
+    m.add_argument("--repeats", type=int, default=1, help="passes counted")
+    m.add_argument("--json", action="store_true")
+    m.set_defaults(run=_simulate)
+
+    o = verbs.add_parser("report-trace", help="a trace's routing as a markdown page with plots")
+    o.add_argument("trace", help="a file written by `autoresearch trace`")
+    o.add_argument("--out", default=".", help="directory for the page and its PNGs (default: here)")
+    o.set_defaults(run=_report_trace)
+
     w = verbs.add_parser("workloads", help="list the named workloads")
     w.set_defaults(run=_workloads)
 
@@ -175,7 +204,7 @@ def _synth(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from engine.bench.probe import load_or_probe
+    from engine.bench.probe import ENGINE_GRID, load_or_probe
     from engine.bench.protocol import BenchFailure, BenchRequest, run_bench
     from engine.checkpoint import Checkpoint
     from engine.config import EngineConfig
@@ -197,7 +226,7 @@ def _bench(args: argparse.Namespace) -> int:
         timeout_s=args.timeout,
         cache_dir=None if args.no_quality else default_cache_dir(),
     )
-    probe = None if args.no_probe else load_or_probe(model, default_cache_dir())
+    probe = None if args.no_probe else load_or_probe(model, default_cache_dir(), **ENGINE_GRID)
     try:
         result = run_bench(request, probe)
     except BenchFailure as e:
@@ -230,6 +259,71 @@ def _routing_stats(args: argparse.Namespace) -> int:
     finally:
         model.close()
     print(json.dumps(stats.to_dict()) if args.json else format_table(stats))
+    return 0
+
+
+def _trace(args: argparse.Namespace) -> int:
+    from engine import load_model
+    from engine.config import EngineConfig
+    from engine.trace import record_trace
+    from engine.units import format_bytes
+    from engine.workloads import get_workload
+
+    workload = get_workload(args.workload)
+    config = EngineConfig.load(args.config) if args.config else EngineConfig()
+    model = load_model(args.model, config)
+    try:
+        trace = record_trace(model, workload, config)
+    finally:
+        model.close()
+    path = trace.save(args.out)
+    n, layers, r = trace.top_ids.shape
+    print(
+        f"wrote {path} ({format_bytes(path.stat().st_size)}): {n} tokens in {len(trace.call_tokens)} forward calls, "
+        f"{layers} MoE layers, {r} router candidates per token and layer, gate_lookahead {trace.depth} layers ahead"
+    )
+    return 0
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from engine.bench.probe import ENGINE_GRID, load_or_probe
+    from engine.config import EngineConfig
+    from engine.paths import default_cache_dir
+    from engine.simulator import disk_bandwidth, format_result, reader_bandwidth, simulate
+    from engine.trace import load_trace
+    from engine.units import parse_bytes
+
+    trace = load_trace(args.trace)
+    config = EngineConfig.load(args.config) if args.config else EngineConfig()
+    if args.bandwidth is not None:
+        bandwidth = float("inf") if args.bandwidth == "inf" else float(parse_bytes(args.bandwidth, "--bandwidth"))
+    else:
+        where = Path(args.probe or trace.meta["model"])
+        if not where.is_dir():
+            raise ValueError(
+                f"the trace's model directory {where} is not here to measure its disk: give --probe DIR (a "
+                "directory on the disk the model will stream from) or --bandwidth"
+            )
+        if args.reader:
+            bandwidth = reader_bandwidth(where, config, trace.top_k)
+        else:
+            bandwidth = disk_bandwidth(load_or_probe(where, default_cache_dir(), **ENGINE_GRID), config)
+    compute = None if args.compute_ms_per_token is None else args.compute_ms_per_token / 1e3
+    result = simulate(trace, config, bandwidth, compute, warmup=args.warmup, repeats=args.repeats)
+    print(json.dumps(result.to_dict()) if args.json else format_result(result))
+    return 0
+
+
+def _report_trace(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from engine.trace import load_trace
+    from engine.trace_report import write_report
+
+    path = write_report(load_trace(args.trace), args.out, Path(args.trace).stem)
+    print(f"wrote {path}")
     return 0
 
 

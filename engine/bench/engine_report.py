@@ -15,12 +15,11 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
-from engine.bench.fingerprint import machine_fingerprint
+from engine.bench.fingerprint import report_header
 from engine.bench.kernel_bench import kernel_table
-from engine.bench.probe import load_or_probe, probe_directory, spread_bandwidth
+from engine.bench.probe import ENGINE_GRID, load_or_probe, probe_directory, spread_bandwidth
 from engine.bench.protocol import BenchFailure, BenchRequest, run_bench
 from engine.bench.result import BenchResult
 from engine.bench.streaming import stream_throughput
@@ -33,7 +32,6 @@ from engine.workloads import get_workload
 
 KiB, MiB = 1 << 10, 1 << 20
 STREAM_CELLS = ((256 * KiB, 4), (MiB, 4), (MiB, 8), (2 * MiB, 4))
-PROBE_GRID = {"block_sizes": (256 * KiB, MiB, 2 * MiB), "queue_depths": (1, 4, 8), "huge_pages": True}
 BASELINE = EngineConfig(io_mode="mmap", cache_format="packed")
 
 
@@ -72,6 +70,10 @@ def candidates(limit: int) -> dict[str, EngineConfig]:
     }  # fmt: skip
 
 
+def _options(argv: list[str] | None) -> str:
+    return " ".join(argv if argv is not None else sys.argv[1:])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--data", default="data")
@@ -88,9 +90,10 @@ def main(argv: list[str] | None = None) -> int:
     size = sum(p.stat().st_size for p in model.glob("*.safetensors"))
     if size < 3 * limit:
         raise SystemExit(f"{model} ({format_bytes(size)}) is not 3x the limit {format_bytes(limit)}")
-    sections = [_header(data, argv)]
+    title = "Streaming engine report"
+    sections = [report_header(title, "bench-engine", "engine.bench.engine_report", _options(argv), data)]
     sections.append(_kernels())
-    probe = load_or_probe(model, default_cache_dir(), **PROBE_GRID)
+    probe = load_or_probe(model, default_cache_dir(), **ENGINE_GRID)
     sections.append(_streaming(model, args.rounds))
     results = _decode(model, size, limit, args.repeats, probe, Path(args.out).with_suffix(".json"))
     sections.append(results[0])
@@ -100,21 +103,6 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text("\n\n".join(sections) + "\n")
     print(f"wrote {out}", file=sys.stderr)
     return 0
-
-
-def _header(data: Path, argv: list[str] | None) -> str:
-    machine = machine_fingerprint(data)
-    options = " ".join(argv if argv is not None else sys.argv[1:])
-    return "\n".join(
-        [
-            "# Streaming engine report",
-            "",
-            f"Written by `make bench-engine` (`python -m engine.bench.engine_report {options}`) "
-            f"on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
-            "",
-            "Machine: " + ", ".join(f"{k} `{v}`" for k, v in machine.items()),
-        ]
-    )
 
 
 def _synthetic(data: Path, size: int) -> Path:

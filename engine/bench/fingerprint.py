@@ -7,6 +7,7 @@ import os
 import platform
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -105,3 +106,18 @@ def _blas() -> str | None:
         return None
     blas = config.get("Build Dependencies", {}).get("blas", {})
     return f"{blas.get('name')} {blas.get('version')}".strip() if blas else None
+
+
+def report_header(title: str, target: str, module: str, options: str, data: Path) -> str:
+    """The opening of a benchmark report: what wrote it, when, and on which machine."""
+    machine = machine_fingerprint(data)
+    return "\n".join(
+        [
+            f"# {title}",
+            "",
+            f"Written by `make {target}` (`python -m {module} {options}`) "
+            f"on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
+            "",
+            "Machine: " + ", ".join(f"{k} `{v}`" for k, v in machine.items()),
+        ]
+    )

@@ -44,6 +44,9 @@ ALIGN = 4096
 DEFAULT_BLOCK_SIZES = (16 * KiB, 256 * KiB, 2 * MiB)
 DEFAULT_QUEUE_DEPTHS = (1, 8, 32)
 DEFAULT_FILE_BYTES = 1 * GiB
+# The grid an engine's roofline reads: its request sizes and queue depths, into huge-page buffers like the
+# reader's slots (``autoresearch bench`` and ``simulate``, the engine and simulator reports).
+ENGINE_GRID: dict[str, Any] = {"block_sizes": (256 * KiB, MiB, 2 * MiB), "queue_depths": (1, 4, 8), "huge_pages": True}
 OFFSET_BATCH = 1024
 # Direct I/O on these reads memory, not a disk; recent kernels accept O_DIRECT on tmpfs, so EINVAL cannot tell us.
 MEMORY_FILESYSTEMS = frozenset({"tmpfs", "ramfs", "hugetlbfs", "devtmpfs"})
@@ -641,8 +644,10 @@ def _check_mechanism(mechanism: str | None) -> str:
     return mechanism
 
 
-def cache_path(directory: str | Path, cache_dir: Path) -> Path:
-    return Path(cache_dir) / f"probe-{machine_id()}-{device_name(directory)}.json"
+def cache_path(directory: str | Path, cache_dir: Path, huge_pages: bool = False) -> Path:
+    """Where the probe of ``directory``'s machine and device is kept; probes into huge pages apart."""
+    suffix = "-huge-pages" if huge_pages else ""
+    return Path(cache_dir) / f"probe-{machine_id()}-{device_name(directory)}{suffix}.json"
 
 
 def load_or_probe(directory: str | Path, cache_dir: Path, refresh: bool = False, **probe_kwargs: Any) -> ProbeResult:
@@ -651,7 +656,7 @@ def load_or_probe(directory: str | Path, cache_dir: Path, refresh: bool = False,
     A cached result is reused only if it covers the grid and file size asked for in ``probe_kwargs``. An
     unreadable cache file is measured again with a warning naming the file: nothing is lost by re-measuring.
     """
-    path = cache_path(directory, cache_dir)
+    path = cache_path(directory, cache_dir, probe_kwargs.get("huge_pages", False) and huge_pages_available())
     if not refresh and path.exists():
         try:
             cached = ProbeResult.from_dict(json.loads(path.read_text()))

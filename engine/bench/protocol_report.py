@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from engine import load_model
-from engine.bench.fingerprint import machine_fingerprint
+from engine.bench.fingerprint import report_header
 from engine.bench.fio import fio_bandwidth
 from engine.bench.probe import default_mechanism, load_or_probe, probe_directory
 from engine.bench.protocol import BenchRequest, run_bench
@@ -45,7 +45,15 @@ def main(argv: list[str] | None = None) -> int:
     data = Path(args.data)
     data.mkdir(parents=True, exist_ok=True)
     options = f"--data {args.data} --size {args.size} --memory-limit {args.memory_limit} --repeats {args.repeats}"
-    sections = [_header(data, f"{options} --rounds {args.rounds} --seconds {args.seconds:g}")]
+    sections = [
+        report_header(
+            "Benchmark protocol report",
+            "bench-protocol",
+            "engine.bench.protocol_report",
+            f"{options} --rounds {args.rounds} --seconds {args.seconds:g}",
+            data,
+        )
+    ]
     sections.append(_probe_vs_fio(data, args.rounds, args.seconds))
     model, synth_section = _synthetic(data, parse_bytes(args.size, "--size"))
     sections.append(synth_section)
@@ -55,20 +63,6 @@ def main(argv: list[str] | None = None) -> int:
     Path(args.out).write_text("\n\n".join(sections) + "\n")
     print(f"wrote {args.out}", file=sys.stderr)
     return 0
-
-
-def _header(data: Path, options: str) -> str:
-    machine = machine_fingerprint(data)
-    return "\n".join(
-        [
-            "# Benchmark protocol report",
-            "",
-            f"Written by `make bench-protocol` (`python -m engine.bench.protocol_report {options}`) "
-            f"on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
-            "",
-            "Machine: " + ", ".join(f"{k} `{v}`" for k, v in machine.items()),
-        ]
-    )
 
 
 def _probe_vs_fio(data: Path, rounds: int, seconds: float) -> str:

@@ -177,21 +177,32 @@ class Decoder:
         order = np.argsort(-probs, axis=-1, kind="stable")
         experts = order[:, :k]  # [T, k]
         if self.config.cache_routing_tolerance > 0:
-            experts = np.stack([self._prefer_resident(layer, p, o, k) for p, o in zip(probs, order, strict=True)])
+            tolerance, resident = self.config.cache_routing_tolerance, self.store.is_resident
+            experts = np.stack(
+                [
+                    prefer_resident(p, o, k, tolerance, lambda e: resident(layer, e))
+                    for p, o in zip(probs, order, strict=True)
+                ]
+            )
         weights = np.take_along_axis(probs, experts, axis=-1)
         if self.spec.norm_topk_prob:
             weights = weights / weights.sum(axis=-1, keepdims=True)
         return Routing(experts, weights, probs)
 
-    def _prefer_resident(self, layer: int, probs: np.ndarray, order: np.ndarray, k: int) -> np.ndarray:
-        tolerance = self.config.cache_routing_tolerance
-        kth = probs[order[k - 1]]
-        sure = [e for e in order[:k] if probs[e] > kth + tolerance]
-        close = [e for e in order if abs(probs[e] - kth) <= tolerance]
-        resident = [e for e in close if self.store.is_resident(layer, int(e))]
-        others = [e for e in close if e not in resident]
-        chosen = sure + (resident + others)[: k - len(sure)]
-        return np.asarray(sorted(chosen, key=lambda e: -probs[e]))
+
+def prefer_resident(
+    probs: np.ndarray, order: np.ndarray, k: int, tolerance: float, is_resident: Callable[[int], bool]
+) -> np.ndarray:
+    """Cache-aware routing of one token: its k experts, best first, given its router probabilities [E] (or the
+    best few of them, the rest zero) in ``order`` (best first); experts within ``tolerance`` of the k-th best
+    compete for the places not taken by clearly better ones, those ``is_resident`` first."""
+    kth = probs[order[k - 1]]
+    sure = [e for e in order[:k] if probs[e] > kth + tolerance]
+    close = [e for e in order if abs(probs[e] - kth) <= tolerance]
+    resident = [e for e in close if is_resident(int(e))]
+    others = [e for e in close if e not in resident]
+    chosen = sure + (resident + others)[: k - len(sure)]
+    return np.asarray(sorted(chosen, key=lambda e: -probs[e]))
 
 
 def _linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
