@@ -78,6 +78,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = verbs.add_parser("probe", help="measure random-read bandwidth with O_DIRECT on a directory's disk")
     p.add_argument("--dir", default=".", help="a directory on the disk to measure (e.g. the model's)")
     p.add_argument("--refresh", action="store_true", help="measure again even if this disk's result is cached")
+    p.add_argument(
+        "--fio-like",
+        action="store_true",
+        help="fio's grid and 4 KiB-page buffers (default: the grid the engine's rooflines use, into huge pages)",
+    )
     p.add_argument("--json", action="store_true")
     p.set_defaults(run=_probe)
 
@@ -239,10 +244,11 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _probe(args: argparse.Namespace) -> int:
-    from engine.bench.probe import format_table, load_or_probe
+    from engine.bench.probe import ENGINE_GRID, format_table, load_or_probe
     from engine.paths import default_cache_dir
 
-    result = load_or_probe(args.dir, default_cache_dir(), refresh=args.refresh)
+    grid = {} if args.fio_like else ENGINE_GRID
+    result = load_or_probe(args.dir, default_cache_dir(), refresh=args.refresh, **grid)
     print(json.dumps(result.to_dict()) if args.json else format_table(result))
     return 0
 

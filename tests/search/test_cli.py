@@ -135,3 +135,18 @@ def test_repack_then_generate(tmp_path, capsys):
         == 2
     )
     assert "not empty" in capsys.readouterr().err
+
+
+def test_probe_measures_as_the_engine_reads_unless_fio_like(tmp_path, monkeypatch, capsys):
+    from engine.bench import probe
+
+    asked = []
+
+    def fake(directory, cache_dir, refresh=False, **grid):
+        asked.append(grid)
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(probe, "load_or_probe", fake)
+    assert main(["probe", "--dir", str(tmp_path)]) == 2
+    assert main(["probe", "--dir", str(tmp_path), "--fio-like"]) == 2
+    assert asked == [probe.ENGINE_GRID, {}]
