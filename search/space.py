@@ -1,0 +1,221 @@
+"""Search spaces: TOML files (``spaces/*.toml``) naming ``EngineConfig`` fields, sampled through Optuna trials.
+
+A space has a ``[params.<field>]`` table per searched knob and an optional ``[fixed]`` table of settings every
+trial shares::
+
+    [fixed]
+    cache_format = "packed"
+
+    [params.predictor]
+    choices = ["none", "gate_lookahead"]
+
+    [params.prefetch_depth]          # only sampled when the condition holds
+    low = 1
+    high = 3
+    when = { predictor = ["gate_lookahead"] }
+
+    [params.cache_bytes]             # a fraction of the experiment's memory budget, in bytes
+    low = 0.05
+    high = 0.6
+    fraction_of = "memory_budget"
+
+A parameter is categorical (``choices``), or a range (``low``, ``high``, optionally ``log = true`` and
+``step``): integer when both ends are integers, else float. ``when`` lists, per earlier parameter, the values
+it must have taken. Everything is checked when the file is loaded (unknown keys and fields, empty ranges,
+conditions on parameters that are not defined before, values a field refuses), so a bad space fails before
+any trial runs, with the file and the key in the message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+from engine.config import EngineConfig
+from engine.errors import FileError
+from engine.units import parse_bytes
+
+FIELDS = {f.name for f in dataclasses.fields(EngineConfig)}
+PARAM_KEYS = {"choices", "low", "high", "log", "step", "when", "fraction_of"}
+# What a fraction may be of: the experiment's memory budget (bytes), the model's active experts, the machine's cores.
+FRACTION_SOURCES = ("memory_budget", "model_top_k", "cpu_cores")
+NOMINAL = {"memory_budget": 1 << 30, "model_top_k": 8, "cpu_cores": 8}  # for checking a space's values at load
+SPACES_DIR = Path(__file__).resolve().parent.parent / "spaces"
+
+
+class SpaceError(FileError):
+    """A search space file that cannot be used."""
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    choices: tuple[Any, ...] | None = None
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = None
+    when: tuple[tuple[str, tuple[Any, ...]], ...] = ()
+    fraction_of: str | None = None
+
+    @property
+    def is_int(self) -> bool:
+        return self.choices is None and isinstance(self.low, int) and isinstance(self.high, int)
+
+    def resolve(self, value: Any, context: dict[str, int]) -> Any:
+        """The setting for a sampled value: itself, or that fraction of the context's quantity (at least 1)."""
+        if self.fraction_of is None:
+            return value
+        if self.fraction_of not in context:
+            raise ValueError(f"{self.name} is a fraction of {self.fraction_of}, which the experiment does not give")
+        return max(1, round(value * context[self.fraction_of]))
+
+    def active(self, chosen: dict[str, Any]) -> bool:
+        return all(chosen.get(name) in allowed for name, allowed in self.when)
+
+    def suggest(self, trial: optuna.Trial) -> Any:
+        if self.choices is not None:
+            return trial.suggest_categorical(self.name, list(self.choices))
+        if self.is_int:
+            step = int(self.step or 1)
+            return trial.suggest_int(self.name, int(self.low), int(self.high), step=step, log=self.log)
+        return trial.suggest_float(self.name, float(self.low), float(self.high), step=self.step, log=self.log)
+
+
+@dataclass(frozen=True)
+class Space:
+    path: Path
+    params: tuple[Param, ...]
+    fixed: dict[str, Any]
+
+    def sample(self, trial: optuna.Trial, context: dict[str, int]) -> EngineConfig:
+        """The configuration ``trial`` proposes: fixed settings, then each parameter whose condition holds;
+        fractions are of ``context``'s quantities (``FRACTION_SOURCES``)."""
+        chosen: dict[str, Any] = {}
+        values = dict(self.fixed)
+        for param in self.params:
+            if param.active(chosen):
+                chosen[param.name] = param.suggest(trial)
+                values[param.name] = param.resolve(chosen[param.name], context)
+        return EngineConfig.from_dict(values, self.path)
+
+
+def load_space(path: str | Path) -> Space:
+    """A space file, checked; a bare name (``default``) is looked up in the project's ``spaces/``."""
+    path = Path(path)
+    if path.suffix != ".toml" and not path.exists():
+        path = SPACES_DIR / f"{path}.toml"
+    try:
+        document = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise SpaceError(path, "no such search space file") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise SpaceError(path, f"not valid TOML: {e}") from None
+    unknown = set(document) - {"params", "fixed"}
+    if unknown:
+        raise SpaceError(path, "unknown table; a space has [params.<field>] and [fixed]", field=sorted(unknown)[0])
+    fixed = document.get("fixed", {})
+    for name in fixed:
+        _check_field(path, f"fixed.{name}", name)
+    tables = document.get("params", {})
+    if not tables:
+        raise SpaceError(path, "no parameters: add [params.<field>] tables", field="params")
+    params: list[Param] = []
+    for name, table in tables.items():
+        key = f"params.{name}"
+        _check_field(path, key, name)
+        if name in fixed:
+            raise SpaceError(path, "is both fixed and searched", field=key)
+        params.append(_param(path, key, name, table, {p.name: p for p in params}))
+    space = Space(path, tuple(params), dict(fixed))
+    _check_values(space)
+    return space
+
+
+def _check_field(path: Path, key: str, name: str) -> None:
+    if name not in FIELDS:
+        raise SpaceError(path, f"not an engine setting; known: {', '.join(sorted(FIELDS))}", field=key)
+
+
+def _param(path: Path, key: str, name: str, table: object, earlier: dict[str, Param]) -> Param:
+    if not isinstance(table, dict):
+        raise SpaceError(path, "expected a table", field=key)
+    unknown = set(table) - PARAM_KEYS
+    if unknown:
+        raise SpaceError(path, f"unknown key; a parameter takes {', '.join(sorted(PARAM_KEYS))}", field=key)
+    when = tuple(_conditions(path, key, table.get("when", {}), earlier))
+    fraction_of = table.get("fraction_of")
+    if fraction_of is not None and fraction_of not in FRACTION_SOURCES:
+        raise SpaceError(path, f"must be one of {', '.join(FRACTION_SOURCES)}", field=f"{key}.fraction_of")
+    if "choices" in table:
+        choices = table["choices"]
+        if set(table) & {"low", "high", "log", "step"}:
+            raise SpaceError(path, "has both choices and a range", field=key)
+        if not isinstance(choices, list) or not choices:
+            raise SpaceError(path, "must be a non-empty list", field=f"{key}.choices")
+        if len(set(map(repr, choices))) != len(choices):
+            raise SpaceError(path, "lists a value twice", field=f"{key}.choices")
+        return Param(name, choices=tuple(choices), when=when, fraction_of=fraction_of)
+    if "low" not in table or "high" not in table:
+        raise SpaceError(path, "needs choices, or low and high", field=key)
+    low, high = _number(path, f"{key}.low", table["low"]), _number(path, f"{key}.high", table["high"])
+    if not low < high:
+        raise SpaceError(path, f"empty range: low {low!r} is not below high {high!r}", field=key)
+    log = table.get("log", False)
+    if not isinstance(log, bool):
+        raise SpaceError(path, "must be true or false", field=f"{key}.log")
+    if log and low <= 0:
+        raise SpaceError(path, "a log range must start above 0", field=f"{key}.low")
+    step = table.get("step")
+    if step is not None:
+        step = _number(path, f"{key}.step", step)
+        if step <= 0 or log:
+            raise SpaceError(path, "must be positive, and cannot go with log", field=f"{key}.step")
+    return Param(name, low=low, high=high, log=log, step=step, when=when, fraction_of=fraction_of)
+
+
+def _number(path: Path, key: str, value: object) -> int | float:
+    if isinstance(value, str):
+        return parse_bytes(value, key)  # "256KiB" and such, for byte-sized settings
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise SpaceError(path, f"must be a number, got {value!r}", field=key)
+    return value
+
+
+def _conditions(path: Path, key: str, when: object, earlier: dict[str, Param]):
+    if not isinstance(when, dict):
+        raise SpaceError(path, 'expected a table such as { predictor = ["gate_lookahead"] }', field=f"{key}.when")
+    for name, allowed in when.items():
+        where = f"{key}.when.{name}"
+        parent = earlier.get(name)
+        if parent is None:
+            raise SpaceError(path, "conditions may only name a parameter defined above", field=where)
+        if parent.choices is None:
+            raise SpaceError(path, "conditions may only name a parameter with choices", field=where)
+        values = allowed if isinstance(allowed, list) else [allowed]
+        missing = [v for v in values if v not in parent.choices]
+        if not values or missing:
+            raise SpaceError(
+                path, f"{missing or values!r} not among {name}'s choices {list(parent.choices)}", field=where
+            )
+        yield name, tuple(values)
+
+
+def _check_values(space: Space) -> None:
+    """Each value a parameter can take must be one its field accepts (ends of ranges; fractions of 1 GiB)."""
+    for param in space.params:
+        values = param.choices if param.choices is not None else (param.low, param.high)
+        for value in values:
+            value = param.resolve(value, NOMINAL)
+            settings = {**space.fixed, param.name: value}
+            if param.name == "group_size":
+                settings.setdefault("weights", "int4")  # group_size goes with int4 weights only
+            try:
+                EngineConfig.from_dict(settings, space.path)
+            except FileError as e:
+                raise SpaceError(space.path, f"value {value!r} is refused: {e}", field=f"params.{param.name}") from None
