@@ -37,6 +37,7 @@ from engine.optimal_cache import optimal_hits
 from engine.predictors import GateLookahead, Predictor, PreviousToken, make_predictor
 from engine.trace import Trace
 from engine.units import format_bytes
+from engine.weights import DEFAULT_GROUP_SIZE
 
 NO_DATA = PackedExpert((), None, None)  # type: ignore[arg-type]  # what a simulated fetch delivers
 
@@ -90,6 +91,30 @@ class InstantFetch(Fetch):
         pass
 
 
+class MappedFetch(Fetch):
+    """An expert under ``mmap`` as the engine has it: done at once (views of the mapping), its bytes read by page
+    faults when the compute first touches it, so the disk time is waited for then, in full."""
+
+    done = True
+
+    def __init__(self, reader: SimulatedReader, seconds: float) -> None:  # not Fetch.__init__: no threads here
+        self.reader, self.seconds, self.charged = reader, seconds, False
+        self.nbytes = self.bytes_read = 0
+        self.weights, self.result, self.error, self.cancelled = None, NO_DATA, None, False
+
+    def wait(self) -> PackedExpert:
+        if not self.charged:
+            self.charged = True
+            reader, clock = self.reader, self.reader.clock
+            end = max(clock.now, reader.disk_free) + self.seconds
+            clock.stalled += end - clock.now
+            clock.now = reader.disk_free = end
+        return NO_DATA
+
+    def cancel(self) -> None:
+        pass
+
+
 class _Slots:
     def __init__(self, slot_bytes: int) -> None:
         self.slot_bytes = slot_bytes
@@ -116,14 +141,16 @@ class SimulatedReader:
         self.queue: deque[SimulatedFetch] = deque()  # issued and not finished, in disk order
         self.instant: dict[int, InstantFetch] | None = None
         if bandwidth == float("inf"):
-            self.instant = {key: InstantFetch(nbytes if self.counts else 0) for key, nbytes in self.nbytes.items()}
+            self.instant = {key: InstantFetch(nbytes) for key, nbytes in self.nbytes.items()}
 
-    def fetch(self, layout: ExpertLayout, weights: object) -> SimulatedFetch | InstantFetch:
-        """Queue a read of ``layout``. It takes its time even when it is not counted as read: under ``mmap`` the
-        page faults it stands for come during the compute instead, but the disk serves them all the same."""
+    def fetch(self, layout: ExpertLayout, weights: object) -> SimulatedFetch | InstantFetch | MappedFetch:
+        """Queue a read of ``layout``; under ``mmap`` (nothing read, nothing counted) the page faults come when the
+        compute first touches the expert, and take their disk time then."""
         key = id(layout)  # by identity: hashing a layout's ranges costs more than the rest
         stats = self.stats
-        fetch: SimulatedFetch | InstantFetch
+        fetch: SimulatedFetch | InstantFetch | MappedFetch
+        if not self.counts:
+            return MappedFetch(self, self.nbytes[key] / self.bandwidth)
         if self.instant is not None:
             fetch = self.instant[key]
         else:
@@ -132,7 +159,7 @@ class SimulatedReader:
                 queue.popleft()
             start = max(now, self.disk_free)
             self.disk_free = end = start + self.nbytes[key] / self.bandwidth
-            fetch = SimulatedFetch(self, self.nbytes[key] if self.counts else 0, start, end)
+            fetch = SimulatedFetch(self, self.nbytes[key], start, end)
             queue.append(fetch)
         if fetch.nbytes:
             stats.reads += 1
@@ -260,10 +287,12 @@ def simulate(
         replay.run_pass(measured=n >= warmup)
     replay_seconds = time.perf_counter() - began
     counters, tokens, seconds = replay.counters, replay.decode_tokens, replay.decode_seconds
+    counters["stall_seconds"] = replay.decode_stall  # the simulated wait, not the replay's own wall time
+    counters.pop("read_seconds")
     accesses = counters["hits"] + counters["misses"]
     entry = store.entry_bytes
     if config.cache_scope == "per_layer":
-        per_layer = config.cache_bytes // len(moe_layers) // entry
+        per_layer = store.cache.layer_capacity_bytes // entry if config.cache_bytes else 0
         optimal = 0
         for layer in moe_layers:  # each layer's own lookups, its share of the budget
             mine = [chosen if owner == layer else [] for owner, chosen in replay.batches]
@@ -351,16 +380,18 @@ def format_result(result: SimResult) -> str:
 def _check(trace: Trace, config: EngineConfig) -> int:
     """The top-k the replay routes with; what the trace cannot replay is an error, not an approximation."""
     recorded = trace.meta["recorded_with"]
-    for field in ("weights", "group_size"):
-        if config.to_dict().get(field) != recorded.get(field):
-            raise ValueError(
-                f"the trace was recorded with {field} = {recorded.get(field)!r}, the config asks for "
-                f"{config.to_dict().get(field)!r}: the stored format changes the routing; record a trace with it"
-            )
+    stored = _stored_format(recorded.get("weights", "original"), recorded.get("group_size"))
+    if _stored_format(config.weights, config.group_size) != stored:
+        raise ValueError(
+            f"the trace was recorded with weights {stored}, the config asks for "
+            f"{_stored_format(config.weights, config.group_size)}: the stored format changes the routing; record a "
+            "trace with it"
+        )
     k = trace.top_k if config.top_k is None else config.top_k
     if k > trace.top_k:
         raise ValueError(f"top_k {k} exceeds the {trace.top_k} experts per token the trace recorded")
-    if config.predictor != "none" and k + config.prefetch_extra > trace.candidates:
+    needs_candidates = config.predictor in ("previous_token", "gate_lookahead") and trace.candidates < trace.num_experts
+    if needs_candidates and k + config.prefetch_extra > trace.candidates:
         raise ValueError(
             f"prefetch_extra {config.prefetch_extra} needs {k + config.prefetch_extra} candidates per layer; "
             f"the trace recorded {trace.candidates}"
@@ -368,6 +399,10 @@ def _check(trace: Trace, config: EngineConfig) -> int:
     if config.predictor == "gate_lookahead" and config.prefetch_depth > trace.depth:
         raise ValueError(f"prefetch_depth {config.prefetch_depth} exceeds the {trace.depth} layers the trace recorded")
     return k
+
+
+def _stored_format(weights: str, group_size: int | None) -> str:
+    return f"int4-g{group_size or DEFAULT_GROUP_SIZE}" if weights == "int4" else repr(weights)
 
 
 class _Replay:

@@ -122,7 +122,10 @@ def load_trace(path: str | Path) -> Trace:
     if not path.is_file():
         raise TraceError(path, "no such trace file (record one with `autoresearch trace`)")
     try:
-        with np.load(path, allow_pickle=False) as data:
+        data = np.load(path, allow_pickle=False)
+        if not isinstance(data, np.lib.npyio.NpzFile):
+            raise ValueError("a single array, not an .npz archive")
+        with data:
             contents = {name: data[name] for name in data.files}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
         raise TraceError(path, f"not a trace (an .npz written by `autoresearch trace`): {e}") from None
@@ -138,10 +141,16 @@ def load_trace(path: str | Path) -> Trace:
     missing = [name for name in META_FIELDS if name not in meta]
     if missing:
         raise TraceError(path, "missing from the header", field=missing[0])
-    sizes: dict[str, int] = {
-        "L": len(meta["moe_layers"]),
-        "E": int(meta["num_experts"]),
-    }
+    for name, kind in (("num_experts", int), ("top_k", int), ("num_layers", int), ("moe_layers", list)):
+        if not isinstance(meta[name], kind) or isinstance(meta[name], bool):
+            raise TraceError(path, f"expected {kind.__name__}, got {meta[name]!r}", field=name)
+    layers = meta["moe_layers"]
+    if not layers or not all(isinstance(i, int) and 0 <= i < meta["num_layers"] for i in layers):
+        raise TraceError(path, f"expected layer indices below num_layers {meta['num_layers']}", field="moe_layers")
+    extra = sorted(set(contents) - set(ARRAYS))
+    if extra:
+        raise TraceError(path, "not an array of a trace", field=extra[0])
+    sizes: dict[str, int] = {"L": len(layers), "E": meta["num_experts"]}
     for name, (dtype, dims) in ARRAYS.items():
         if name not in contents:
             raise TraceError(path, "array missing", field=name)
@@ -154,12 +163,20 @@ def load_trace(path: str | Path) -> Trace:
             if sizes.setdefault(dim, size) != size:
                 raise TraceError(path, f"has {size} along {dim}, the rest of the trace {sizes[dim]}", field=name)
     trace = Trace(meta=meta, **contents)
+    if not len(trace.call_tokens):
+        raise TraceError(path, "records no forward call", field="call_tokens")
     if int(trace.call_tokens.sum()) != len(trace.token_ids) or (trace.call_tokens < 1).any():
         raise TraceError(path, f"must be positive and sum to the {len(trace.token_ids)} tokens", field="call_tokens")
     if trace.candidates < trace.top_k:
         raise TraceError(path, f"records {trace.candidates} experts per token, fewer than top_k", field="top_ids")
     if trace.top_ids.size and not (trace.top_ids.min() >= 0 and trace.top_ids.max() < trace.num_experts):
         raise TraceError(path, f"holds expert ids outside [0, {trace.num_experts})", field="top_ids")
+    for li in range(len(layers)):  # -1 exactly where no later layer is
+        present = trace.lookahead_ids[:, li, : len(layers) - 1 - li]
+        absent = trace.lookahead_ids[:, li, len(layers) - 1 - li :]
+        if (present.size and not (present.min() >= 0 and present.max() < trace.num_experts)) or (absent != -1).any():
+            raise TraceError(path, f"MoE layer {li}: expert ids outside [0, {trace.num_experts}) or misplaced -1",
+                             field="lookahead_ids")  # fmt: skip
     return trace
 
 
@@ -173,11 +190,14 @@ class _Recorder:
         self.lookahead = GateLookahead(self.moe_layers, decoder.spec.num_experts, routers)
         self.candidates, self.depth = candidates, depth
         self.calls: list[int] = []
+        self.seconds: list[float] = []  # per forward call, spent recording
         self.rows: dict[int, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {i: [] for i in self.moe_layers}
 
     def __call__(self, layer: int, h: np.ndarray, routing: Routing) -> None:
+        began = time.perf_counter()
         if layer == self.moe_layers[0]:
             self.calls.append(h.shape[0])
+            self.seconds.append(0.0)
         r = self.candidates
         order = np.argsort(-routing.probs, axis=1, kind="stable")[:, :r]  # the decoder's own order
         probs = np.take_along_axis(routing.probs, order, axis=1)
@@ -187,6 +207,7 @@ class _Recorder:
             scores = self.lookahead.scores(layer, h, routing.experts, target)
             ahead[:, d] = np.argsort(-scores, axis=1, kind="stable")[:, :r]
         self.rows[layer].append((order.astype(np.int16), probs.astype(np.float32), ahead))
+        self.seconds[-1] += time.perf_counter() - began  # not the engine's: taken out of its compute time
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         stacked = [[np.concatenate(parts) for parts in zip(*self.rows[i], strict=True)] for i in self.moe_layers]
@@ -198,11 +219,13 @@ def record_trace(model: Model, workload: Workload, config: EngineConfig) -> Trac
     from engine.bench.fingerprint import model_identity
     from engine.bench.worker import measure
 
-    if config.cache_routing_tolerance:
+    if config.cache_routing_tolerance or config.top_k is not None:
         raise ValueError(
-            "a trace records the router's own choice: record it with cache_routing_tolerance = 0 (the simulator "
-            "replays any tolerance from the recorded candidates)"
+            "a trace records the router's own choice: record it with the model's top_k and cache_routing_tolerance "
+            "= 0 (the simulator replays fewer experts and any tolerance from the recorded candidates)"
         )
+    if config.io_mode == "mmap":
+        raise ValueError("record a trace with io_mode pread or direct: under mmap page faults count as compute")
     decoder = model.decoder
     spec = decoder.spec
     candidates = min(spec.num_experts, spec.top_k + RECORDED_EXTRA)
@@ -229,14 +252,18 @@ def record_trace(model: Model, workload: Workload, config: EngineConfig) -> Trac
         "hidden_size": spec.hidden_size,
         "intermediate_size": spec.moe_intermediate_size,
         "repacked": repacked,
-        "prefill_seconds_per_token": _compute_per_token(run, "prefill", run.get("ttft_seconds"), len(prompt)),
+        "prefill_seconds_per_token": _compute_per_token(
+            run, "prefill", run.get("ttft_seconds"), len(prompt), recorder.seconds[0]
+        ),
         "decode_seconds_per_token": _compute_per_token(
-            run, "decode", run.get("decode_seconds"), len(run.get("step_seconds", []))
+            run, "decode", run.get("decode_seconds"), len(run.get("step_seconds", [])), sum(recorder.seconds[1:])
         ),
         "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     if workload.kind == "score":
-        meta["prefill_seconds_per_token"] = _compute_per_token(run, "prefill", run["prefill_seconds"], len(prompt))
+        meta["prefill_seconds_per_token"] = _compute_per_token(
+            run, "prefill", run["prefill_seconds"], len(prompt), recorder.seconds[0]
+        )
     return Trace(
         meta,
         np.asarray(token_ids, np.int32),
@@ -249,11 +276,12 @@ def record_trace(model: Model, workload: Workload, config: EngineConfig) -> Trac
     )
 
 
-def _compute_per_token(run: dict, phase: str, seconds: float | None, tokens: int) -> float | None:
-    """Seconds per token the compute took in ``phase``: the phase's time less the time it waited for reads."""
+def _compute_per_token(run: dict, phase: str, seconds: float | None, tokens: int, recording: float) -> float | None:
+    """Seconds per token the compute took in ``phase``: the phase's time less the time it waited for reads and
+    the time the recorder itself took."""
     if seconds is None or tokens == 0:
         return None
-    return max(0.0, seconds - run[phase]["stall_seconds"]) / tokens
+    return max(0.0, seconds - run[phase]["stall_seconds"] - recording) / tokens
 
 
 def _expert_ranges(

@@ -3,10 +3,10 @@
 ::
 
     [experiment]
-    model = "data/quickstart-model"   # a checkpoint directory (relative paths: from the working directory)
+    model = "data/quickstart-model"   # a checkpoint directory (relative: from the working directory)
     synth_preset = "quickstart"       # optional: made with `autoresearch synth --preset` when missing
     workload = "decode-short"
-    space = "default"                 # a file in spaces/, or a path
+    space = "default"                 # a name in spaces/, or a .toml path (relative: from this file's folder)
     memory_budget = "1GiB"            # enforced on every measurement
 
     [objective]
@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.errors import FileError
+from engine.synth import PRESETS
 from engine.units import parse_bytes
 from engine.workloads import Workload, get_workload
 from search.space import Space, load_space
@@ -134,7 +135,7 @@ def load_experiment(path: str | Path) -> Experiment:
     objectives = _objectives(path, get.table("objective"))
     constraints = {}
     for key, value in get.table("constraints").items():
-        constraints[key] = get.number(value, f"constraints.{key}", 0.0, None)
+        constraints[key] = get.number(value, f"constraints.{key}", 0.0, 1.0 if key == "min_quality_top1" else None)
     budget = get.table("budget")
     trials = budget.get("trials")
     if trials is not None:
@@ -154,7 +155,7 @@ def load_experiment(path: str | Path) -> Experiment:
         path=path,
         name=path.stem,
         model=Path(model),
-        synth_preset=get.optional(experiment, "experiment.synth_preset", str),
+        synth_preset=_preset(path, get.optional(experiment, "experiment.synth_preset", str)),
         workload=workload,
         space=space,
         memory_budget=memory_budget,
@@ -193,6 +194,14 @@ def _objectives(path: Path, table: dict[str, Any]) -> tuple[tuple[str, str], ...
     return tuple(objectives)
 
 
+def _preset(path: Path, name: str | None) -> str | None:
+    if name is not None and name not in PRESETS:
+        raise ExperimentError(
+            path, f"must be one of {', '.join(PRESETS)}, got {name!r}", field="experiment.synth_preset"
+        )
+    return name
+
+
 def _duration(path: Path, key: str, value: object) -> float:
     """Seconds from ``"8h"``, ``"30m"``, ``"90s"``, ``"1d"`` or a number of seconds."""
     if isinstance(value, int | float) and not isinstance(value, bool) and value > 0:
@@ -225,5 +234,6 @@ class _Getter:
         kind = int if integer else int | float
         if isinstance(value, bool) or not isinstance(value, kind) or value < low or (high is not None and value > high):
             expected = "an integer" if integer else "a number"
-            raise ExperimentError(self.path, f"expected {expected} of at least {low}, got {value!r}", field=key)
+            bounds = f"from {low} to {high}" if high is not None else f"of at least {low}"
+            raise ExperimentError(self.path, f"expected {expected} {bounds}, got {value!r}", field=key)
         return value

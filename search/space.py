@@ -65,7 +65,13 @@ class Param:
 
     @property
     def is_int(self) -> bool:
-        return self.choices is None and isinstance(self.low, int) and isinstance(self.high, int)
+        """Integer ends make an integer range, except for a fraction, which is always a float."""
+        return (
+            self.choices is None
+            and self.fraction_of is None
+            and isinstance(self.low, int)
+            and isinstance(self.high, int)
+        )
 
     def resolve(self, value: Any, context: dict[str, int]) -> Any:
         """The setting for a sampled value: itself, or that fraction of the context's quantity (at least 1)."""
@@ -120,9 +126,12 @@ def load_space(path: str | Path) -> Space:
     if unknown:
         raise SpaceError(path, "unknown table; a space has [params.<field>] and [fixed]", field=sorted(unknown)[0])
     fixed = document.get("fixed", {})
+    tables = document.get("params", {})
+    for name, value in (("fixed", fixed), ("params", tables)):
+        if not isinstance(value, dict):
+            raise SpaceError(path, "expected a table", field=name)
     for name in fixed:
         _check_field(path, f"fixed.{name}", name)
-    tables = document.get("params", {})
     if not tables:
         raise SpaceError(path, "no parameters: add [params.<field>] tables", field="params")
     params: list[Param] = []
@@ -133,8 +142,23 @@ def load_space(path: str | Path) -> Space:
             raise SpaceError(path, "is both fixed and searched", field=key)
         params.append(_param(path, key, name, table, {p.name: p for p in params}))
     space = Space(path, tuple(params), dict(fixed))
+    _check_group_size(space)
     _check_values(space)
     return space
+
+
+def _check_group_size(space: Space) -> None:
+    """``group_size`` goes with int4 weights only: searched, it must be conditioned on them where they vary."""
+    group = next((p for p in space.params if p.name == "group_size"), None)
+    weights = next((p for p in space.params if p.name == "weights"), None)
+    if group is None:
+        return
+    possible = weights.choices if weights is not None else (space.fixed.get("weights", "original"),)
+    allowed = dict(group.when).get("weights", possible)
+    if any(value != "int4" for value in allowed):
+        raise SpaceError(
+            space.path, 'applies to int4 weights only: add when = { weights = ["int4"] }', field="params.group_size"
+        )
 
 
 def _check_field(path: Path, key: str, name: str) -> None:
@@ -172,16 +196,22 @@ def _param(path: Path, key: str, name: str, table: object, earlier: dict[str, Pa
     if log and low <= 0:
         raise SpaceError(path, "a log range must start above 0", field=f"{key}.low")
     step = table.get("step")
+    param = Param(name, low=low, high=high, log=log, when=when, fraction_of=fraction_of)
     if step is not None:
         step = _number(path, f"{key}.step", step)
-        if step <= 0 or log:
-            raise SpaceError(path, "must be positive, and cannot go with log", field=f"{key}.step")
-    return Param(name, low=low, high=high, log=log, step=step, when=when, fraction_of=fraction_of)
+        if step <= 0 or log or (param.is_int and not isinstance(step, int)):
+            raise SpaceError(
+                path, "must be positive (an integer for an integer range), and cannot go with log", field=f"{key}.step"
+            )
+    return dataclasses.replace(param, step=step)
 
 
 def _number(path: Path, key: str, value: object) -> int | float:
-    if isinstance(value, str):
-        return parse_bytes(value, key)  # "256KiB" and such, for byte-sized settings
+    if isinstance(value, str):  # "256KiB" and such, for byte-sized settings
+        try:
+            return parse_bytes(value, key)
+        except ValueError as e:
+            raise SpaceError(path, str(e), field=key) from None
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise SpaceError(path, f"must be a number, got {value!r}", field=key)
     return value
@@ -214,7 +244,7 @@ def _check_values(space: Space) -> None:
             value = param.resolve(value, NOMINAL)
             settings = {**space.fixed, param.name: value}
             if param.name == "group_size":
-                settings.setdefault("weights", "int4")  # group_size goes with int4 weights only
+                settings["weights"] = "int4"  # the only weights it is sampled with (checked above)
             try:
                 EngineConfig.from_dict(settings, space.path)
             except FileError as e:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import zipfile
@@ -154,8 +155,12 @@ def test_bad_traces_name_the_file_and_field(trace_path, tmp_path) -> None:
         ("top_probs", lambda a, m: a.update(top_probs=a["top_probs"][:-1])),
         ("call_tokens", lambda a, m: a.update(call_tokens=a["call_tokens"] + 1)),
         ("decode_seconds_per_token", lambda a, m: m.pop("decode_seconds_per_token")),
+        ("moe_layers", lambda a, m: m.update(moe_layers=48)),
+        ("extra", lambda a, m: a.update(extra=np.zeros(3))),
+        ("lookahead_ids", lambda a, m: a["lookahead_ids"].__setitem__((0, 0, 0, 0), -1)),
     ):
-        bad_arrays, bad_meta = dict(arrays), json.loads(json.dumps(meta))
+        bad_arrays = {name: array.copy() for name, array in arrays.items()}
+        bad_meta = json.loads(json.dumps(meta))
         change(bad_arrays, bad_meta)
         bad_arrays["meta"] = np.asarray(json.dumps(bad_meta))
         path = tmp_path / f"bad-{field}.npz"
@@ -168,7 +173,7 @@ def test_bad_traces_name_the_file_and_field(trace_path, tmp_path) -> None:
 
 def test_configs_the_trace_cannot_replay_are_errors(trace_path) -> None:
     trace = load_trace(trace_path)
-    with pytest.raises(ValueError, match="recorded with weights = 'original'"):
+    with pytest.raises(ValueError, match="recorded with weights 'original'"):
         simulate(trace, EngineConfig(weights="int8"))
     with pytest.raises(ValueError, match="top_k 3 exceeds the 2"):
         simulate(trace, EngineConfig(top_k=3))
@@ -202,3 +207,22 @@ def test_cli_records_simulates_and_reports(model_dir, tmp_path, capsys) -> None:
     assert (tmp_path / "report" / "t.md").exists()
     assert main(["simulate", "--trace", str(tmp_path / "nope.npz")]) == 2
     assert "nope.npz: no such trace file" in capsys.readouterr().err
+
+
+def test_mmap_reads_are_page_faults_at_compute_time(trace_path) -> None:
+    trace = load_trace(trace_path)
+    mapped = EngineConfig(io_mode="mmap", cache_format="packed", predictor="gate_lookahead")
+    sim = simulate(trace, mapped, bandwidth=1e8, decode_seconds_per_token=0.01)
+    direct = EngineConfig(io_mode="direct", cache_format="packed", predictor="gate_lookahead")
+    ahead = simulate(trace, direct, bandwidth=1e8, decode_seconds_per_token=0.01)
+    assert sim.counters["bytes_read"] == 0  # as the engine counts it: the mapping is the data
+    assert sim.predicted_decode_tok_s < ahead.predicted_decode_tok_s  # faults one at a time, nothing read ahead
+
+
+def test_the_default_int4_group_size_is_the_same_format(trace_path) -> None:
+    trace = load_trace(trace_path)
+    meta = {**trace.meta, "recorded_with": {**trace.meta["recorded_with"], "weights": "int4"}}
+    int4 = dataclasses.replace(trace, meta=meta)
+    assert simulate(int4, EngineConfig(weights="int4", group_size=64)).accesses > 0
+    with pytest.raises(ValueError, match="int4-g64"):
+        simulate(int4, EngineConfig(weights="int4", group_size=32))

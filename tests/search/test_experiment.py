@@ -56,6 +56,7 @@ def test_defaults_and_pareto(tmp_path) -> None:
             "optimises one objective",
         ),
         ('[constraints]\nmin_quality_top1 = "high"\n', "constraints.min_quality_top1", "expected a number"),
+        ("[constraints]\nmin_quality_top1 = 1.5\n", "constraints.min_quality_top1", "from 0.0 to 1.0"),
     ],
 )
 def test_bad_values_name_the_key(tmp_path, change, key, message) -> None:
@@ -74,6 +75,7 @@ def test_bad_values_name_the_key(tmp_path, change, key, message) -> None:
         ('model = "data/m"\n', "", "experiment.model", "missing"),
         ("trials = 5\n", "", "budget", "give trials, time, or both"),
         ("trials = 5\n", "trials = 0\n", "budget.trials", "at least 1"),
+        ('model = "data/m"\n', 'model = "data/m"\nsynth_preset = "huge"\n', "experiment.synth_preset", "one of"),
     ],
 )
 def test_missing_or_bad_settings_name_the_key(tmp_path, old, new, key, message) -> None:

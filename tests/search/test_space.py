@@ -72,6 +72,14 @@ def test_sampled_configs_are_valid_and_respect_conditions(tmp_path) -> None:
             "one of",
         ),
         ("[search]\nx = 1\n", "search", "unknown table"),
+        ("fixed = 3\n[params.io_threads]\nlow = 1\nhigh = 8\n", "fixed", "expected a table"),
+        ('[params.io_block_bytes]\nlow = "lots"\nhigh = "1MiB"\n', "params.io_block_bytes.low", "byte size"),
+        ("[params.io_threads]\nlow = 1\nhigh = 8\nstep = 0.5\n", "params.io_threads.step", "an integer"),
+        (
+            '[params.weights]\nchoices = ["original", "int4"]\n[params.group_size]\nchoices = [32, 64]\n',
+            "params.group_size",
+            "int4 weights only",
+        ),
         ("", "params", "no parameters"),
     ],
 )
@@ -89,3 +97,15 @@ def test_missing_and_malformed_files(tmp_path) -> None:
     (tmp_path / "bad.toml").write_text("[params\n")
     with pytest.raises(SpaceError, match="not valid TOML"):
         load_space(tmp_path / "bad.toml")
+
+
+def test_a_fraction_with_integer_ends_is_still_a_fraction(tmp_path) -> None:
+    path = tmp_path / "space.toml"
+    path.write_text(
+        '[params.cache_policy]\nchoices = ["lru"]\n'
+        '[params.cache_bytes]\nlow = 0\nhigh = 1\nfraction_of = "memory_budget"\n'
+    )
+    space = load_space(path)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    sizes = {space.sample(study.ask(), CONTEXT).cache_bytes for _ in range(10)}
+    assert len(sizes) == 10 and all(0 < size <= CONTEXT["memory_budget"] for size in sizes)
