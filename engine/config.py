@@ -13,7 +13,7 @@ from typing import Any
 
 from engine.buffers import PAGE
 from engine.cache_policy import POLICIES
-from engine.errors import ConfigError
+from engine.errors import ConfigError, FileError
 from engine.quant import FORMATS
 from engine.units import parse_bytes
 
@@ -115,12 +115,7 @@ class EngineConfig:
     def load(cls, path: str | Path) -> EngineConfig:
         """Read the ``[engine]`` table of a TOML file (other tables are left to their owners)."""
         path = Path(path)
-        try:
-            document = tomllib.loads(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(path, "no such file") from None
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-            raise ConfigError(path, f"not valid TOML: {e}") from None
+        document = read_toml(path, ConfigError, "no such file")
         table = document.get(TABLE)
         if not isinstance(table, dict):
             raise ConfigError(path, f"expected an [{TABLE}] table", field=TABLE)
@@ -135,6 +130,16 @@ class EngineConfig:
         for key, value in self.to_dict().items():
             lines.append(f"{key} = {_toml_value(value)}")
         return "\n".join(lines) + "\n"
+
+
+def read_toml(path: Path, error: type[FileError], missing: str) -> dict[str, Any]:
+    """A TOML file's document; a missing or malformed file is ``error`` naming it (``missing`` says what it is)."""
+    try:
+        return tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise error(path, missing) from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise error(path, f"not valid TOML: {e}") from None
 
 
 def _check_int(name: str, value: object, minimum: int) -> None:

@@ -199,16 +199,16 @@ class ExpertReader:
         self._queue = None
         if mode == "direct" and aio.available():
             self._queue = aio.ReadQueue(threads, self._read_done, _abandoned)
-        self._plans: dict[ExpertLayout, list[_Piece]] = {}
+        # by identity (the layout kept beside its plan): hashing a layout's ranges on every fetch cost more than
+        # the rest of planning it
+        self._plans = {id(layout): (layout, plan_pieces(layout, mode)) for layout in layouts}
         slot_bytes = max((sum(p.nbytes for p in self.plan(layout)) for layout in layouts), default=PAGE)
         self.slots = SlotPool(slot_bytes, huge=mode == "direct")
 
     def plan(self, layout: ExpertLayout) -> list[_Piece]:
-        """The pieces of ``layout`` as this mode reads them (cached per layout)."""
-        pieces = self._plans.get(layout)
-        if pieces is None:
-            pieces = self._plans[layout] = plan_pieces(layout, self.mode)
-        return pieces
+        """The pieces of ``layout`` as this mode reads them (planned once for the reader's own layouts)."""
+        planned = self._plans.get(id(layout))
+        return planned[1] if planned is not None and planned[0] is layout else plan_pieces(layout, self.mode)
 
     def fetch(self, layout: ExpertLayout, weights: ExpertWeights | None) -> Fetch:
         """Start reading ``layout``: converted into ``weights``, or, without them, kept as stored (packed)."""

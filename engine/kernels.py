@@ -109,29 +109,29 @@ class _ThreadChoice:
         self.serial: dict[tuple, bool] = {}
         self.timings: dict[tuple, tuple[list[float], list[float]]] = {}
 
-    def run(self, key: tuple, call: Callable[[], None]) -> None:
+    def run(self, key: tuple, kernel: Callable[..., None], args: tuple) -> None:
         serial = self.serial.get(key)
         if serial is False:
-            call()
+            kernel(*args)
             return
         if serial is None:
             one, all_ = self.timings.setdefault(key, ([], []))
             serial = len(one) <= len(all_)
             began = time.perf_counter()
-            _call_with_threads(call, 1 if serial else key[-1])
+            _call_with_threads(kernel, args, 1 if serial else key[-1])
             (one if serial else all_).append(time.perf_counter() - began)
             if len(all_) == self.CALLS:
                 self.serial[key] = min(one) < min(all_)
                 del self.timings[key]
             return
-        _call_with_threads(call, 1)
+        _call_with_threads(kernel, args, 1)
 
 
-def _call_with_threads(call: Callable[[], None], threads: int) -> None:
+def _call_with_threads(kernel: Callable[..., None], args: tuple, threads: int) -> None:
     before = numba.get_num_threads()
     numba.set_num_threads(threads)
     try:
-        call()
+        kernel(*args)
     finally:
         numba.set_num_threads(before)
 
@@ -145,8 +145,7 @@ def _fused(p: PackedMatrix, x: np.ndarray, data: np.ndarray, scales: np.ndarray,
     if threads == 1:
         kernel(x, data, scales, p.group_size, out)
         return
-    key = (p.format, p.shape, x.shape[0], threads)
-    _THREAD_CHOICE.run(key, lambda: kernel(x, data, scales, p.group_size, out))
+    _THREAD_CHOICE.run((p.format, p.shape, x.shape[0], threads), kernel, (x, data, scales, p.group_size, out))
 
 
 def _kernel_views(p: PackedMatrix) -> tuple[np.ndarray, np.ndarray]:

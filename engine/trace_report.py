@@ -21,6 +21,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from engine.config import CACHE_POLICIES, EngineConfig
+from engine.routing_stats import adjacent_reuse, overlap
 from engine.simulator import simulate
 from engine.trace import Trace
 
@@ -182,15 +183,7 @@ def _plot_load(load: np.ndarray):
 
 def _adjacent_reuse(experts: np.ndarray) -> np.ndarray:
     """Per layer, the mean share of a token's experts that the previous token also used."""
-    k = experts.shape[2]
-    shared = [
-        [
-            len(set(now.tolist()) & set(before.tolist())) / k
-            for now, before in zip(experts[1:, li], experts[:-1, li], strict=True)
-        ]
-        for li in range(experts.shape[1])
-    ]
-    return np.asarray([np.mean(s) if s else np.nan for s in shared])
+    return np.asarray([adjacent_reuse(experts[:, li]) for li in range(experts.shape[1])])
 
 
 def _predictor_accuracy(trace: Trace, decode: np.ndarray, experts: np.ndarray) -> dict[str, np.ndarray]:
@@ -201,9 +194,7 @@ def _predictor_accuracy(trace: Trace, decode: np.ndarray, experts: np.ndarray) -
         values = np.full(layers, np.nan)
         for li in range(depth, layers):
             guesses = trace.lookahead_ids[decode, li - depth, depth - 1, :k]
-            values[li] = np.mean(
-                [len(set(g.tolist()) & set(e.tolist())) / k for g, e in zip(guesses, experts[:, li], strict=True)]
-            )
+            values[li] = overlap(guesses, experts[:, li])
         if not np.isnan(values).all():
             accuracy[f"gate_lookahead, {depth} layer(s) before"] = values
     accuracy["previous_token"] = _adjacent_reuse(experts)

@@ -36,11 +36,11 @@ Every table and key is checked when the file is loaded, with the file and the ke
 from __future__ import annotations
 
 import re
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from engine.config import read_toml
 from engine.errors import FileError
 from engine.synth import PRESETS
 from engine.units import parse_bytes
@@ -99,12 +99,7 @@ class Experiment:
 
 def load_experiment(path: str | Path) -> Experiment:
     path = Path(path)
-    try:
-        document = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise ExperimentError(path, "no such experiment file") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise ExperimentError(path, f"not valid TOML: {e}") from None
+    document = read_toml(path, ExperimentError, "no such experiment file")
     for table, values in document.items():
         if table not in TABLES:
             raise ExperimentError(path, f"unknown table; an experiment has {', '.join(TABLES)}", field=table)

@@ -29,14 +29,13 @@ any trial runs, with the file and the key in the message.
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import optuna
 
-from engine.config import EngineConfig
+from engine.config import EngineConfig, read_toml
 from engine.errors import FileError
 from engine.units import parse_bytes
 
@@ -116,12 +115,7 @@ def load_space(path: str | Path) -> Space:
     path = Path(path)
     if path.suffix != ".toml" and not path.exists():
         path = SPACES_DIR / f"{path}.toml"
-    try:
-        document = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise SpaceError(path, "no such search space file") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise SpaceError(path, f"not valid TOML: {e}") from None
+    document = read_toml(path, SpaceError, "no such search space file")
     unknown = set(document) - {"params", "fixed"}
     if unknown:
         raise SpaceError(path, "unknown table; a space has [params.<field>] and [fixed]", field=sorted(unknown)[0])

@@ -17,7 +17,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from engine.bench.fingerprint import report_header
+from engine.bench.fingerprint import command_line, report_header
 from engine.bench.kernel_bench import kernel_table
 from engine.bench.probe import ENGINE_GRID, load_or_probe, probe_directory, spread_bandwidth
 from engine.bench.protocol import BenchFailure, BenchRequest, run_bench
@@ -70,10 +70,6 @@ def candidates(limit: int) -> dict[str, EngineConfig]:
     }  # fmt: skip
 
 
-def _options(argv: list[str] | None) -> str:
-    return " ".join(argv if argv is not None else sys.argv[1:])
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--data", default="data")
@@ -91,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     if size < 3 * limit:
         raise SystemExit(f"{model} ({format_bytes(size)}) is not 3x the limit {format_bytes(limit)}")
     title = "Streaming engine report"
-    sections = [report_header(title, "bench-engine", "engine.bench.engine_report", _options(argv), data)]
+    sections = [report_header(title, "bench-engine", "engine.bench.engine_report", command_line(argv), data)]
     sections.append(_kernels())
     probe = load_or_probe(model, default_cache_dir(), **ENGINE_GRID)
     sections.append(_streaming(model, args.rounds))

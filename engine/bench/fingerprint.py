@@ -108,6 +108,11 @@ def _blas() -> str | None:
     return f"{blas.get('name')} {blas.get('version')}".strip() if blas else None
 
 
+def command_line(argv: list[str] | None) -> str:
+    """A report's options as given: ``argv`` when called from Python, else the process's own."""
+    return " ".join(argv if argv is not None else sys.argv[1:])
+
+
 def report_header(title: str, target: str, module: str, options: str, data: Path) -> str:
     """The opening of a benchmark report: what wrote it, when, and on which machine."""
     machine = machine_fingerprint(data)

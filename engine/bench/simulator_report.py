@@ -21,7 +21,7 @@ import numpy as np
 
 from engine import load_model
 from engine.bench.engine_report import _synthetic
-from engine.bench.fingerprint import report_header
+from engine.bench.fingerprint import command_line, report_header
 from engine.bench.probe import ENGINE_GRID, ProbeResult, load_or_probe
 from engine.bench.protocol import BenchFailure, BenchRequest, run_bench
 from engine.bench.stats import median_ci
@@ -60,10 +60,6 @@ def candidates(limit: int) -> dict[str, EngineConfig]:
     }
 
 
-def _options(argv: list[str] | None) -> str:
-    return " ".join(argv if argv is not None else sys.argv[1:])
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--data", default="data")
@@ -80,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     trace = _trace(model, data / "traces" / f"{model.name}-{WORKLOAD}.npz")
     configs = candidates(limit)
     title = "Trace simulator report"
-    sections = [report_header(title, "bench-simulator", "engine.bench.simulator_report", _options(argv), data)]
+    sections = [report_header(title, "bench-simulator", "engine.bench.simulator_report", command_line(argv), data)]
     sections.append(_speed(trace, configs))
     sections.append(_predictions(model, trace, configs, limit, args.rounds, probe, Path(args.out)))
     sections.append(_optimality(trace, limit))

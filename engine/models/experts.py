@@ -13,7 +13,10 @@ def expert_mlp(x: np.ndarray, expert: ExpertData) -> np.ndarray:
     """One routed expert on x [T, H]: numpy on float32 weights, the fused kernels on packed ones."""
     if isinstance(expert, ExpertWeights):
         return swiglu(x, expert.gate_up, expert.down)
-    parts = [kernels.matmul(x, part) for part in expert.gate_up]
-    gu = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)  # [T, 2I]
-    i = gu.shape[-1] // 2
-    return kernels.matmul(silu(gu[:, :i]) * gu[:, i:], expert.down)
+    if len(expert.gate_up) == 2:  # gate and up stored apart: no need to join them
+        gate, up = (kernels.matmul(x, part) for part in expert.gate_up)
+    else:
+        gu = kernels.matmul(x, expert.gate_up[0])  # [T, 2I]
+        i = gu.shape[-1] // 2
+        gate, up = gu[:, :i], gu[:, i:]
+    return kernels.matmul(silu(gate) * up, expert.down)
