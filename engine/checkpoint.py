@@ -38,6 +38,12 @@ def to_float32(raw: np.ndarray, dtype: str, out: np.ndarray | None = None) -> np
     return out
 
 
+def drop_cached_pages(fd: int) -> None:
+    """Evict an open file's pages from the page cache (where ``posix_fadvise`` exists)."""
+    os.fdatasync(fd)  # pages still waiting to be written (a file written just now) cannot be dropped
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+
+
 def read_json(path: Path) -> dict[str, Any]:
     try:
         value = json.loads(path.read_text())
@@ -77,8 +83,7 @@ class Checkpoint:
         if not hasattr(os, "posix_fadvise"):
             return False
         for fd in self.fds.values():
-            os.fdatasync(fd)  # pages still waiting to be written (a checkpoint written just now) cannot be dropped
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            drop_cached_pages(fd)
         return True
 
     def close(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,7 +11,7 @@ from threadpoolctl import threadpool_limits
 from tokenizers import Tokenizer
 
 from engine import kernels
-from engine.checkpoint import Checkpoint, read_json
+from engine.checkpoint import Checkpoint, drop_cached_pages, read_json
 from engine.config import EngineConfig
 from engine.errors import CheckpointError
 from engine.models import parse_config
@@ -36,6 +37,21 @@ class Model:
     def decode(self, ids: list[int]) -> str | None:
         """Text for ``ids``, or None when the checkpoint has no tokenizer."""
         return None if self.tokenizer is None else self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def drop_cached_pages(self) -> bool:
+        """Evict every file the engine reads for this model from the page cache: the checkpoint's shards and
+        the expert files (a repacked copy's ``experts.bin``); False where the OS cannot be asked."""
+        checkpoint = self.decoder.checkpoint
+        if not checkpoint.drop_cached_pages():
+            return False
+        layouts = self.decoder.store.layouts.values()
+        for path in sorted({r.path for layout in layouts for r in layout.ranges} - set(checkpoint.fds)):
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                drop_cached_pages(fd)
+            finally:
+                os.close(fd)
+        return True
 
     def close(self) -> None:
         self.decoder.store.close()

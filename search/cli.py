@@ -124,12 +124,40 @@ def main(argv: Sequence[str] | None = None) -> int:
     w = verbs.add_parser("workloads", help="list the named workloads")
     w.set_defaults(run=_workloads)
 
+    u = verbs.add_parser("tune", help="search engine configs for an experiment (Optuna, Ray, MLflow); resumable")
+    u.add_argument("experiment", help="an experiment file (experiments/*.toml)")
+    u.add_argument("--runs", default="runs", help="where studies, logs, tuned configs and the MLflow store go")
+    u.add_argument("--tracking-uri", help="an MLflow tracking URI (default: sqlite:///RUNS/mlflow.db)")
+    u.add_argument("--ray-address", help="an existing Ray cluster (default: the experiment's, else a local one)")
+    u.add_argument("--no-probe", action="store_true", help="skip the disk probe (results without a roofline)")
+    u.set_defaults(run=_tune)
+
+    x = verbs.add_parser("export", help="write a tuned config (with its provenance) from an experiment's study")
+    x.add_argument("--experiment", required=True, help="the experiment file or its name")
+    x.add_argument("--pick", default="fastest", help="fastest | knee | min-quality=<top-1>, e.g. min-quality=0.99")
+    x.add_argument("-o", "--out", required=True, help="the TOML file to write")
+    x.add_argument("--runs", default="runs")
+    x.set_defaults(run=_export)
+
+    e = verbs.add_parser("report", help="write an experiment's study as a markdown page with plots")
+    e.add_argument("--experiment", required=True, help="the experiment file or its name")
+    e.add_argument("--out", help="the page to write (default: RUNS/<experiment>/report.md)")
+    e.add_argument("--runs", default="runs")
+    e.set_defaults(run=_report)
+
+    i = verbs.add_parser("ui", help="the MLflow UI over the tuning runs, on 127.0.0.1")
+    i.add_argument("--runs", default="runs")
+    i.add_argument("--tracking-uri", help="an MLflow tracking URI (default: sqlite:///RUNS/mlflow.db)")
+    i.add_argument("--port", type=int, default=5000)
+    i.set_defaults(run=_ui)
+
     args = parser.parse_args(argv)
     from engine.errors import EngineError
+    from search.errors import SearchError
 
     try:
         return args.run(args)
-    except (EngineError, ValueError) as e:
+    except (EngineError, ValueError, SearchError) as e:
         print(f"autoresearch {args.verb}: error: {e}", file=sys.stderr)
         return 2
 
@@ -339,6 +367,88 @@ def _workloads(args: argparse.Namespace) -> int:
     for w in WORKLOADS.values():
         print(f"{w.name:<14} v{w.version}  {w.kind:<8}  {w.description}")
     return 0
+
+
+def _tune(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from search.experiment import load_experiment
+    from search.tune import TuneOptions, tune
+
+    experiment = load_experiment(args.experiment)  # every table and key checked before anything runs
+    options = TuneOptions(Path(args.runs), args.tracking_uri, args.ray_address, probe=not args.no_probe)
+    outcome = tune(experiment, options)
+    report = outcome.report.read_text() if outcome.report else ""
+    start = min((report.find(h) for h in ("## Confirmation", "## Best trials") if h in report), default=len(report))
+    print("\n" + report[start : report.find("## Plots") if "## Plots" in report else None].strip() + "\n")
+    print(f"study and log:  {outcome.results}/ (study.journal, tune.log)")
+    print(f"report:         {outcome.report}")
+    print(f"tuned config:   {outcome.tuned or 'none: no trial met the constraints'}")
+    print(f"MLflow UI:      {sys.argv[0]} ui --runs {args.runs}   (then http://127.0.0.1:5000)")
+    if outcome.interrupted:
+        print("interrupted: run the same command again to continue the study", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _open_study(experiment: str, runs: str):
+    from pathlib import Path
+
+    import optuna
+
+    from search.errors import SearchError
+    from search.tune import results_dir
+
+    name = Path(experiment).stem
+    journal = results_dir(Path(runs), name) / "study.journal"
+    if not journal.exists():
+        raise SearchError(f"no study for experiment {name!r}: {journal} does not exist (run `autoresearch tune` first)")
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return optuna.load_study(study_name=name, storage=JournalStorage(JournalFileBackend(str(journal))))
+
+
+def _export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from search.export import export, parse_pick, pick
+
+    parse_pick(args.pick)
+    study = _open_study(args.experiment, args.runs)
+    choice = pick(study, study.user_attrs["objectives"], args.pick)
+    if choice is None:
+        print(f"autoresearch export: no feasible complete trial matches --pick {args.pick}", file=sys.stderr)
+        return 1
+    out = export(study, choice, Path(args.out))
+    print(f"wrote {out}: trial {choice.trial.number} ({args.pick})")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from search.report import write_report
+    from search.tune import results_dir
+
+    study = _open_study(args.experiment, args.runs)
+    out = Path(args.out) if args.out else results_dir(Path(args.runs), study.study_name) / "report.md"
+    print(f"wrote {write_report(study, study.user_attrs['objectives'], out)}")
+    return 0
+
+
+def _ui(args: argparse.Namespace) -> int:
+    import os
+    from pathlib import Path
+
+    from search.tracking import default_tracking_uri
+
+    uri = args.tracking_uri or default_tracking_uri(Path(args.runs))
+    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1"]
+    command += ["--port", str(args.port)]
+    print(f"MLflow UI on http://127.0.0.1:{args.port} over {uri} (Ctrl-C stops it)", flush=True)
+    os.execv(sys.executable, command)
 
 
 if __name__ == "__main__":

@@ -22,19 +22,34 @@
     time = "10m"
 
     [measure]
-    repeats = 3
-    warmup = 1
-    timeout = "10m"                   # per trial, after which it is recorded as failed
+    repeats = 3                       # one cold measurement each, in its own child process
+    warmup = 1                        # passes each measurement runs first and does not count
+    timeout = "30m"                   # per measurement, after which the trial is recorded as failed (default 30m)
+    confirm = 3                       # at the end, the best few re-measured interleaved with the default config
+    confirm_repeats = 5
 
     [search]
     sampler = "tpe"                   # tpe | gp | cmaes | random | grid | nsga2
     seed = 0
+    pruner = "wilcoxon"               # wilcoxon (stops trials clearly slower than the best, repeat by repeat) | none
+    prune_p = 0.1                     # the pruner's significance threshold
+    warm_start = []                   # exported configs (paths or globs, relative to this file), measured first
+
+    [executor]
+    ray_address = "local"             # a local Ray instance started for the run, or an existing cluster's address
+
+    [fidelity]                        # optional: screen configs in the trace simulator first
+    trace = "data/m-trace.npz"        # recorded from the model and workload on first use if missing
+    screen_ratio = 0.8                # measure for real only predictions >= this x the best prediction so far
+    max_screened = 200                # screened-out trials allowed (default: 10 x budget.trials, else no cap)
+    bandwidth = "2GB"                 # bytes/s the simulated disk serves (default: the probe's, per config)
 
 Every table and key is checked when the file is loaded, with the file and the key in the message.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,9 +77,13 @@ TABLES = {
     "objective": {"maximize", "minimize"},
     "constraints": set(CONSTRAINTS),
     "budget": {"trials", "time"},
-    "measure": {"repeats", "warmup", "timeout"},
-    "search": {"sampler", "seed"},
+    "measure": {"repeats", "warmup", "timeout", "confirm", "confirm_repeats"},
+    "search": {"sampler", "seed", "pruner", "prune_p", "warm_start"},
+    "executor": {"ray_address"},
+    "fidelity": {"trace", "screen_ratio", "max_screened", "bandwidth"},
 }
+PRUNERS = ("wilcoxon", "none")
+DEFAULT_TIMEOUT = "30m"
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)\s*$")
 _SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -88,9 +107,19 @@ class Experiment:
     time_budget_s: float | None
     repeats: int
     warmup: int
-    trial_timeout_s: float | None
+    trial_timeout_s: float  # per measurement
+    confirm: int
+    confirm_repeats: int
     sampler: str
     seed: int
+    pruner: str
+    prune_p: float
+    warm_start: tuple[Path, ...]  # exported config files, enqueued after the engine's default
+    ray_address: str  # "local": a Ray instance of the run's own
+    trace: Path | None = None  # the low fidelity's routing trace
+    screen_ratio: float = 0.8
+    max_screened: int | None = None
+    sim_bandwidth: float | None = None  # None: the probe's
 
     @property
     def multi_objective(self) -> bool:
@@ -146,6 +175,12 @@ def load_experiment(path: str | Path) -> Experiment:
     if len(objectives) > 1 and sampler not in ("nsga2", "random", "tpe", "gp"):
         raise ExperimentError(path, f"{sampler} optimises one objective; this experiment has {len(objectives)}",
                               field="search.sampler")  # fmt: skip
+    _check_sampler_needs(path, sampler, space)
+    pruner = search.get("pruner", "wilcoxon")
+    if pruner not in PRUNERS:
+        raise ExperimentError(path, f"must be one of {', '.join(PRUNERS)}, got {pruner!r}", field="search.pruner")
+    executor = get.table("executor")
+    fidelity = _fidelity(path, get, trials)
     return Experiment(
         path=path,
         name=path.stem,
@@ -160,9 +195,16 @@ def load_experiment(path: str | Path) -> Experiment:
         time_budget_s=time_budget,
         repeats=int(get.number(measure.get("repeats", 3), "measure.repeats", 1, None, integer=True)),
         warmup=int(get.number(measure.get("warmup", 1), "measure.warmup", 0, None, integer=True)),
-        trial_timeout_s=_duration(path, "measure.timeout", measure["timeout"]) if "timeout" in measure else None,
+        trial_timeout_s=_duration(path, "measure.timeout", measure.get("timeout", DEFAULT_TIMEOUT)),
+        confirm=int(get.number(measure.get("confirm", 3), "measure.confirm", 0, None, integer=True)),
+        confirm_repeats=int(get.number(measure.get("confirm_repeats", 5), "measure.confirm_repeats", 2, None, True)),
         sampler=sampler,
         seed=int(get.number(search.get("seed", 0), "search.seed", 0, None, integer=True)),
+        pruner=pruner,
+        prune_p=get.number(search.get("prune_p", 0.1), "search.prune_p", 0.0, 1.0),
+        warm_start=_warm_start(path, search.get("warm_start", [])),
+        ray_address=get.optional(executor, "executor.ray_address", str) or "local",
+        **fidelity,
     )
 
 
@@ -187,6 +229,61 @@ def _objectives(path: Path, table: dict[str, Any]) -> tuple[tuple[str, str], ...
     if len({m for m, _ in objectives}) != len(objectives):
         raise ExperimentError(path, "names a metric twice", field="objective")
     return tuple(objectives)
+
+
+def _fidelity(path: Path, get: _Getter, trials: int | None) -> dict[str, Any]:
+    table = get.table("fidelity")
+    if not table:
+        return {}
+    trace = get.required(table, "fidelity.trace", str)
+    max_screened = table.get("max_screened", 10 * trials if trials else None)
+    bandwidth = table.get("bandwidth")
+    if bandwidth is not None:
+        try:
+            bandwidth = float(parse_bytes(bandwidth, "fidelity.bandwidth"))
+        except ValueError as e:
+            raise ExperimentError(path, str(e), field="fidelity.bandwidth") from None
+    return {
+        "trace": Path(trace),
+        "screen_ratio": get.number(table.get("screen_ratio", 0.8), "fidelity.screen_ratio", 0.0, 1.0),
+        "max_screened": None
+        if max_screened is None
+        else int(get.number(max_screened, "fidelity.max_screened", 0, None, integer=True)),
+        "sim_bandwidth": bandwidth,
+    }
+
+
+def _check_sampler_needs(path: Path, sampler: str, space: Space) -> None:
+    """What a sampler needs beyond Optuna: a discrete space for grid, torch for gp."""
+    if sampler == "grid":
+        for param in space.params:
+            if param.choices is None and not param.is_int and param.step is None:
+                raise ExperimentError(
+                    space.path, "the grid sampler needs a step for a float range", field=f"params.{param.name}"
+                )
+    if sampler == "gp" and importlib.util.find_spec("torch") is None:
+        raise ExperimentError(
+            path,
+            "the gp sampler needs torch, which is not installed; install the CPU build "
+            "(pip install torch --index-url https://download.pytorch.org/whl/cpu) or pick another sampler",
+            field="search.sampler",
+        )
+
+
+def _warm_start(path: Path, patterns: object) -> tuple[Path, ...]:
+    """The exported config files ``patterns`` name (relative to the experiment's folder); each must match."""
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    if not isinstance(patterns, list) or not all(isinstance(p, str) for p in patterns):
+        raise ExperimentError(path, "expected a list of paths or globs", field="search.warm_start")
+    files: list[Path] = []
+    for pattern in patterns:
+        base = Path(pattern) if Path(pattern).is_absolute() else path.parent / pattern
+        matches = sorted(Path(base.anchor).glob(str(base.relative_to(base.anchor))))
+        if not matches:
+            raise ExperimentError(path, f"{pattern!r} matches no file", field="search.warm_start")
+        files += [m for m in matches if m not in files]
+    return tuple(files)
 
 
 def _preset(path: Path, name: str | None) -> str | None:

@@ -109,6 +109,19 @@ class Space:
                 values[param.name] = param.resolve(chosen[param.name], context)
         return EngineConfig.from_dict(values, self.path)
 
+    def grid(self) -> dict[str, list[Any]]:
+        """Every value of every parameter, for the grid sampler (float ranges need a step: see load_experiment)."""
+        grid: dict[str, list[Any]] = {}
+        for p in self.params:
+            if p.choices is not None:
+                grid[p.name] = list(p.choices)
+            elif p.is_int:
+                grid[p.name] = list(range(int(p.low), int(p.high) + 1, int(p.step or 1)))
+            else:
+                count = round((p.high - p.low) / p.step) + 1
+                grid[p.name] = [min(p.high, p.low + i * p.step) for i in range(count)]
+        return grid
+
 
 def load_space(path: str | Path) -> Space:
     """A space file, checked; a bare name (``default``) is looked up in the project's ``spaces/``."""

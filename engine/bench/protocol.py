@@ -9,10 +9,13 @@ against a cached reference run.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
+import signal
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -34,6 +37,8 @@ from engine.units import format_bytes
 from engine.weights import source_dir, weights_dir
 from engine.workloads import Workload
 
+PR_SET_PDEATHSIG = 1
+_LIBC = ctypes.CDLL(None) if sys.platform.startswith("linux") else None
 STDERR_TAIL = 2000  # characters of a crashed child's stderr kept in the error
 
 
@@ -153,7 +158,7 @@ def _run_child(
             try:
                 done = subprocess.run(
                     [sys.executable, "-m", "engine.bench.worker", str(Path(tmp) / "request.json")],
-                    preexec_fn=limit.preexec_fn() if limit is not None else None,
+                    preexec_fn=_child_setup(limit.preexec_fn() if limit is not None else None),
                     capture_output=True,
                     text=True,
                     timeout=request.timeout_s,
@@ -179,6 +184,19 @@ def _run_child(
         "peak_bytes": limit.peak_bytes() if limit and limit.enforced else None,
     }
     return out
+
+
+def _child_setup(join_limit: Callable[[], None] | None) -> Callable[[], None]:
+    """Between fork and exec: join the memory limit, and on Linux die with the parent, so a measurement never
+    outlives the process that waits for it (a cancelled trial, a killed driver)."""
+
+    def setup() -> None:
+        if join_limit is not None:
+            join_limit()
+        if _LIBC is not None:
+            _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+    return setup
 
 
 def _result(

@@ -31,7 +31,7 @@ def stream_throughput(
         reader = store.reader
         layers = sorted({layer for layer, _ in store.layouts})
         experts = model.decoder.spec.num_experts
-        model.decoder.checkpoint.drop_cached_pages()
+        model.drop_cached_pages()
         rng = np.random.default_rng(seed)
         done = 0
         start = time.perf_counter()

@@ -50,7 +50,7 @@ def run_bench(model: Model, workload: Workload, prompt: list[int], request: dict
     cold_dropped = None
     for _ in range(request["warmup"] + request["repeats"]):
         if request["cold"]:
-            cold_dropped = model.decoder.checkpoint.drop_cached_pages()
+            cold_dropped = model.drop_cached_pages()
         runs.append(measure(model, workload, prompt))
     out: dict = {
         "warmup": runs[: request["warmup"]],

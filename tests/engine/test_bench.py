@@ -68,13 +68,17 @@ def test_result_under_an_enforced_limit(model_dir, tmp_path):
 
 
 @linux_io
-def test_cold_reads_fetch_exactly_the_routed_experts_pages(model_dir):
-    """After dropping the model's pages, the bytes fetched from storage are the pages of the experts used."""
+@pytest.mark.parametrize("repacked", [False, True])
+def test_cold_reads_fetch_exactly_the_routed_experts_pages(model_dir, tmp_path, repacked):
+    """After dropping the model's pages, the bytes fetched from storage are the pages of the experts used, for a
+    checkpoint and for a repacked copy (whose experts live in experts.bin, outside the checkpoint's shards)."""
+    if repacked:
+        model_dir = repack(model_dir, tmp_path / "int8", "int8").out_dir
     model = load_model(model_dir)
     workload = get_workload("decode-short")
     prompt = workload.tokens(model)
     generate(model, prompt, 2, workload.sampler(model), stop_at_eos=False)  # lazy imports read code files: do them now
-    assert model.decoder.checkpoint.drop_cached_pages()
+    assert model.drop_cached_pages()
     before = _disk_read_bytes()
     with RoutingRecorder(model.decoder) as recorder:
         generate(model, prompt, 8, workload.sampler(model), stop_at_eos=False)
@@ -82,8 +86,7 @@ def test_cold_reads_fetch_exactly_the_routed_experts_pages(model_dir):
     pages = set()
     for layer, experts in recorder.routing().items():
         for expert in np.unique(experts):
-            layout = model.decoder.store.layouts[(layer, int(expert))]
-            for r in (*layout.gate_up, layout.down):
+            for r in model.decoder.store.layouts[(layer, int(expert))].ranges:
                 pages |= {(r.path, p) for p in range(r.offset // PAGE, (r.offset + r.nbytes - 1) // PAGE + 1)}
     # a few extra pages are filesystem metadata, which dropping the model's pages does not touch
     assert len(pages) * PAGE <= fetched <= (len(pages) + 16) * PAGE

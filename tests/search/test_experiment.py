@@ -25,10 +25,11 @@ trials = 5
 def test_quickstart_loads() -> None:
     experiment = load_experiment(ROOT / "experiments" / "quickstart.toml")
     assert experiment.name == "quickstart" and experiment.synth_preset == "quickstart"
-    assert experiment.memory_budget == 1 << 30 and experiment.time_budget_s == 600
+    assert experiment.memory_budget == 512 << 20 and experiment.time_budget_s == 480
     assert experiment.objectives == (("decode_tok_s", "maximize"),) and not experiment.multi_objective
     assert experiment.constraints == {"min_quality_top1": 0.95, "max_quality_kl": 0.05}
-    assert experiment.sampler == "tpe" and experiment.repeats == 3 and experiment.trial_timeout_s == 300
+    assert experiment.sampler == "tpe" and experiment.repeats == 5 and experiment.trial_timeout_s == 120
+    assert experiment.confirm == 3 and experiment.pruner == "wilcoxon" and experiment.trace is None
 
 
 def test_defaults_and_pareto(tmp_path) -> None:
@@ -57,6 +58,15 @@ def test_defaults_and_pareto(tmp_path) -> None:
         ),
         ('[constraints]\nmin_quality_top1 = "high"\n', "constraints.min_quality_top1", "expected a number"),
         ("[constraints]\nmin_quality_top1 = 1.5\n", "constraints.min_quality_top1", "from 0.0 to 1.0"),
+        ('[search]\npruner = "median"\n', "search.pruner", "must be one of"),
+        ("[search]\nprune_p = 2\n", "search.prune_p", "from 0.0 to 1.0"),
+        ('[search]\nwarm_start = ["nowhere/*.toml"]\n', "search.warm_start", "matches no file"),
+        ("[search]\nwarm_start = 3\n", "search.warm_start", "list of paths"),
+        ("[measure]\nconfirm_repeats = 1\n", "measure.confirm_repeats", "at least 2"),
+        ("[executor]\nray_address = 5\n", "executor.ray_address", "wrong type"),
+        ("[fidelity]\nscreen_ratio = 0.5\n", "fidelity.trace", "missing"),
+        ('[fidelity]\ntrace = "t.npz"\nscreen_ratio = 1.5\n', "fidelity.screen_ratio", "from 0.0 to 1.0"),
+        ('[fidelity]\ntrace = "t.npz"\nbandwidth = "fast"\n', "fidelity.bandwidth", "byte size"),
     ],
 )
 def test_bad_values_name_the_key(tmp_path, change, key, message) -> None:

@@ -1,0 +1,133 @@
+"""Where trials run: one measurement (one cold repeat of one config) per Ray task, in a Ray worker process.
+
+By default the command starts a local Ray instance for the run (no dashboard, a small object store) and
+stops it at the end; ``ray_address`` joins an existing cluster instead. Every measurement asks for one unit
+of the custom resource ``autoresearch_bench``, which each node offers once, so two measurements never share
+a machine. The task itself runs ``run_bench``, whose child process holds the memory limit and the timeout;
+a failure comes back as data (``reason``, ``message``), never as an exception that would stop the study.
+"""
+
+from __future__ import annotations
+
+import os
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray
+
+from engine.bench.probe import ProbeResult
+from engine.bench.protocol import BenchFailure, BenchRequest, run_bench
+from engine.config import EngineConfig
+from engine.workloads import get_workload
+from search.errors import SearchError
+from search.screening import Simulation, run_simulation
+
+BENCH_RESOURCE = "autoresearch_bench"  # one per node: real measurements never run side by side
+OBJECT_STORE_BYTES = 80 << 20  # results are small JSON; Ray's minimum is about 75 MiB
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One cold repeat of one config, as a Ray task receives it (plain data)."""
+
+    model: str
+    config: dict
+    workload: str
+    memory_limit: int
+    warmup: int
+    timeout_s: float | None
+    quality_cache: str | None  # where quality references live; None skips the quality comparison
+    probe: dict | None  # the disk probe for the roofline
+
+
+def measure(m: Measurement) -> dict:
+    """``{"result": BenchResult dict}``, or ``{"reason": ..., "message": ...}`` if the run failed."""
+    request = BenchRequest(
+        model=Path(m.model),
+        config=EngineConfig.from_dict(m.config),
+        workload=get_workload(m.workload),
+        memory_limit=m.memory_limit,
+        repeats=1,
+        warmup=m.warmup,
+        timeout_s=m.timeout_s,
+        cache_dir=Path(m.quality_cache) if m.quality_cache else None,
+    )
+    try:
+        result = run_bench(request, ProbeResult.from_dict(m.probe) if m.probe else None)
+    except BenchFailure as e:
+        return {"reason": e.reason, "message": str(e)}
+    except Exception as e:  # a bug or a bad model must fail this trial, not the study
+        return {"reason": "crashed", "message": f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=8)}"}
+    return {"result": result.to_dict()}
+
+
+class RayExecutor:
+    """Starts (or joins) Ray and runs measurements on it; ``with RayExecutor(address) as ex: ...``."""
+
+    def __init__(self, address: str = "local") -> None:
+        self.address = address
+        self._measure = ray.remote(resources={BENCH_RESOURCE: 1}, max_retries=0)(measure)
+        self._simulate = ray.remote(num_cpus=1, max_retries=0)(run_simulation)
+
+    def __enter__(self) -> RayExecutor:
+        if self.address == "local":
+            ray.init(
+                num_cpus=os.cpu_count(),
+                resources={BENCH_RESOURCE: 1},
+                include_dashboard=False,
+                object_store_memory=OBJECT_STORE_BYTES,
+                configure_logging=False,
+                log_to_driver=False,
+            )
+        else:
+            ray.init(address=self.address, configure_logging=False, log_to_driver=False)
+            if self.slots < 1:
+                ray.shutdown()
+                raise SearchError(
+                    f"the Ray cluster at {self.address} offers no {BENCH_RESOURCE!r} resource: start each node "
+                    f"that may measure with --resources '{{\"{BENCH_RESOURCE}\": 1}}'"
+                )
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        ray.shutdown()
+
+    @property
+    def slots(self) -> int:
+        """Measurements that can run at once: one per node offering the resource."""
+        return int(ray.cluster_resources().get(BENCH_RESOURCE, 0))
+
+    @property
+    def simulation_slots(self) -> int:
+        return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+    def submit(self, measurement: Measurement) -> ray.ObjectRef:
+        """A measurement holds every core of its node, so nothing (a simulation) runs beside it."""
+        return self._measure.options(num_cpus=self._measuring_cpus()).remote(measurement)
+
+    def simulate(self, simulation: Simulation) -> ray.ObjectRef:
+        return self._simulate.remote(simulation)
+
+    def _measuring_cpus(self) -> float:
+        cores = [node["Resources"].get("CPU", 0) for node in ray.nodes()
+                 if node["Alive"] and BENCH_RESOURCE in node["Resources"]]  # fmt: skip
+        return min(cores, default=1)
+
+    def wait(self, refs: list[ray.ObjectRef], timeout_s: float) -> list[ray.ObjectRef]:
+        """The refs among ``refs`` that are done, waiting up to ``timeout_s`` for the first."""
+        if not refs:
+            return []
+        done, _ = ray.wait(refs, num_returns=1, timeout=timeout_s)
+        if done:
+            done, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+        return done
+
+    def result(self, ref: ray.ObjectRef) -> dict:
+        try:
+            return ray.get(ref)
+        except ray.exceptions.RayError as e:  # the worker process died (killed, out of memory outside the limit)
+            return {"reason": "crashed", "message": f"the Ray task failed: {e}"}
+
+    def cancel(self, ref: ray.ObjectRef) -> None:
+        ray.cancel(ref, force=True)

@@ -1,0 +1,139 @@
+"""``autoresearch export``: the chosen trial's EngineConfig as a TOML file, with where it came from.
+
+The file is an engine config (its ``[engine]`` table is all ``autoresearch bench --config`` reads) followed
+by a ``[provenance]`` table: the machine, model and workload it was tuned on, its measured figures with their
+interval, the speedup over the engine's default config from the confirmation phase, and the study and trial.
+
+Picks: ``fastest`` (the best first objective among feasible trials, confirmed figures first), ``knee`` (the
+bend of the speed / KL Pareto front: the most speed for the least quality lost), ``min-quality=X`` (the
+fastest whose top-1 agreement with the original weights is at least X).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from engine.config import EngineConfig
+from search import trials as figures
+
+PICKS = ("fastest", "knee", "min-quality=<top-1>")
+
+
+@dataclass(frozen=True)
+class Choice:
+    trial: FrozenTrial
+    config: EngineConfig
+    how: str
+    confirmed: dict | None  # the confirmation phase's entry for this trial
+
+
+def parse_pick(text: str) -> tuple[str, float | None]:
+    if text in ("fastest", "knee"):
+        return text, None
+    if text.startswith("min-quality="):
+        try:
+            bound = float(text.split("=", 1)[1])
+        except ValueError:
+            bound = -1.0
+        if 0.0 <= bound <= 1.0:
+            return "min-quality", bound
+    raise ValueError(f"--pick must be fastest, knee or min-quality=<top-1 from 0 to 1>, got {text!r}")
+
+
+def pick(study: optuna.Study, objectives: list | tuple, how: str) -> Choice | None:
+    """The trial ``how`` picks among the feasible complete ones; None when there is none."""
+    kind, bound = parse_pick(how)
+    candidates = [
+        t
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if figures.feasible(t.constraints) and "config" in t.user_attrs
+    ]
+    if kind == "min-quality":
+        candidates = [t for t in candidates if t.user_attrs["summary"].get("quality_top1", 0.0) >= bound]
+    if not candidates:
+        return None
+    confirmation = study.user_attrs.get("confirmation", {}).get("entries", {})
+    if kind == "knee":
+        chosen = _knee(candidates)
+    else:
+        sign = 1.0 if objectives[0][1] == "maximize" else -1.0
+
+        def score(t: FrozenTrial) -> tuple[bool, float]:
+            entry = confirmation.get(f"trial {t.number}", {})
+            confirmed = entry.get("median") is not None
+            return confirmed, sign * (entry["median"] if confirmed else t.values[0])
+
+        chosen = max(candidates, key=score)
+    config = EngineConfig.from_dict(chosen.user_attrs["config"])
+    return Choice(chosen, config, how, confirmation.get(f"trial {chosen.number}"))
+
+
+def _knee(trials: list[FrozenTrial]) -> FrozenTrial:
+    """On the Pareto front of (decode speed up, KL down): the point farthest from the chord between its ends."""
+    points = [(t.user_attrs["summary"].get("decode_tok_s", 0.0), t.user_attrs["summary"].get("quality_kl", 0.0), t)
+              for t in trials]  # fmt: skip
+    front = [p for p in points if not any(q[0] >= p[0] and q[1] <= p[1] and q[:2] != p[:2] for q in points)]
+    front.sort(key=lambda p: p[0])
+    if len(front) <= 2:
+        return front[-1][2]
+    xy = np.array([(p[0], p[1]) for p in front], dtype=float)
+    span = np.where(np.ptp(xy, axis=0) > 0, np.ptp(xy, axis=0), 1.0)
+    xy = (xy - xy.min(axis=0)) / span
+    (ax, ay), (bx, by) = xy[0], xy[-1]
+    distance = np.abs((bx - ax) * (xy[:, 1] - ay) - (by - ay) * (xy[:, 0] - ax))  # to the chord, unnormalised
+    return front[int(np.argmax(distance))][2]
+
+
+def export(study: optuna.Study, choice: Choice, out: Path) -> Path:
+    """Write ``choice``'s config with its provenance to ``out`` (TOML)."""
+    attrs = study.user_attrs
+    summary = choice.trial.user_attrs["summary"]
+    provenance: dict[str, Any] = {
+        "exported_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "pick": choice.how,
+        "study": study.study_name,
+        "trial": choice.trial.number,
+        "experiment_file": attrs.get("experiment_file"),
+        "workload": attrs.get("workload"),
+        "memory_budget_bytes": attrs.get("memory_budget"),
+        "engine_version": attrs.get("engine", {}).get("package"),
+        "engine_commit": attrs.get("engine", {}).get("commit"),
+    }
+    tables = {
+        "provenance": provenance,
+        "provenance.metrics": summary,  # the trial's repeats: medians, and the 95% interval of decode speed
+        "provenance.machine": attrs.get("machine", {}),
+        "provenance.model": attrs.get("model", {}),
+    }
+    if choice.confirmed is not None:  # re-measured at the end, interleaved with the default config
+        tables["provenance.confirmation"] = {"metric": attrs["confirmation"]["metric"], **choice.confirmed}
+    lines = [choice.config.to_toml().rstrip()]
+    for name, table in tables.items():
+        lines += ["", f"[{name}]"] + [f"{_key(k)} = {_toml(v)}" for k, v in table.items() if v is not None]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines) + "\n")
+    EngineConfig.load(out)  # the file must load as the config it claims
+    return out
+
+
+def _toml(value: Any) -> str:
+    """A TOML value: JSON's strings, numbers and arrays are TOML's; tables are written inline."""
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{_key(k)} = {_toml(v)}" for k, v in value.items() if v is not None) + " }"
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    if isinstance(value, float) and not np.isfinite(value):
+        return "nan" if np.isnan(value) else ("inf" if value > 0 else "-inf")
+    return json.dumps(value)
+
+
+def _key(key: str) -> str:
+    return key if key.replace("_", "").replace("-", "").isalnum() and key.isascii() else json.dumps(key)

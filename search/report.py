@@ -1,0 +1,177 @@
+"""``autoresearch report``: a study as a markdown page a person reads the next morning, with four plots.
+
+The page gives the machine, model and budget; the trials by outcome (failures with their reasons); the
+confirmation phase (each finalist's speed and its ratio to the default config, with intervals); the best
+trials with the settings that differ from the defaults. Plots, as PNGs beside the page: optimisation
+history, parameter importances, the speed / quality Pareto front, and speed against cache size.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import Counter
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from engine.units import format_bytes
+from search import trials as figures
+
+TOP_TRIALS = 10
+
+
+def write_report(study: optuna.Study, objectives: list | tuple, out: Path) -> Path:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    attrs = study.user_attrs
+    trials = study.get_trials(deepcopy=False)
+    metric, direction = objectives[0]
+    lines = [f"# Tuning report: {study.study_name}", ""]
+    machine, model = attrs.get("machine", {}), attrs.get("model", {})
+    lines += [
+        f"- experiment file: `{attrs.get('experiment_file')}`",
+        f"- machine: {machine.get('cpu')}, {machine.get('cores')} cores, "
+        f"{format_bytes(machine.get('ram_bytes', 0))} RAM, disk {machine.get('disk', {}).get('name')}",
+        f"- model: `{model.get('path')}` ({model.get('model_type')}, {format_bytes(model.get('weight_bytes', 0))})",
+        f"- workload: {attrs.get('workload')}; memory budget {format_bytes(attrs.get('memory_budget', 0))}",
+        f"- objectives: {', '.join(f'{d} {m}' for m, d in objectives)}",
+        f"- search time: {attrs.get('search_seconds', 0) / 60:.1f} min over {len(trials)} trials",
+        "",
+    ]
+    states = Counter(t.state.name for t in trials)
+    lines += ["## Trials", "", " ".join(f"{n} {s.lower()};" for s, n in sorted(states.items())), ""]
+    failures = [t for t in trials if t.state == TrialState.FAIL]
+    if failures:
+        lines += ["| trial | failure |", "|---|---|"]
+        lines += [f"| {t.number} | {_cell(t.user_attrs.get('failure', 'unknown'))} |" for t in failures]
+        lines.append("")
+    confirmation = attrs.get("confirmation")
+    if confirmation:
+        lines += [f"## Confirmation ({confirmation['metric']}, re-measured interleaved with the default)", ""]
+        lines += ["| config | repeats | median [95% CI] | vs default [95% CI] |", "|---|---|---|---|"]
+        for name, e in confirmation["entries"].items():
+            median = f"{e['median']:.3f} [{e['ci'][0]:.3f}, {e['ci'][1]:.3f}]" if "median" in e else "failed"
+            ratio = f"{e['ratio']:.3f}x [{e['ratio_ci'][0]:.3f}, {e['ratio_ci'][1]:.3f}]" if "ratio" in e else ""
+            lines.append(f"| {name} | {e['repeats']} | {median} | {ratio} |")
+        lines.append("")
+    complete = [t for t in trials if t.state == TrialState.COMPLETE and "summary" in t.user_attrs]
+    sign = -1 if direction == "maximize" else 1
+    best = sorted(complete, key=lambda t: (not figures.feasible(t.constraints), sign * t.values[0]))[:TOP_TRIALS]
+    if best:
+        lines += [f"## Best trials (by {metric})", ""]
+        lines += ["| trial | feasible | decode tok/s [95% CI] | top-1 | KL | memory peak | settings |"]
+        lines += ["|---|---|---|---|---|---|---|"]
+        for t in best:
+            s = t.user_attrs["summary"]
+            ci = ""
+            if "decode_tok_s_ci_low" in s:
+                ci = f" [{s['decode_tok_s_ci_low']:.2f}, {s['decode_tok_s_ci_high']:.2f}]"
+            peak = s.get("memory_peak_bytes") or s.get("peak_rss_bytes")
+            lines.append(
+                f"| {t.number} | {'yes' if figures.feasible(t.constraints) else 'no'} | "
+                f"{s.get('decode_tok_s', float('nan')):.2f}{ci} | {_num(s.get('quality_top1'))} | "
+                f"{_num(s.get('quality_kl'), 5)} | {format_bytes(peak) if peak else 'n/a'} | "
+                f"{_cell(figures.describe(t.user_attrs.get('config', {}), attrs.get('context', {})))} |"
+            )
+        lines.append("")
+    plots = _plots(study, trials, objectives, out.parent)
+    if plots:
+        lines += ["## Plots", ""] + [f"![{title}]({path.name})" for title, path in plots] + [""]
+    out.write_text("\n".join(lines))
+    return out
+
+
+def _plots(study: optuna.Study, trials: list[FrozenTrial], objectives, folder: Path) -> list[tuple[str, Path]]:
+    metric, direction = objectives[0]
+    complete = [t for t in trials if t.state == TrialState.COMPLETE and "summary" in t.user_attrs]
+    if not complete:
+        return []
+    plots = []
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    feasible = [t for t in complete if figures.feasible(t.constraints)]
+    infeasible = [t for t in complete if not figures.feasible(t.constraints)]
+    ax.scatter([t.number for t in feasible], [t.values[0] for t in feasible], label="feasible")
+    ax.scatter([t.number for t in infeasible], [t.values[0] for t in infeasible], facecolors="none",
+               edgecolors="tab:red", label="infeasible")  # fmt: skip
+    pruned = [t for t in trials if t.state == TrialState.PRUNED and t.intermediate_values]
+    ax.scatter([t.number for t in pruned], [t.intermediate_values[max(t.intermediate_values)] for t in pruned],
+               marker="x", color="grey", label="pruned (last repeat)")  # fmt: skip
+    best, xs, ys = None, [], []
+    for t in sorted(feasible, key=lambda t: t.number):
+        if best is None or (t.values[0] > best if direction == "maximize" else t.values[0] < best):
+            best = t.values[0]
+        xs.append(t.number)
+        ys.append(best)
+    ax.step(xs, ys, where="post", color="black", label="best so far")
+    ax.set(xlabel="trial", ylabel=metric, title="Optimisation history")
+    ax.legend()
+    plots.append(("optimisation history", _save(fig, folder / "history.png")))
+
+    importances = _importances(study, len(objectives))
+    if importances:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        names = list(importances)[::-1]
+        ax.barh(names, [importances[n] for n in names])
+        ax.set(xlabel=f"importance for {metric} (fANOVA)", title="Parameter importances")
+        plots.append(("parameter importances", _save(fig, folder / "importances.png")))
+
+    points = [(t.user_attrs["summary"].get("decode_tok_s"), t.user_attrs["summary"].get("quality_kl"), t)
+              for t in complete]  # fmt: skip
+    points = [p for p in points if p[0] is not None and p[1] is not None]
+    if points:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        front = sorted(
+            (p for p in points if not any(q[0] >= p[0] and q[1] <= p[1] and q[:2] != p[:2] for q in points)),
+            key=lambda p: p[0],
+        )
+        ax.scatter([p[0] for p in points], [p[1] for p in points], color="tab:blue", alpha=0.5, label="trials")
+        ax.plot([p[0] for p in front], [p[1] for p in front], "o-", color="tab:orange", label="Pareto front")
+        ax.set(xlabel="decode tok/s", ylabel="KL against the original weights (nats)", title="Speed against quality")
+        ax.legend()
+        plots.append(("speed against quality", _save(fig, folder / "pareto.png")))
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    by_policy: dict[str, list[tuple[float, float]]] = {}
+    for t in complete:
+        config, speed = t.user_attrs.get("config", {}), t.user_attrs["summary"].get("decode_tok_s")
+        if speed is not None:
+            by_policy.setdefault(config.get("cache_policy", "none"), []).append((config.get("cache_bytes", 0), speed))
+    for policy, xy in sorted(by_policy.items()):
+        ax.scatter([x / 2**20 for x, _ in xy], [y for _, y in xy], label=policy)
+    ax.set(xlabel="expert cache (MiB)", ylabel="decode tok/s", title="Speed against cache size")
+    ax.legend(title="cache_policy")
+    plots.append(("speed against cache size", _save(fig, folder / "cache.png")))
+    return plots
+
+
+def _importances(study: optuna.Study, n_objectives: int) -> dict[str, float]:
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if len(complete) < 3:
+        return {}
+    target = (lambda t: t.values[0]) if n_objectives > 1 else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return optuna.importance.get_param_importances(study, target=target)
+        except (ValueError, RuntimeError):  # too few distinct values to attribute anything
+            return {}
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _num(value: float | None, digits: int = 4) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def _cell(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")[:300]

@@ -1,0 +1,158 @@
+"""The Optuna study of an experiment: on-disk storage next to its results, resumable, warm-started.
+
+The study lives in ``runs/<experiment>/study.journal`` (Optuna's append-only journal file: a killed driver
+loses at most the line it was writing). Running the same experiment again continues it: trials the last
+driver left running are marked failed, with the reason, and their parameters queued again. The engine's
+default config and any exported configs are enqueued first, to be measured like any other trial.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.storages import JournalStorage
+from optuna.storages.journal import JournalFileBackend
+from optuna.trial import TrialState
+
+from engine.config import EngineConfig
+from search.experiment import Experiment
+from search.space import Space
+
+log = logging.getLogger(__name__)
+
+STOPPED = "driver stopped"  # the failure reason of trials a killed or interrupted driver left unfinished
+ATTR_FAILURE = "failure"  # user attrs: why a trial failed ("timeout: ...", "crashed: ...")
+ATTR_SOURCE = "source"  # "default", an exported config's path, or the number of the trial it re-runs
+
+
+def open_study(experiment: Experiment, results: Path) -> optuna.Study:
+    """The experiment's study, created or loaded from ``results/study.journal``."""
+    results.mkdir(parents=True, exist_ok=True)
+    storage = JournalStorage(JournalFileBackend(str(results / "study.journal")))
+    with warnings.catch_warnings():  # TPE's group mode and the Wilcoxon pruner are marked experimental
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study = optuna.create_study(
+            storage=storage,
+            study_name=experiment.name,
+            directions=[direction for _, direction in experiment.objectives],
+            sampler=optuna.samplers.RandomSampler(),  # replaced below, once the history is known
+            pruner=make_pruner(experiment),
+            load_if_exists=True,
+        )
+        # A resumed study must not replay the proposals its first run's seed already made.
+        study.sampler = make_sampler(experiment, seed_offset=len(study.get_trials(deepcopy=False)))
+    return study
+
+
+def make_sampler(experiment: Experiment, seed_offset: int = 0) -> optuna.samplers.BaseSampler:
+    seed = experiment.seed + seed_offset
+    match experiment.sampler:
+        case "tpe":
+            return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True)
+        case "gp":
+            return optuna.samplers.GPSampler(seed=seed)
+        case "cmaes":
+            return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
+        case "random":
+            return optuna.samplers.RandomSampler(seed=seed)
+        case "grid":
+            return optuna.samplers.GridSampler(experiment.space.grid(), seed=seed)
+        case "nsga2":
+            return optuna.samplers.NSGAIISampler(seed=seed)
+    raise AssertionError(experiment.sampler)  # load_experiment checked the name
+
+
+def make_pruner(experiment: Experiment) -> optuna.pruners.BasePruner:
+    """Optuna's Wilcoxon pruner compares a trial's repeats with the best trial's, pairwise by repeat."""
+    if experiment.pruner == "none" or experiment.multi_objective:  # Optuna prunes single-objective studies only
+        return optuna.pruners.NopPruner()
+    return optuna.pruners.WilcoxonPruner(p_threshold=experiment.prune_p, n_startup_steps=2)
+
+
+def recover_stopped(study: optuna.Study) -> list[int]:
+    """Mark the trials a stopped driver left running as failed and queue their parameters again."""
+    stale = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    for trial in stale:
+        set_user_attr(study, trial.number, ATTR_FAILURE, f"{STOPPED}: the trial had not finished")
+        study.tell(trial.number, state=TrialState.FAIL)
+        study.enqueue_trial(trial.params, user_attrs={ATTR_SOURCE: f"trial {trial.number}"})
+    return [t.number for t in stale]
+
+
+def set_user_attr(study: optuna.Study, number: int, key: str, value: Any) -> None:
+    """A user attribute on a trial by its number (the driver holds numbers, not ``Trial`` objects)."""
+    storage = study._storage
+    trial_id = storage.get_trial_id_from_study_id_trial_number(study._study_id, number)
+    storage.set_trial_user_attr(trial_id, key, value)
+
+
+def enqueue_warm_start(study: optuna.Study, experiment: Experiment, context: dict[str, int]) -> list[str]:
+    """Queue the engine's default config and the experiment's exported configs, each once per study.
+
+    A config the space cannot express (a value outside a parameter's choices, or against its fixed table) is
+    skipped with a warning that says why; one outside a numeric range is measured as it is.
+    """
+    queued = {t.user_attrs.get(ATTR_SOURCE) for t in study.get_trials(deepcopy=False)}
+    sources = [("default", EngineConfig())]
+    sources += [(str(path), EngineConfig.load(path)) for path in experiment.warm_start]
+    enqueued = []
+    for source, config in sources:
+        if source in queued:
+            continue
+        try:
+            params = project(experiment.space, config, context)
+        except ValueError as e:
+            warnings.warn(f"warm start {source}: not in the space {experiment.space.path}: {e}", stacklevel=2)
+            continue
+        study.enqueue_trial(params, user_attrs={ATTR_SOURCE: source})
+        enqueued.append(source)
+    return enqueued
+
+
+def project(space: Space, config: EngineConfig, context: dict[str, int]) -> dict[str, Any]:
+    """The space's parameters that give ``config``; ValueError naming the field if no choice of them does."""
+    settings = _explicit(config, context)
+    params: dict[str, Any] = {}
+    for param in space.params:
+        if not param.active(params):
+            continue
+        wanted = settings[param.name]
+        if param.choices is not None:
+            matches = [c for c in param.choices if _resolved(space, param.name, param.resolve(c, context)) == wanted]
+            if not matches:
+                raise ValueError(f"{param.name} = {wanted!r} is not among {list(param.choices)}")
+            params[param.name] = matches[0]
+        elif param.fraction_of is not None:
+            params[param.name] = wanted / context[param.fraction_of]
+        else:
+            params[param.name] = wanted
+        if not param.choices and not param.low <= params[param.name] <= param.high:
+            log.warning("%s = %r lies outside the space's range [%s, %s]", param.name, wanted, param.low, param.high)
+    sampled = _explicit(space.sample(optuna.trial.FixedTrial(params), context), context)
+    differ = [name for name in settings if sampled[name] != settings[name]]
+    if differ:
+        name = differ[0]
+        raise ValueError(f"{name} = {settings[name]!r}, but the space can only give {sampled[name]!r}")
+    return params
+
+
+def _explicit(config: EngineConfig, context: dict[str, int]) -> dict[str, Any]:
+    """``config``'s settings with the model's own top-k and every core made explicit, for comparing."""
+    values = dataclasses.asdict(config)
+    values["top_k"] = config.top_k or context["model_top_k"]
+    values["compute_threads"] = config.compute_threads or context["cpu_cores"]
+    return values
+
+
+def _resolved(space: Space, name: str, value: Any) -> Any:
+    """A choice as the config holds it (``"1MiB"`` becomes 1048576)."""
+    return getattr(EngineConfig.from_dict({name: value} | _companions(name), space.path), name)
+
+
+def _companions(name: str) -> dict[str, Any]:
+    return {"weights": "int4"} if name == "group_size" else {}

@@ -1,0 +1,119 @@
+"""Every trial in MLflow: one experiment per experiment file, one parent run per study, one nested run per trial.
+
+The store is a local SQLite file by default (``runs/mlflow.db``, artifacts beside it in ``runs/artifacts``);
+any tracking URI works. A nested run holds the trial's config as parameters, each repeat's figures as metric
+steps (``repeat_decode_tok_s`` at step 0, 1, ...), the trial's summary figures (``decode_tok_s``, the median),
+its state and failure reason as tags, and its BenchResults as an artifact. Runs a killed driver left open are
+closed as KILLED when the study resumes.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+
+# Per-repeat figures logged as steps; the same names without the prefix are the trial's summary.
+REPEAT_METRICS = (
+    "decode_tok_s",
+    "prefill_tok_s",
+    "ttft_s",
+    "hit_rate",
+    "bytes_read_per_token",
+    "disk_bytes_per_token",
+    "io_stall_frac",
+    "prefetch_precision",
+    "prefetch_recall",
+    "memory_peak_bytes",
+    "peak_rss_bytes",
+    "efficiency",
+)
+
+
+def default_tracking_uri(runs: Path) -> str:
+    return f"sqlite:///{(runs / 'mlflow.db').resolve()}"
+
+
+class Tracker:
+    """The MLflow side of one study."""
+
+    def __init__(self, tracking_uri: str, experiment_name: str, artifacts: Path) -> None:
+        self.client = MlflowClient(tracking_uri)
+        self.tracking_uri = tracking_uri
+        found = self.client.get_experiment_by_name(experiment_name)
+        self.experiment_id = (
+            found.experiment_id
+            if found is not None
+            else self.client.create_experiment(experiment_name, artifact_location=artifacts.resolve().as_uri())
+        )
+        self.parent_id: str | None = None
+
+    def start_study(self, run_id: str | None, name: str, tags: dict[str, Any]) -> str:
+        """The study's parent run: ``run_id`` reopened if the store still has it, else a new run."""
+        if run_id is not None and self._exists(run_id):
+            self.client.update_run(run_id, status="RUNNING")
+        else:
+            run_id = self.client.create_run(self.experiment_id, run_name=name, tags=_strings(tags)).info.run_id
+        self.parent_id = run_id
+        for run in self.client.search_runs(
+            [self.experiment_id], f"tags.mlflow.parentRunId = '{run_id}' and attributes.status = 'RUNNING'"
+        ):
+            self.client.set_tag(run.info.run_id, "failure", "driver stopped: the trial had not finished")
+            self.client.set_terminated(run.info.run_id, "KILLED")
+        return run_id
+
+    def start_trial(self, name: str, config: dict[str, Any], tags: dict[str, Any]) -> str:
+        tags = {"mlflow.parentRunId": self.parent_id, **tags}
+        run_id = self.client.create_run(self.experiment_id, run_name=name, tags=_strings(tags)).info.run_id
+        self.client.log_batch(run_id, params=[Param(k, str(v)) for k, v in sorted(config.items())])
+        return run_id
+
+    def log_repeat(self, run_id: str, step: int, figures: dict[str, Any]) -> None:
+        now = _now_ms()
+        metrics = [Metric(f"repeat_{k}", float(figures[k]), now, step) for k in REPEAT_METRICS if _num(figures.get(k))]
+        self.client.log_batch(run_id, metrics=metrics)
+
+    def end_trial(
+        self, run_id: str, status: str, summary: dict[str, Any], tags: dict[str, Any], artifacts: dict[str, Any]
+    ) -> None:
+        now = _now_ms()
+        metrics = [Metric(k, float(v), now, 0) for k, v in summary.items() if _num(v)]
+        self.client.log_batch(run_id, metrics=metrics, tags=[RunTag(k, v) for k, v in _strings(tags).items()])
+        for name, data in artifacts.items():
+            self.client.log_dict(run_id, data, name)
+        self.client.set_terminated(run_id, status)
+
+    def log_metrics(self, run_id: str, metrics: dict[str, Any]) -> None:
+        now = _now_ms()
+        self.client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items() if _num(v)])
+
+    def log_study_artifacts(self, files: list[Path]) -> None:
+        for path in files:
+            self.client.log_artifact(self.parent_id, str(path))
+
+    def end_study(self, status: str, tags: dict[str, Any]) -> None:
+        for key, value in _strings(tags).items():
+            self.client.set_tag(self.parent_id, key, value)
+        self.client.set_terminated(self.parent_id, status)
+
+    def _exists(self, run_id: str) -> bool:
+        try:
+            return self.client.get_run(run_id).info.experiment_id == self.experiment_id
+        except MlflowException:  # no such run in this store
+            return False
+
+
+def _strings(tags: dict[str, Any]) -> dict[str, str]:
+    return {k: str(v)[:5000] for k, v in tags.items() if v is not None}
+
+
+def _num(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and value == value
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
