@@ -11,7 +11,7 @@ import pytest
 from optuna.trial import TrialState, create_trial
 
 from engine.config import EngineConfig
-from search.experiment import ExperimentError, load_experiment
+from search.experiment import SAMPLERS, ExperimentError, load_experiment
 from search.export import _toml, parse_pick, pick
 from search.space import load_space
 from search.study import enqueue_warm_start, open_study, project
@@ -127,3 +127,22 @@ def test_bad_files_fail_before_any_trial(tmp_path, experiment, space, key) -> No
                           capture_output=True, text=True)  # fmt: skip
     assert done.returncode == 2 and key in done.stderr, done.stderr
     assert not runs.exists()
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_every_sampler_proposes_configs(tmp_path, tiny_model, sampler) -> None:
+    (tmp_path / "g.toml").write_text(
+        '[params.cache_policy]\nchoices = ["none", "lru"]\n[params.io_threads]\nlow = 1\nhigh = 8\n'
+        '[params.cache_bytes]\nlow = 0.1\nhigh = 0.5\nstep = 0.1\nfraction_of = "memory_budget"\n'
+        'when = { cache_policy = ["lru"] }\n'
+    )
+    path = write_experiment(tmp_path, tiny_model, "s", f'[budget]\ntrials = 6\n[search]\nsampler = "{sampler}"\n')
+    path.write_text(path.read_text().replace('"small.toml"', '"g.toml"'))
+    experiment = load_experiment(path)
+    study = open_study(experiment, tmp_path / "runs")
+    for i in range(6):
+        trial = study.ask()
+        config = experiment.space.sample(trial, CONTEXT)
+        assert 1 <= config.io_threads <= 8
+        study.tell(trial, float(config.io_threads + i))
+    assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 6
