@@ -16,6 +16,7 @@ class FileError(EngineError):
         self.path = str(path)
         self.tensor = tensor
         self.field = field
+        self.message = message
         where = self.path
         if tensor is not None:
             where += f": tensor '{tensor}'"

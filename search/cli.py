@@ -397,17 +397,17 @@ def _open_study(experiment: str, runs: str):
     import optuna
 
     from search.errors import SearchError
+    from search.study import JOURNAL, journal
     from search.tune import results_dir
 
     name = Path(experiment).stem
-    journal = results_dir(Path(runs), name) / "study.journal"
-    if not journal.exists():
-        raise SearchError(f"no study for experiment {name!r}: {journal} does not exist (run `autoresearch tune` first)")
-    from optuna.storages import JournalStorage
-    from optuna.storages.journal import JournalFileBackend
-
+    results = results_dir(Path(runs), name)
+    if not (results / JOURNAL).exists():
+        raise SearchError(
+            f"no study for experiment {name!r}: {results / JOURNAL} does not exist (run `autoresearch tune` first)"
+        )
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    return optuna.load_study(study_name=name, storage=JournalStorage(JournalFileBackend(str(journal))))
+    return optuna.load_study(study_name=name, storage=journal(results))
 
 
 def _export(args: argparse.Namespace) -> int:

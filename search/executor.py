@@ -10,6 +10,7 @@ a failure comes back as data (``reason``, ``message``), never as an exception th
 from __future__ import annotations
 
 import os
+import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,7 +59,7 @@ def measure(m: Measurement) -> dict:
     except BenchFailure as e:
         return {"reason": e.reason, "message": str(e)}
     except Exception as e:  # a bug or a bad model must fail this trial, not the study
-        return {"reason": "crashed", "message": f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=8)}"}
+        return {"reason": "crashed", "message": f"crashed: {type(e).__name__}: {e}\n{traceback.format_exc(limit=8)}"}
     return {"result": result.to_dict()}
 
 
@@ -73,6 +74,7 @@ class RayExecutor:
     def __enter__(self) -> RayExecutor:
         if self.address == "local":
             ray.init(
+                address="local",  # a new instance even where RAY_ADDRESS or a `ray start` cluster exists
                 num_cpus=os.cpu_count(),
                 resources={BENCH_RESOURCE: 1},
                 include_dashboard=False,
@@ -116,7 +118,8 @@ class RayExecutor:
 
     def wait(self, refs: list[ray.ObjectRef], timeout_s: float) -> list[ray.ObjectRef]:
         """The refs among ``refs`` that are done, waiting up to ``timeout_s`` for the first."""
-        if not refs:
+        if not refs:  # nothing to wait for (no node offers a slot yet): do not spin
+            time.sleep(timeout_s)
             return []
         done, _ = ray.wait(refs, num_returns=1, timeout=timeout_s)
         if done:
@@ -126,8 +129,10 @@ class RayExecutor:
     def result(self, ref: ray.ObjectRef) -> dict:
         try:
             return ray.get(ref)
+        except ray.exceptions.OutOfMemoryError as e:  # Ray's own monitor killed the worker
+            return {"reason": "out_of_memory", "message": f"out_of_memory: Ray killed the task's worker: {e}"}
         except ray.exceptions.RayError as e:  # the worker process died (killed, out of memory outside the limit)
-            return {"reason": "crashed", "message": f"the Ray task failed: {e}"}
+            return {"reason": "crashed", "message": f"crashed: the Ray task failed: {e}"}
 
     def cancel(self, ref: ray.ObjectRef) -> None:
         ray.cancel(ref, force=True)

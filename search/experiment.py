@@ -176,9 +176,9 @@ def load_experiment(path: str | Path) -> Experiment:
         raise ExperimentError(path, f"{sampler} optimises one objective; this experiment has {len(objectives)}",
                               field="search.sampler")  # fmt: skip
     _check_sampler_needs(path, sampler, space)
-    pruner = search.get("pruner", "wilcoxon")
-    if pruner not in PRUNERS:
-        raise ExperimentError(path, f"must be one of {', '.join(PRUNERS)}, got {pruner!r}", field="search.pruner")
+    repeats = int(get.number(measure.get("repeats", 3), "measure.repeats", 1, None, integer=True))
+    prune_p = get.number(search.get("prune_p", 0.1), "search.prune_p", 0.0, 1.0)
+    pruner = _pruner(path, search.get("pruner"), repeats, prune_p, len(objectives))
     executor = get.table("executor")
     fidelity = _fidelity(path, get, trials)
     return Experiment(
@@ -193,7 +193,7 @@ def load_experiment(path: str | Path) -> Experiment:
         constraints=constraints,
         trials=trials,
         time_budget_s=time_budget,
-        repeats=int(get.number(measure.get("repeats", 3), "measure.repeats", 1, None, integer=True)),
+        repeats=repeats,
         warmup=int(get.number(measure.get("warmup", 1), "measure.warmup", 0, None, integer=True)),
         trial_timeout_s=_duration(path, "measure.timeout", measure.get("timeout", DEFAULT_TIMEOUT)),
         confirm=int(get.number(measure.get("confirm", 3), "measure.confirm", 0, None, integer=True)),
@@ -201,7 +201,7 @@ def load_experiment(path: str | Path) -> Experiment:
         sampler=sampler,
         seed=int(get.number(search.get("seed", 0), "search.seed", 0, None, integer=True)),
         pruner=pruner,
-        prune_p=get.number(search.get("prune_p", 0.1), "search.prune_p", 0.0, 1.0),
+        prune_p=prune_p,
         warm_start=_warm_start(path, search.get("warm_start", [])),
         ray_address=get.optional(executor, "executor.ray_address", str) or "local",
         **fidelity,
@@ -217,7 +217,7 @@ def _objectives(path: Path, table: dict[str, Any]) -> tuple[tuple[str, str], ...
         if not isinstance(metrics, list):
             raise ExperimentError(path, "expected a metric name or a list of them", field=f"objective.{direction}")
         for metric in metrics:
-            if metric not in METRICS:
+            if not isinstance(metric, str) or metric not in METRICS:
                 raise ExperimentError(path, f"unknown metric {metric!r}; one of {', '.join(METRICS)}",
                                       field=f"objective.{direction}")  # fmt: skip
             if METRICS[metric] != direction:
@@ -229,6 +229,24 @@ def _objectives(path: Path, table: dict[str, Any]) -> tuple[tuple[str, str], ...
     if len({m for m, _ in objectives}) != len(objectives):
         raise ExperimentError(path, "names a metric twice", field="objective")
     return tuple(objectives)
+
+
+def _pruner(path: Path, name: object, repeats: int, prune_p: float, objectives: int) -> str:
+    """The pruner: Wilcoxon where it can stop a trial before its last repeat, else none. The test's smallest
+    p-value with n paired repeats is 0.5**n, and a trial can be stopped after repeats - 1 of them; asked for
+    where it could never stop anything, it is an error rather than a pruner that silently does nothing."""
+    can_prune = 0.5 ** (repeats - 1) < prune_p and objectives == 1
+    if name is None:
+        return "wilcoxon" if can_prune else "none"
+    if name not in PRUNERS:
+        raise ExperimentError(path, f"must be one of {', '.join(PRUNERS)}, got {name!r}", field="search.pruner")
+    if name == "wilcoxon" and objectives > 1:
+        raise ExperimentError(path, "Optuna prunes single-objective studies only", field="search.pruner")
+    if name == "wilcoxon" and not can_prune:
+        smallest = next(n for n in range(2, 64) if 0.5 ** (n - 1) < prune_p)
+        raise ExperimentError(path, f"the Wilcoxon pruner needs at least {smallest} repeats to stop a trial at "
+                              f"prune_p {prune_p}", field="measure.repeats")  # fmt: skip
+    return name
 
 
 def _fidelity(path: Path, get: _Getter, trials: int | None) -> dict[str, Any]:

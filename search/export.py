@@ -19,12 +19,11 @@ from typing import Any
 
 import numpy as np
 import optuna
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import FrozenTrial
 
 from engine.config import EngineConfig
 from search import trials as figures
-
-PICKS = ("fastest", "knee", "min-quality=<top-1>")
+from search.trials import ATTR_CONFIG, ATTR_SUMMARY
 
 
 @dataclass(frozen=True)
@@ -51,13 +50,9 @@ def parse_pick(text: str) -> tuple[str, float | None]:
 def pick(study: optuna.Study, objectives: list | tuple, how: str) -> Choice | None:
     """The trial ``how`` picks among the feasible complete ones; None when there is none."""
     kind, bound = parse_pick(how)
-    candidates = [
-        t
-        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        if figures.feasible(t.constraints) and "config" in t.user_attrs
-    ]
+    candidates = figures.measured_feasible(study)
     if kind == "min-quality":
-        candidates = [t for t in candidates if t.user_attrs["summary"].get("quality_top1", 0.0) >= bound]
+        candidates = [t for t in candidates if (t.user_attrs[ATTR_SUMMARY].get("quality_top1") or 0.0) >= bound]
     if not candidates:
         return None
     confirmation = study.user_attrs.get("confirmation", {}).get("entries", {})
@@ -72,30 +67,29 @@ def pick(study: optuna.Study, objectives: list | tuple, how: str) -> Choice | No
             return confirmed, sign * (entry["median"] if confirmed else t.values[0])
 
         chosen = max(candidates, key=score)
-    config = EngineConfig.from_dict(chosen.user_attrs["config"])
+    config = EngineConfig.from_dict(chosen.user_attrs[ATTR_CONFIG])
     return Choice(chosen, config, how, confirmation.get(f"trial {chosen.number}"))
 
 
 def _knee(trials: list[FrozenTrial]) -> FrozenTrial:
-    """On the Pareto front of (decode speed up, KL down): the point farthest from the chord between its ends."""
-    points = [(t.user_attrs["summary"].get("decode_tok_s", 0.0), t.user_attrs["summary"].get("quality_kl", 0.0), t)
-              for t in trials]  # fmt: skip
-    front = [p for p in points if not any(q[0] >= p[0] and q[1] <= p[1] and q[:2] != p[:2] for q in points)]
-    front.sort(key=lambda p: p[0])
+    """On the Pareto front of (decode speed up, KL down): the point farthest from the chord between its ends
+    (the fastest trial when the front has no bend, or no trial has both figures)."""
+    front = figures.speed_quality_front(trials)
     if len(front) <= 2:
-        return front[-1][2]
-    xy = np.array([(p[0], p[1]) for p in front], dtype=float)
+        return front[-1] if front else max(trials, key=lambda t: t.user_attrs[ATTR_SUMMARY].get("decode_tok_s", 0))
+    xy = np.array([(t.user_attrs[ATTR_SUMMARY]["decode_tok_s"], t.user_attrs[ATTR_SUMMARY]["quality_kl"])
+                   for t in front], dtype=float)  # fmt: skip
     span = np.where(np.ptp(xy, axis=0) > 0, np.ptp(xy, axis=0), 1.0)
     xy = (xy - xy.min(axis=0)) / span
     (ax, ay), (bx, by) = xy[0], xy[-1]
     distance = np.abs((bx - ax) * (xy[:, 1] - ay) - (by - ay) * (xy[:, 0] - ax))  # to the chord, unnormalised
-    return front[int(np.argmax(distance))][2]
+    return front[int(np.argmax(distance))]
 
 
 def export(study: optuna.Study, choice: Choice, out: Path) -> Path:
     """Write ``choice``'s config with its provenance to ``out`` (TOML)."""
     attrs = study.user_attrs
-    summary = choice.trial.user_attrs["summary"]
+    summary = choice.trial.user_attrs[ATTR_SUMMARY]
     provenance: dict[str, Any] = {
         "exported_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "pick": choice.how,

@@ -21,6 +21,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from engine.units import format_bytes
 from search import trials as figures
+from search.trials import ATTR_CONFIG, ATTR_SUMMARY
 
 TOP_TRIALS = 10
 
@@ -58,7 +59,7 @@ def write_report(study: optuna.Study, objectives: list | tuple, out: Path) -> Pa
             ratio = f"{e['ratio']:.3f}x [{e['ratio_ci'][0]:.3f}, {e['ratio_ci'][1]:.3f}]" if "ratio" in e else ""
             lines.append(f"| {name} | {e['repeats']} | {median} | {ratio} |")
         lines.append("")
-    complete = [t for t in trials if t.state == TrialState.COMPLETE and "summary" in t.user_attrs]
+    complete = [t for t in trials if t.state == TrialState.COMPLETE and ATTR_SUMMARY in t.user_attrs]
     sign = -1 if direction == "maximize" else 1
     best = sorted(complete, key=lambda t: (not figures.feasible(t.constraints), sign * t.values[0]))[:TOP_TRIALS]
     if best:
@@ -66,16 +67,16 @@ def write_report(study: optuna.Study, objectives: list | tuple, out: Path) -> Pa
         lines += ["| trial | feasible | decode tok/s [95% CI] | top-1 | KL | memory peak | settings |"]
         lines += ["|---|---|---|---|---|---|---|"]
         for t in best:
-            s = t.user_attrs["summary"]
+            s = t.user_attrs[ATTR_SUMMARY]
             ci = ""
             if "decode_tok_s_ci_low" in s:
                 ci = f" [{s['decode_tok_s_ci_low']:.2f}, {s['decode_tok_s_ci_high']:.2f}]"
-            peak = s.get("memory_peak_bytes") or s.get("peak_rss_bytes")
+            peak = figures.memory_peak(s)
             lines.append(
                 f"| {t.number} | {'yes' if figures.feasible(t.constraints) else 'no'} | "
                 f"{s.get('decode_tok_s', float('nan')):.2f}{ci} | {_num(s.get('quality_top1'))} | "
                 f"{_num(s.get('quality_kl'), 5)} | {format_bytes(peak) if peak else 'n/a'} | "
-                f"{_cell(figures.describe(t.user_attrs.get('config', {}), attrs.get('context', {})))} |"
+                f"{_cell(figures.describe(t.user_attrs.get(ATTR_CONFIG, {}), attrs.get('context', {})))} |"
             )
         lines.append("")
     plots = _plots(study, trials, objectives, out.parent)
@@ -87,7 +88,7 @@ def write_report(study: optuna.Study, objectives: list | tuple, out: Path) -> Pa
 
 def _plots(study: optuna.Study, trials: list[FrozenTrial], objectives, folder: Path) -> list[tuple[str, Path]]:
     metric, direction = objectives[0]
-    complete = [t for t in trials if t.state == TrialState.COMPLETE and "summary" in t.user_attrs]
+    complete = [t for t in trials if t.state == TrialState.COMPLETE and ATTR_SUMMARY in t.user_attrs]
     if not complete:
         return []
     plots = []
@@ -120,17 +121,17 @@ def _plots(study: optuna.Study, trials: list[FrozenTrial], objectives, folder: P
         ax.set(xlabel=f"importance for {metric} (fANOVA)", title="Parameter importances")
         plots.append(("parameter importances", _save(fig, folder / "importances.png")))
 
-    points = [(t.user_attrs["summary"].get("decode_tok_s"), t.user_attrs["summary"].get("quality_kl"), t)
-              for t in complete]  # fmt: skip
-    points = [p for p in points if p[0] is not None and p[1] is not None]
-    if points:
+    front = figures.speed_quality_front(complete)
+    if front:
         fig, ax = plt.subplots(figsize=(7, 4))
-        front = sorted(
-            (p for p in points if not any(q[0] >= p[0] and q[1] <= p[1] and q[:2] != p[:2] for q in points)),
-            key=lambda p: p[0],
-        )
-        ax.scatter([p[0] for p in points], [p[1] for p in points], color="tab:blue", alpha=0.5, label="trials")
-        ax.plot([p[0] for p in front], [p[1] for p in front], "o-", color="tab:orange", label="Pareto front")
+        measured = [
+            t.user_attrs[ATTR_SUMMARY] for t in complete if t.user_attrs[ATTR_SUMMARY].get("quality_kl") is not None
+        ]
+        ax.scatter([m["decode_tok_s"] for m in measured], [m["quality_kl"] for m in measured], color="tab:blue",
+                   alpha=0.5, label="trials")  # fmt: skip
+        on_front = [t.user_attrs[ATTR_SUMMARY] for t in front]
+        ax.plot([m["decode_tok_s"] for m in on_front], [m["quality_kl"] for m in on_front], "o-", color="tab:orange",
+                label="Pareto front")  # fmt: skip
         ax.set(xlabel="decode tok/s", ylabel="KL against the original weights (nats)", title="Speed against quality")
         ax.legend()
         plots.append(("speed against quality", _save(fig, folder / "pareto.png")))
@@ -138,7 +139,7 @@ def _plots(study: optuna.Study, trials: list[FrozenTrial], objectives, folder: P
     fig, ax = plt.subplots(figsize=(7, 4))
     by_policy: dict[str, list[tuple[float, float]]] = {}
     for t in complete:
-        config, speed = t.user_attrs.get("config", {}), t.user_attrs["summary"].get("decode_tok_s")
+        config, speed = t.user_attrs.get(ATTR_CONFIG, {}), t.user_attrs[ATTR_SUMMARY].get("decode_tok_s")
         if speed is not None:
             by_policy.setdefault(config.get("cache_policy", "none"), []).append((config.get("cache_bytes", 0), speed))
     for policy, xy in sorted(by_policy.items()):

@@ -178,7 +178,9 @@ def _param(path: Path, key: str, name: str, table: object, earlier: dict[str, Pa
         raise SpaceError(path, "expected a table", field=key)
     unknown = set(table) - PARAM_KEYS
     if unknown:
-        raise SpaceError(path, f"unknown key; a parameter takes {', '.join(sorted(PARAM_KEYS))}", field=key)
+        raise SpaceError(
+            path, f"unknown key; a parameter takes {', '.join(sorted(PARAM_KEYS))}", field=f"{key}.{sorted(unknown)[0]}"
+        )
     when = tuple(_conditions(path, key, table.get("when", {}), earlier))
     fraction_of = table.get("fraction_of")
     if fraction_of is not None and fraction_of not in FRACTION_SOURCES:
@@ -245,6 +247,10 @@ def _conditions(path: Path, key: str, when: object, earlier: dict[str, Param]):
 
 def _check_values(space: Space) -> None:
     """Each value a parameter can take must be one its field accepts (ends of ranges; fractions of 1 GiB)."""
+    try:
+        EngineConfig.from_dict(space.fixed, space.path)
+    except FileError as e:
+        raise SpaceError(space.path, e.message, field=f"fixed.{e.field}") from None
     for param in space.params:
         values = param.choices if param.choices is not None else (param.low, param.high)
         for value in values:

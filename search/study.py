@@ -23,17 +23,23 @@ from engine.config import EngineConfig
 from search.experiment import Experiment
 from search.space import Space
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("autoresearch.study")
 
+JOURNAL = "study.journal"
 STOPPED = "driver stopped"  # the failure reason of trials a killed or interrupted driver left unfinished
 ATTR_FAILURE = "failure"  # user attrs: why a trial failed ("timeout: ...", "crashed: ...")
-ATTR_SOURCE = "source"  # "default", an exported config's path, or the number of the trial it re-runs
+ATTR_SOURCE = "source"  # "default" or an exported config's path (warm starts); None: the sampler's
+ATTR_RERUN = "rerun_of"  # the number of the stopped trial whose config this one measures again
+
+
+def journal(results: Path) -> JournalStorage:
+    return JournalStorage(JournalFileBackend(str(results / JOURNAL)))
 
 
 def open_study(experiment: Experiment, results: Path) -> optuna.Study:
     """The experiment's study, created or loaded from ``results/study.journal``."""
     results.mkdir(parents=True, exist_ok=True)
-    storage = JournalStorage(JournalFileBackend(str(results / "study.journal")))
+    storage = journal(results)
     with warnings.catch_warnings():  # TPE's group mode and the Wilcoxon pruner are marked experimental
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         study = optuna.create_study(
@@ -69,7 +75,7 @@ def make_sampler(experiment: Experiment, seed_offset: int = 0) -> optuna.sampler
 
 def make_pruner(experiment: Experiment) -> optuna.pruners.BasePruner:
     """Optuna's Wilcoxon pruner compares a trial's repeats with the best trial's, pairwise by repeat."""
-    if experiment.pruner == "none" or experiment.multi_objective:  # Optuna prunes single-objective studies only
+    if experiment.pruner == "none":
         return optuna.pruners.NopPruner()
     return optuna.pruners.WilcoxonPruner(p_threshold=experiment.prune_p, n_startup_steps=2)
 
@@ -78,10 +84,16 @@ def recover_stopped(study: optuna.Study) -> list[int]:
     """Mark the trials a stopped driver left running as failed and queue their parameters again."""
     stale = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
     for trial in stale:
-        set_user_attr(study, trial.number, ATTR_FAILURE, f"{STOPPED}: the trial had not finished")
-        study.tell(trial.number, state=TrialState.FAIL)
-        study.enqueue_trial(trial.params, user_attrs={ATTR_SOURCE: f"trial {trial.number}"})
+        requeue(study, trial.number, trial.params, trial.user_attrs.get(ATTR_SOURCE), "the trial had not finished")
     return [t.number for t in stale]
+
+
+def requeue(study: optuna.Study, number: int, params: dict[str, Any], source: str | None, why: str) -> None:
+    """Fail a trial that was stopped before it finished, and queue its parameters to be measured again."""
+    set_user_attr(study, number, ATTR_FAILURE, f"{STOPPED}: {why}")
+    study.tell(number, state=TrialState.FAIL)
+    attrs = {ATTR_RERUN: number} | ({ATTR_SOURCE: source} if source else {})
+    study.enqueue_trial(params, user_attrs=attrs)
 
 
 def set_user_attr(study: optuna.Study, number: int, key: str, value: Any) -> None:
@@ -107,7 +119,9 @@ def enqueue_warm_start(study: optuna.Study, experiment: Experiment, context: dic
         try:
             params = project(experiment.space, config, context)
         except ValueError as e:
-            warnings.warn(f"warm start {source}: not in the space {experiment.space.path}: {e}", stacklevel=2)
+            message = f"warm start {source}: not in the space {experiment.space.path}: {e}; skipped"
+            log.warning(message)
+            warnings.warn(message, stacklevel=2)
             continue
         study.enqueue_trial(params, user_attrs={ATTR_SOURCE: source})
         enqueued.append(source)

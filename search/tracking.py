@@ -41,14 +41,13 @@ def default_tracking_uri(runs: Path) -> str:
 class Tracker:
     """The MLflow side of one study."""
 
-    def __init__(self, tracking_uri: str, experiment_name: str, artifacts: Path) -> None:
+    def __init__(self, tracking_uri: str, experiment_name: str, artifacts: Path | None) -> None:
+        """``artifacts``: where a new experiment keeps its artifacts (None: the tracking server's default)."""
         self.client = MlflowClient(tracking_uri)
-        self.tracking_uri = tracking_uri
         found = self.client.get_experiment_by_name(experiment_name)
+        location = artifacts.resolve().as_uri() if artifacts is not None else None
         self.experiment_id = (
-            found.experiment_id
-            if found is not None
-            else self.client.create_experiment(experiment_name, artifact_location=artifacts.resolve().as_uri())
+            found.experiment_id if found is not None else self.client.create_experiment(experiment_name, location)
         )
         self.parent_id: str | None = None
 

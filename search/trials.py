@@ -6,6 +6,8 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import optuna
+from optuna.trial import FrozenTrial, TrialState
 
 from engine.bench.stats import median_ci
 from engine.config import EngineConfig
@@ -14,6 +16,8 @@ from search.experiment import Experiment
 from search.tracking import REPEAT_METRICS
 
 PEAK_METRICS = ("memory_peak_bytes", "peak_rss_bytes")  # summarised by their maximum, not their median
+ATTR_CONFIG = "config"  # a trial's user attribute: the full EngineConfig it measured
+ATTR_SUMMARY = "summary"  # its figures over the repeats (summarize)
 
 
 def repeat_figures(result: dict) -> dict[str, Any]:
@@ -44,9 +48,7 @@ def objective_values(experiment: Experiment, summary: dict[str, Any]) -> list[fl
     """The study's values, in the experiment's order; KeyError naming a metric that was not measured."""
     values = []
     for metric, _ in experiment.objectives:
-        value = summary.get(metric)
-        if value is None and metric == "memory_peak_bytes":  # no enforced limit: the process's own peak
-            value = summary.get("peak_rss_bytes")
+        value = memory_peak(summary) if metric == "memory_peak_bytes" else summary.get(metric)
         if value is None:
             raise KeyError(f"{metric} was not measured")
         values.append(float(value))
@@ -65,7 +67,7 @@ def constraints(experiment: Experiment, summary: dict[str, Any]) -> dict[str, fl
     if "max_quality_kl" in bounds:
         kl = summary.get("quality_kl")
         values["quality_kl"] = 1.0 if kl is None else kl - bounds["max_quality_kl"]
-    peak = summary.get("memory_peak_bytes") or summary.get("peak_rss_bytes")
+    peak = memory_peak(summary)
     if peak is not None:
         values["memory"] = (peak - experiment.memory_budget) / experiment.memory_budget
     return values
@@ -73,6 +75,30 @@ def constraints(experiment: Experiment, summary: dict[str, Any]) -> dict[str, fl
 
 def feasible(constraint_values: dict[str, float]) -> bool:
     return all(v <= 0 for v in constraint_values.values())
+
+
+def memory_peak(summary: dict[str, Any]) -> float | None:
+    """The budget's own peak where the limit was enforced, else the process's peak RSS."""
+    return summary.get("memory_peak_bytes") or summary.get("peak_rss_bytes")
+
+
+def measured_feasible(study: optuna.Study) -> list[FrozenTrial]:
+    """The trials measured to the end that meet every constraint."""
+    return [
+        t
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if feasible(t.constraints) and ATTR_SUMMARY in t.user_attrs and ATTR_CONFIG in t.user_attrs
+    ]
+
+
+def speed_quality_front(trials: list[FrozenTrial]) -> list[FrozenTrial]:
+    """The trials no other beats on both decode speed (up) and KL against the original weights (down), by
+    speed; trials missing either figure are left out."""
+    points = [(t.user_attrs[ATTR_SUMMARY].get("decode_tok_s"), t.user_attrs[ATTR_SUMMARY].get("quality_kl"), t)
+              for t in trials]  # fmt: skip
+    points = [p for p in points if p[0] is not None and p[1] is not None]
+    front = [p for p in points if not any(q[0] >= p[0] and q[1] <= p[1] and q[:2] != p[:2] for q in points)]
+    return [p[2] for p in sorted(front, key=lambda p: p[0])]
 
 
 def describe(config: dict[str, Any], context: dict[str, int]) -> str:

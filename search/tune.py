@@ -22,6 +22,7 @@ import logging
 import os
 import shutil
 import signal
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -54,16 +55,17 @@ from search.study import (
     enqueue_warm_start,
     open_study,
     recover_stopped,
-    set_user_attr,
+    requeue,
 )
-from search.tracking import Tracker, default_tracking_uri
+from search.tracking import REPEAT_METRICS, Tracker, default_tracking_uri
+from search.trials import ATTR_CONFIG, ATTR_SUMMARY
 
 log = logging.getLogger("autoresearch.tune")
 
-ATTR_CONFIG = "config"  # the full EngineConfig the trial measured
-ATTR_SUMMARY = "summary"  # its figures over the repeats (search.trials.summarize)
 ATTR_RUN = "mlflow_run_id"
 ATTR_STOP = "stopped_early"  # why a trial ran fewer repeats than asked
+TRIAL_COLUMNS = ("number", "state", "values", "params", "user_attrs", "datetime_start", "datetime_complete")
+DRIVER_GRACE_S = 900.0  # beyond the measurement timeout: repacking and the quality reference run before it
 ATTR_FIDELITY = "fidelity"  # "simulator" on trials the simulator screened out (the others were measured)
 SIMULATOR = "simulator"
 
@@ -95,6 +97,7 @@ class _Running:
     source: str | None
     phase: str = "measure"  # or "simulate"
     results: list[dict] = field(default_factory=list)
+    submitted: float = 0.0  # when its current task was submitted (time.monotonic)
 
 
 def results_dir(runs: Path, experiment_name: str) -> Path:
@@ -105,7 +108,7 @@ def tune(experiment: Experiment, options: TuneOptions = TuneOptions()) -> TuneOu
     """Run ``experiment``'s study to its budget (continuing it if it exists); see the module's docstring."""
     results = results_dir(options.runs, experiment.name)
     results.mkdir(parents=True, exist_ok=True)
-    with _exclusive(results), _logging_to(results / "tune.log"), _stop_on_sigterm():
+    with _exclusive(results), _logging_to(results / "tune.log"):
         return _Tuner(experiment, options, results).run()
 
 
@@ -125,7 +128,8 @@ class _Tuner:
         self.running: dict[Any, _Running] = {}
         self.ready: list[_Running] = []  # trials that passed screening, waiting for a measurement slot
         self.last = ""  # the last finished trial, for the status line
-        self.search_started = time.monotonic()
+        self.search_started: float | None = None
+        self.search_ended: float | None = None
 
     def run(self) -> TuneOutcome:
         experiment = self.experiment
@@ -141,51 +145,74 @@ class _Tuner:
             if ensure_trace(experiment.trace, self.model, experiment.workload):
                 log.info("recorded the routing trace %s for screening", experiment.trace)
         self.study = open_study(experiment, self.results)
+        self._record_study_identity()
         stopped = recover_stopped(self.study)
         if stopped:
             log.info("resuming: trials %s had not finished; their configs are queued again", stopped)
         for source in enqueue_warm_start(self.study, experiment, self.context):
             log.info("warm start: %s queued", source)
-        self._record_study_identity()
-        self.tracker = Tracker(self.tracking_uri, experiment.name, self.options.runs / "artifacts")
+        self.spent_before = self.study.user_attrs.get("search_seconds", 0.0)
+        artifacts = self.options.runs / "artifacts" if self.options.tracking_uri is None else None
+        self.tracker = Tracker(self.tracking_uri, experiment.name, artifacts)
         parent = self.tracker.start_study(
             self.study.user_attrs.get(ATTR_RUN), f"{experiment.name} study", self._study_tags()
         )
         self.study.set_user_attr(ATTR_RUN, parent)
         self.progress = Progress(self._budget_text)
-        interrupted = False
-        with RayExecutor(self.options.ray_address or experiment.ray_address) as executor:
-            self.executor = executor
+        with RayExecutor(self.options.ray_address or experiment.ray_address) as executor, _StopSignals() as stop:
+            self.executor, self.stop = executor, stop
             log.info("tuning %s: %s; %d measurement slot(s)", experiment.name, self._budget_text(), executor.slots)
             try:
                 self._search()
-                self._confirm()
-            except KeyboardInterrupt:
-                interrupted = True
-                self._stop_running("interrupted")
+                if stop.reason is None:
+                    self._confirm()
+            except BaseException as e:  # record the state before the error surfaces: nothing left RUNNING
+                self._stop_running(f"error: {type(e).__name__}: {e}")
+                self.progress.close()
+                self.tracker.end_study("FAILED", {"error": f"{type(e).__name__}: {e}"})
+                raise
+            if stop.reason is not None:
+                self._stop_running(stop.reason)
         self.progress.close()
-        self.study.set_user_attr("search_seconds", self._search_seconds())
-        return self._finish(interrupted)
+        return self._finish(interrupted=stop.reason is not None)
 
     # The search ---------------------------------------------------------------------------------------------
 
     def _search(self) -> None:
-        while True:
-            self._admit()
-            if not self.running and not self.ready:
-                return
-            for ref in self.executor.wait(list(self.running), timeout_s=1.0):
-                running = self.running.pop(ref)
-                if running.phase == "simulate":
-                    self._on_simulated(running, self.executor.result(ref))
-                else:
-                    self._on_measured(running, self.executor.result(ref))
-            self.progress.update(self._status())
+        self.search_started = time.monotonic()
+        try:
+            while self.stop.reason is None:
+                self._admit()
+                if not self.running and not self.ready:
+                    return
+                self._collect()
+                self.progress.update(self._status())
+        finally:
+            self.search_ended = time.monotonic()
+            self._save_search_time()
+
+    def _collect(self) -> None:
+        """Handle what finished in the last second; a task silent long past its timeout is cancelled and failed
+        (the child's own timeout covers the engine; this covers the work before it: repacking, the reference)."""
+        now = time.monotonic()
+        for ref, running in list(self.running.items()):
+            if now - running.submitted > self.experiment.trial_timeout_s + DRIVER_GRACE_S:
+                self.executor.cancel(ref)
+                del self.running[ref]
+                self._fail(running, f"timeout: the measurement gave no answer for {now - running.submitted:.0f} s")
+        for ref in self.executor.wait(list(self.running), timeout_s=1.0):
+            running = self.running.pop(ref)
+            if running.phase == "simulate":
+                self._on_simulated(running, self.executor.result(ref))
+            else:
+                self._on_measured(running, self.executor.result(ref))
 
     def _admit(self) -> None:
         """Fill the measurement slots: trials that passed screening first, then new ones (screened in bursts
         between real measurements, which hold every core of their node)."""
         slots = self.executor.slots
+        if self.stop.reason is not None:
+            return
         while self.ready and self._in_phase("measure") < slots:
             self._submit(self.ready.pop(0), quality=True)
         while (
@@ -226,8 +253,15 @@ class _Tuner:
         return isinstance(sampler, optuna.samplers.GridSampler) and sampler.is_exhausted(self.study)
 
     def _search_seconds(self) -> float:
-        """Search time over every run of this study (the time budget is the study's, not one command's)."""
-        return self.study.user_attrs.get("search_seconds", 0.0) + time.monotonic() - self.search_started
+        """Search time over every run of this study (the time budget is the study's, not one command's); the
+        probe, start-up and confirmation do not count."""
+        end = self.search_ended if self.search_ended is not None else time.monotonic()
+        started = self.search_started if self.search_started is not None else end
+        return self.spent_before + end - started
+
+    def _save_search_time(self) -> None:
+        """Kept after every trial, so a killed driver loses at most one trial's time."""
+        self.study.set_user_attr("search_seconds", self._search_seconds())
 
     def _start_trial(self) -> None:
         trial = self.study.ask()
@@ -235,9 +269,12 @@ class _Tuner:
         try:
             config = self.experiment.space.sample(trial, self.context)
         except ConfigError as e:  # a combination of values the engine refuses
-            set_user_attr(self.study, trial.number, ATTR_FAILURE, f"invalid config: {e}")
+            trial.set_user_attr(ATTR_FAILURE, f"invalid config: {e}")
             self.study.tell(trial, state=TrialState.FAIL)
-            log.info("trial %d: invalid config: %s", trial.number, e)
+            tags = {"trial": trial.number, "phase": "search", "source": source, "state": "FAIL", "failure": str(e)}
+            self.tracker.end_trial(self.tracker.start_trial(f"trial {trial.number}", trial.params, tags), "FAILED",
+                                   {}, {"failure_kind": "invalid config"}, {})  # fmt: skip
+            self.progress.event(f"trial {trial.number}: invalid config ({e})")
             return
         trial.set_user_attr(ATTR_CONFIG, config.to_dict())
         tags = {"trial": trial.number, "phase": "search", "source": source}
@@ -249,7 +286,7 @@ class _Tuner:
         screening = experiment.trace is not None and source is None
         if screening and (experiment.max_screened is None or self._screened_trials() < experiment.max_screened):
             simulation = Simulation(str(experiment.trace), config.to_dict(), experiment.sim_bandwidth, self.probe)
-            running.phase = "simulate"
+            running.phase, running.submitted = "simulate", time.monotonic()
             self.running[self.executor.simulate(simulation)] = running
         else:
             self.ready.append(running)
@@ -272,7 +309,7 @@ class _Tuner:
         simulated = {k: sim[k] for k in ("predicted_decode_tok_s", "hit_rate", "optimal_hit_rate",
                                          "bytes_read_per_token", "prefetch_precision", "io_stall_frac")}  # fmt: skip
         best = self._best_prediction()
-        trial.set_user_attr("simulation", simulated)
+        trial.set_user_attr("simulation", {**simulated, "best_before": best})
         self.tracker.log_metrics(running.run_id, {f"sim_{k}": v for k, v in simulated.items()})
         if predicted >= self.experiment.screen_ratio * best:
             self.ready.append(running)
@@ -286,8 +323,8 @@ class _Tuner:
                             f"best {best:.4g})  {self._describe(running.config)}")  # fmt: skip
 
     def _submit(self, running: _Running, quality: bool) -> None:
-        measurement = self._measurement(running.config, quality)
-        self.running[self.executor.submit(measurement)] = running
+        running.submitted = time.monotonic()
+        self.running[self.executor.submit(self._measurement(running.config, quality))] = running
 
     def _measurement(self, config: EngineConfig, quality: bool) -> Measurement:
         experiment = self.experiment
@@ -313,8 +350,9 @@ class _Tuner:
         self.tracker.log_repeat(running.run_id, step, figures.repeat_figures(result))
         summary = figures.summarize(running.results)
         constraints = figures.constraints(self.experiment, summary)
-        if not self.experiment.multi_objective:
-            trial.report(figures.objective_values(self.experiment, figures.summarize([result]))[0], step)
+        metric = self.experiment.objectives[0][0]
+        if not self.experiment.multi_objective and metric in REPEAT_METRICS and result.get(metric) is not None:
+            trial.report(result[metric], step)
         if step + 1 >= self.experiment.repeats:
             self._complete(running, summary, constraints, None)
         elif not figures.feasible({k: v for k, v in constraints.items() if k != "memory"}):
@@ -360,7 +398,7 @@ class _Tuner:
 
     def _fail(self, running: _Running, reason: str) -> None:
         trial = running.trial
-        set_user_attr(self.study, trial.number, ATTR_FAILURE, reason)
+        trial.set_user_attr(ATTR_FAILURE, reason)
         self.study.tell(trial, state=TrialState.FAIL)
         kind = reason.split(":", 1)[0]
         tags = {"state": "FAIL", "failure": reason, "failure_kind": kind, "fidelity": "engine"}
@@ -377,9 +415,7 @@ class _Tuner:
         for running in [*self.running.values(), *self.ready]:
             self.tracker.end_trial(running.run_id, "KILLED", {}, {"state": "FAIL", "failure": f"{STOPPED}: {why}"}, {})
             if running.trial is not None:  # not a confirmation measurement
-                set_user_attr(self.study, running.trial.number, ATTR_FAILURE, f"{STOPPED}: {why}")
-                self.study.tell(running.trial, state=TrialState.FAIL)
-                self.study.enqueue_trial(running.trial.params, user_attrs={ATTR_SOURCE: running.source})
+                requeue(self.study, running.trial.number, running.trial.params, running.source, why)
         self.running.clear()
         self.ready.clear()
         self.progress.event(f"stopped ({why}); run the same command again to continue")
@@ -390,43 +426,54 @@ class _Tuner:
         """The best few trials and the default config, measured again in interleaved rounds."""
         experiment = self.experiment
         candidates = _best_trials(self.study, experiment, experiment.confirm)
-        last_trial = max((t.number for t in self.study.get_trials(deepcopy=False)), default=-1)
-        done = self.study.user_attrs.get("confirmation", {}).get("after_trial")
-        if not candidates or experiment.confirm == 0 or done == last_trial:
+        finished = [t.number for t in self.study.get_trials(deepcopy=False) if t.state != TrialState.WAITING]
+        last_trial = max(finished, default=-1)
+        if not candidates or self.study.user_attrs.get("confirmation", {}).get("after_trial") == last_trial:
             return
-        metric, direction = experiment.objectives[0]
         configs = {"default": EngineConfig()}
         for t in candidates:
             configs[f"trial {t.number}"] = EngineConfig.from_dict(t.user_attrs[ATTR_CONFIG])
-        self.progress.event(f"confirmation: {', '.join(list(configs)[1:])} against the default, "
-                            f"{experiment.confirm_repeats} interleaved rounds")  # fmt: skip
+        rounds = experiment.confirm_repeats
+        self.progress.event(f"confirmation: {', '.join(list(configs)[1:])} against the default, {rounds} "
+                            "interleaved rounds")  # fmt: skip
         runs = {name: self.tracker.start_trial(f"confirm {name}", _explicit_config(c), {"phase": "confirm"})
                 for name, c in configs.items()}  # fmt: skip
-        measured: dict[str, list[dict]] = {name: [] for name in configs}
+        measured: dict[str, list[dict | None]] = {name: [] for name in configs}  # per round; None: failed
         failed: dict[str, str] = {}
-        for round_ in range(experiment.confirm_repeats):
+        for round_ in range(rounds):
             for name, config in configs.items():
-                if name in failed:
-                    continue
-                self.progress.update(f"confirming: round {round_ + 1}/{experiment.confirm_repeats}, {name}")
-                ref = self.executor.submit(self._measurement(config, quality=False))
-                self.running[ref] = _Running(None, config, runs[name], None)
-                while not self.executor.wait([ref], timeout_s=1.0):
-                    self.progress.update(f"confirming: round {round_ + 1}/{experiment.confirm_repeats}, {name}")
-                del self.running[ref]
-                out = self.executor.result(ref)
-                if "result" not in out:
+                if self.stop.reason is not None:
+                    for run_id in runs.values():
+                        self.tracker.end_trial(run_id, "KILLED", {}, {"failure": f"{STOPPED}: {self.stop.reason}"}, {})
+                    return
+                status = f"confirming: round {round_ + 1}/{rounds}, {name}"
+                out = self._measure_now(config, runs[name], status) if name not in failed else None
+                if out is not None and "result" not in out:
                     failed[name] = out["message"]
-                    continue
-                measured[name].append(out["result"])
-                self.tracker.log_repeat(runs[name], len(measured[name]) - 1, figures.repeat_figures(out["result"]))
-        confirmation = _confirmation(metric, direction, configs, measured, failed)
+                result = out.get("result") if out else None
+                measured[name].append(result)
+                if result is not None:
+                    self.tracker.log_repeat(runs[name], round_, figures.repeat_figures(result))
+        confirmation = _confirmation(*experiment.objectives[0], measured, failed)
         self.study.set_user_attr("confirmation", {**confirmation, "after_trial": last_trial})
         for name in configs:
-            summary = figures.summarize(measured[name]) if measured[name] else {}
-            status = "FAILED" if name in failed else "FINISHED"
+            results = [r for r in measured[name] if r is not None]
+            summary = figures.summarize(results) if results else {}
             tags = {"failure": failed.get(name)}
-            self.tracker.end_trial(runs[name], status, summary, tags, {"bench_results.json": measured[name]})
+            status = "FAILED" if name in failed else "FINISHED"
+            self.tracker.end_trial(runs[name], status, summary, tags, {"bench_results.json": results})
+
+    def _measure_now(self, config: EngineConfig, run_id: str, status: str) -> dict | None:
+        """One measurement, waited for; None if a stop came meanwhile."""
+        running = _Running(None, config, run_id, None, submitted=time.monotonic())
+        ref = self.executor.submit(self._measurement(config, quality=False))
+        self.running[ref] = running
+        while not self.executor.wait([ref], timeout_s=1.0):
+            self.progress.update(status)
+            if self.stop.reason is not None:
+                return None
+        del self.running[ref]
+        return self.executor.result(ref)
 
     # The end -----------------------------------------------------------------------------------------------
 
@@ -439,7 +486,9 @@ class _Tuner:
         if choice is not None:
             tuned = export(self.study, choice, self.results / "tuned.toml")
         report = write_report(self.study, self.experiment.objectives, self.results / "report.md")
-        artifacts = [p for p in (tuned, report, self.experiment.path) if p is not None]
+        table = self.results / "trials.csv"
+        self.study.trials_dataframe(attrs=TRIAL_COLUMNS).to_csv(table, index=False)
+        artifacts = [p for p in (tuned, report, table, self.experiment.path) if p is not None]
         artifacts += sorted(self.results.glob("*.png"))
         self.tracker.log_study_artifacts(artifacts)
         states = [t.state for t in self.study.get_trials(deepcopy=False)]
@@ -451,11 +500,31 @@ class _Tuner:
     # Bookkeeping -------------------------------------------------------------------------------------------
 
     def _record_study_identity(self) -> None:
-        experiment = self.experiment
-        if "machine" in self.study.user_attrs:
+        """A new study records what its trials were measured on; a resumed one must match it, or its trials
+        would not be comparable with the new ones (ExperimentError naming the key that changed)."""
+        experiment, attrs = self.experiment, self.study.user_attrs
+        model = model_identity(self.model)
+        machine = machine_fingerprint(self.model)
+        identity = {
+            "objective": [list(o) for o in experiment.objectives],
+            "experiment.memory_budget": experiment.memory_budget,
+            "experiment.workload": experiment.workload.name,
+            "experiment.model": {k: model.get(k) for k in ("config_sha256", "weight_files")},
+            "machine": {k: machine.get(k) for k in ("cpu", "cores", "ram_bytes", "disk")},
+        }
+        if "identity" in attrs:
+            for key, value in identity.items():
+                if attrs["identity"].get(key) != value:
+                    raise ExperimentError(
+                        experiment.path,
+                        f"differs from the study in {self.results} ({attrs['identity'].get(key)!r} there, {value!r}"
+                        " now): its trials would not compare; give the experiment a new name, or move that folder",
+                        field=key,
+                    )
             return
-        self.study.set_user_attr("machine", machine_fingerprint(self.model))
-        self.study.set_user_attr("model", model_identity(self.model))
+        self.study.set_user_attr("identity", identity)
+        self.study.set_user_attr("machine", machine)
+        self.study.set_user_attr("model", model)
         self.study.set_user_attr("engine", engine_version())
         self.study.set_user_attr("experiment_file", str(experiment.path.resolve()))
         self.study.set_user_attr("workload", experiment.workload.name)
@@ -516,6 +585,7 @@ class _Tuner:
         durations = [
             (t.datetime_complete - t.datetime_start).total_seconds()
             for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+            if t.user_attrs.get(ATTR_FIDELITY) != SIMULATOR
         ]
         eta = time_left
         if self.experiment.trials is not None and durations:
@@ -527,11 +597,7 @@ class _Tuner:
 def _best_trials(study: optuna.Study, experiment: Experiment, count: int) -> list:
     """The best feasible complete trials: by value (one objective) or the Pareto front (several), at most
     ``count``, one per distinct config."""
-    complete = [
-        t
-        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        if figures.feasible(t.constraints) and ATTR_CONFIG in t.user_attrs
-    ]
+    complete = figures.measured_feasible(study)
     if experiment.multi_objective:
         front = {t.number for t in study.best_trials}
         complete = [t for t in complete if t.number in front]
@@ -546,21 +612,25 @@ def _best_trials(study: optuna.Study, experiment: Experiment, count: int) -> lis
     return chosen[:count]
 
 
-def _confirmation(
-    metric: str, direction: str, configs: dict, measured: dict[str, list[dict]], failed: dict[str, str]
-) -> dict:
+def _confirmation(metric: str, direction: str, measured: dict[str, list[dict | None]], failed: dict[str, str]) -> dict:
     """Each config's median and interval of ``metric``, and its ratio to the default's with its interval
-    (> 1 is better, for either direction)."""
+    (> 1 is better, for either direction), over the rounds where both were measured."""
     out: dict[str, Any] = {"metric": metric, "entries": {}}
-    base = [r[metric] for r in measured["default"] if r.get(metric) is not None]
-    for name in configs:
-        values = [r[metric] for r in measured[name] if r.get(metric) is not None]
+
+    def value(result: dict | None) -> float | None:
+        return None if result is None else result.get(metric)
+
+    base = [value(r) for r in measured["default"]]
+    for name, results in measured.items():
+        values = [v for v in map(value, results) if v is not None]
         entry: dict[str, Any] = {"repeats": len(values), "failure": failed.get(name)}
         if values:
             entry["median"], low, high = median_ci(values)
             entry["ci"] = [low, high]
-        if values and base and name != "default":
-            a, b = (values, base) if direction == "maximize" else (base, values)
+        pairs = [(v, b) for v, b in zip(map(value, results), base, strict=True) if v is not None and b is not None]
+        if name != "default" and len(pairs) >= 2:
+            ours, theirs = [v for v, _ in pairs], [b for _, b in pairs]
+            a, b = (ours, theirs) if direction == "maximize" else (theirs, ours)
             entry["ratio"], low, high = ratio_ci(a, b)
             entry["ratio_ci"] = [low, high]
         out["entries"][name] = entry
@@ -648,19 +718,25 @@ def _logging_to(path: Path) -> Iterator[None]:
         handler.close()
 
 
-@contextlib.contextmanager
-def _stop_on_sigterm() -> Iterator[None]:
-    """SIGTERM stops like Ctrl-C (when this runs on the main thread)."""
+class _StopSignals:
+    """Ctrl-C and SIGTERM ask the loop to stop at its next step (it records the state, then returns); a second
+    one stops at once. Installed after Ray starts, which sets handlers of its own."""
 
-    def interrupt(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
+    def __init__(self) -> None:
+        self.reason: str | None = None
+        self.previous: dict[int, Any] = {}
 
-    try:
-        previous = signal.signal(signal.SIGTERM, interrupt)
-    except ValueError:  # not the main thread
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    def __enter__(self) -> _StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self.previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.reason is not None:
+            raise KeyboardInterrupt
+        self.reason = "interrupted" if signum == signal.SIGINT else "terminated"

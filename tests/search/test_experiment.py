@@ -60,6 +60,14 @@ def test_defaults_and_pareto(tmp_path) -> None:
         ("[constraints]\nmin_quality_top1 = 1.5\n", "constraints.min_quality_top1", "from 0.0 to 1.0"),
         ('[search]\npruner = "median"\n', "search.pruner", "must be one of"),
         ("[search]\nprune_p = 2\n", "search.prune_p", "from 0.0 to 1.0"),
+        ('[search]\npruner = "wilcoxon"\n', "measure.repeats", "needs at least 5 repeats"),
+        (
+            '[measure]\nrepeats = 5\n[objective]\nmaximize = ["decode_tok_s", "quality_top1"]\n'
+            '[search]\npruner = "wilcoxon"\n',
+            "search.pruner",
+            "single-objective",
+        ),
+        ('[objective]\nmaximize = [["decode_tok_s"]]\n', "objective.maximize", "unknown metric"),
         ('[search]\nwarm_start = ["nowhere/*.toml"]\n', "search.warm_start", "matches no file"),
         ("[search]\nwarm_start = 3\n", "search.warm_start", "list of paths"),
         ("[measure]\nconfirm_repeats = 1\n", "measure.confirm_repeats", "at least 2"),

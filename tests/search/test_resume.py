@@ -60,7 +60,7 @@ def test_killed_driver_resumes_without_losing_finished_trials(tiny_model, tmp_pa
         assert after[number].state == TrialState.COMPLETE and after[number].values == values
     stopped = after[interrupted.number]
     assert stopped.state == TrialState.FAIL and stopped.user_attrs["failure"].startswith("driver stopped")
-    rerun = [t for t in after if t.user_attrs.get("source") == f"trial {interrupted.number}"]
+    rerun = [t for t in after if t.user_attrs.get("rerun_of") == interrupted.number]
     assert len(rerun) == 1 and rerun[0].params == interrupted.params and rerun[0].state == TrialState.COMPLETE
     assert sum(t.state == TrialState.COMPLETE for t in after) == TRIALS
 

@@ -44,7 +44,7 @@ def test_sampled_configs_are_valid_and_respect_conditions(tmp_path) -> None:
     ("text", "key", "message"),
     [
         ("[params.cache_size]\nchoices = [1, 2]\n", "params.cache_size", "not an engine setting"),
-        ("[params.io_threads]\nlow = 1\nhigh = 4\nlgo = true\n", "params.io_threads", "unknown key"),
+        ("[params.io_threads]\nlow = 1\nhigh = 4\nlgo = true\n", "params.io_threads.lgo", "unknown key"),
         ("[params.io_threads]\nlow = 4\nhigh = 4\n", "params.io_threads", "empty range"),
         ("[params.io_threads]\nlow = 8\nhigh = 2\n", "params.io_threads", "empty range"),
         ("[params.io_threads]\nlow = 0\nhigh = 4\nlog = true\n", "params.io_threads.low", "log range"),
