@@ -60,9 +60,7 @@ def test_wilcoxon_pruner_stops_clearly_slower_trials(tiny_model, tmp_path) -> No
     is measured first and is the best: the sampler's uncached proposals lose every paired repeat and are pruned
     before their last. (The space fixes O_DIRECT, so the engine's default is skipped, with a warning.)"""
     exported = tmp_path / "cached.toml"
-    exported.write_text(
-        '[engine]\nio_mode = "direct"\nio_threads = 1\ncache_policy = "lru"\ncache_bytes = "280MiB"\n'
-    )
+    exported.write_text('[engine]\nio_mode = "direct"\nio_threads = 1\ncache_policy = "lru"\ncache_bytes = "280MiB"\n')
     extra = (
         "[budget]\ntrials = 5\n[measure]\nrepeats = 5\nwarmup = 1\nconfirm = 0\n"
         f'[search]\nsampler = "random"\nseed = 4\nprune_p = 0.1\nwarm_start = ["{exported}"]\n'
