@@ -384,7 +384,8 @@ def _tune(args: argparse.Namespace) -> int:
     print(f"study and log:  {outcome.results}/ (study.journal, tune.log)")
     print(f"report:         {outcome.report}")
     print(f"tuned config:   {outcome.tuned or 'none: no trial met the constraints'}")
-    print(f"MLflow UI:      {sys.argv[0]} ui --runs {args.runs}   (then http://127.0.0.1:5000)")
+    store = f"--tracking-uri {args.tracking_uri}" if args.tracking_uri else f"--runs {args.runs}"
+    print(f"MLflow UI:      {sys.argv[0]} ui {store}   (then http://127.0.0.1:5000)")
     if outcome.interrupted:
         print("interrupted: run the same command again to continue the study", file=sys.stderr)
         return 130
