@@ -376,37 +376,34 @@ class _Tuner:
             return
         self.study.tell(trial, values)
         feasible = figures.feasible(constraints)
-        tags = {"state": "COMPLETE", "feasible": feasible, "stopped_early": stopped, "fidelity": "engine"}
-        self.tracker.end_trial(running.run_id, "FINISHED", summary, tags, {"bench_results.json": running.results})
-        self.last = f"#{trial.number} {_values_text(self.experiment, values)}{'' if feasible else ' (infeasible)'}"
-        self.progress.event(
-            f"trial {trial.number}: {_values_text(self.experiment, values)}"
-            f"{'' if feasible else ' (infeasible: ' + _violations(constraints) + ')'}  {self._describe(running.config)}"
-        )
+        tags = {"state": "COMPLETE", "feasible": feasible, "stopped_early": stopped}
+        text = _values_text(self.experiment, values)
+        why = "" if feasible else f" (infeasible: {_violations(constraints)})"
+        self._ended(running, "FINISHED", summary, tags, text + ("" if feasible else " (infeasible)"), text + why)
 
     def _prune(self, running: _Running, summary: dict) -> None:
         trial = running.trial
         trial.set_user_attr(ATTR_SUMMARY, summary)
         self.study.tell(trial, state=TrialState.PRUNED)
-        tags = {"state": "PRUNED", "fidelity": "engine"}
-        self.tracker.end_trial(running.run_id, "FINISHED", summary, tags, {"bench_results.json": running.results})
-        self.last = f"#{trial.number} pruned"
-        self.progress.event(
-            f"trial {trial.number}: pruned after {len(running.results)} repeats "
-            f"({summary.get('decode_tok_s', float('nan')):.2f} tok/s)  {self._describe(running.config)}"
-        )
+        line = f"pruned after {len(running.results)} repeats ({summary.get('decode_tok_s', float('nan')):.2f} tok/s)"
+        self._ended(running, "FINISHED", summary, {"state": "PRUNED"}, "pruned", line)
 
     def _fail(self, running: _Running, reason: str) -> None:
         trial = running.trial
         trial.set_user_attr(ATTR_FAILURE, reason)
         self.study.tell(trial, state=TrialState.FAIL)
         kind = reason.split(":", 1)[0]
-        tags = {"state": "FAIL", "failure": reason, "failure_kind": kind, "fidelity": "engine"}
-        artifacts = {"bench_results.json": running.results} if running.results else {}
-        self.tracker.end_trial(running.run_id, "FAILED", {}, tags, artifacts)
-        self.last = f"#{trial.number} failed ({kind})"
-        self.progress.event(f"trial {trial.number}: FAILED ({kind})  {self._describe(running.config)}")
+        tags = {"state": "FAIL", "failure": reason, "failure_kind": kind}
         log.info("trial %d failed: %s", trial.number, reason)
+        self._ended(running, "FAILED", {}, tags, f"failed ({kind})", f"FAILED ({kind})")
+
+    def _ended(self, running: _Running, status: str, summary: dict, tags: dict, short: str, line: str) -> None:
+        """A measured trial's end, told to Optuna already: its MLflow run closed, the console and log told."""
+        artifacts = {"bench_results.json": running.results} if running.results else {}
+        self.tracker.end_trial(running.run_id, status, summary, {**tags, "fidelity": "engine"}, artifacts)
+        self.last = f"#{running.trial.number} {short}"
+        self.progress.event(f"trial {running.trial.number}: {line}  {self._describe(running.config)}")
+        self._save_search_time()
 
     def _stop_running(self, why: str) -> None:
         """Ctrl-C: cancel what runs, record it as stopped and queue it again (a resume re-measures it)."""
