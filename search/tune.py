@@ -36,7 +36,7 @@ from engine.bench.fingerprint import engine_version, machine_fingerprint, model_
 from engine.bench.probe import ENGINE_GRID, load_or_probe
 from engine.bench.protocol import resident_bytes
 from engine.bench.stats import median_ci, ratio_ci
-from engine.checkpoint import Checkpoint
+from engine.checkpoint import read_json
 from engine.config import EngineConfig
 from engine.errors import ConfigError
 from engine.models import parse_config
@@ -120,9 +120,10 @@ class _Tuner:
         self.tracking_uri = options.tracking_uri or default_tracking_uri(options.runs)
         self.model = _ensure_model(experiment)
         _check_budget(experiment, self.model)
+        config = read_json(self.model / "config.json")
         self.context = {
             "memory_budget": experiment.memory_budget,
-            "model_top_k": parse_config(Checkpoint.open(self.model).config, self.model / "config.json").top_k,
+            "model_top_k": parse_config(config, self.model / "config.json").top_k,
             "cpu_cores": os.cpu_count() or 1,
         }
         self.running: dict[Any, _Running] = {}
