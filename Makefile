@@ -25,7 +25,7 @@ test: $(VENV)/.test
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
-# A benchmark, not a test: writes docs/benchmarks/protocol.md (about 15 minutes here; needs root for the limit).
+# A benchmark, not a test: writes docs/benchmarks/protocol.md (about 20 minutes here; needs root for the limit).
 bench-protocol: $(VENV)/.runtime
 	command -v fio >/dev/null || apt-get install -y fio || echo "fio unavailable: the report will say so"
 	$(BIN)/python -m engine.bench.protocol_report --data data --out docs/benchmarks/protocol.md

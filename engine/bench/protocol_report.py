@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", default="8GiB")
     parser.add_argument("--memory-limit", default="3GiB")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--rounds", type=int, default=7, help="interleaved probe/fio rounds")
+    parser.add_argument("--rounds", type=int, default=11, help="interleaved probe/fio rounds")
     parser.add_argument("--seconds", type=float, default=2.0, help="per probe or fio cell")
     args = parser.parse_args(argv)
     data = Path(args.data)
