@@ -17,6 +17,7 @@ holding numpy arrays and a JSON header; ``TRACE_VERSION`` changes whenever the f
 from __future__ import annotations
 
 import json
+import os
 import time
 import zipfile
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ import numpy as np
 from engine.config import EngineConfig
 from engine.errors import FileError
 from engine.expert_layout import ByteRange, ExpertLayout
-from engine.model import Model
+from engine.model import Model, load_model
 from engine.models.decoder import Routing
 from engine.predictors import GateLookahead
 from engine.workloads import Workload
@@ -111,8 +112,10 @@ class Trace:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         arrays = {name: getattr(self, name) for name in ARRAYS}
-        with path.open("wb") as f:  # a file object: numpy would append .npz to a bare name
+        partial = path.with_name(f"{path.name}.{os.getpid()}.partial")  # a reader never sees half a trace
+        with partial.open("wb") as f:  # a file object: numpy would append .npz to a bare name
             np.savez_compressed(f, meta=np.asarray(json.dumps(self.meta)), **arrays)
+        os.replace(partial, path)
         return path
 
 
@@ -214,11 +217,9 @@ class _Recorder:
         return tuple(np.stack([layer[n] for layer in stacked], axis=1) for n in range(3))  # type: ignore[return-value]
 
 
-def record_trace(model: Model, workload: Workload, config: EngineConfig) -> Trace:
-    """One pass of ``workload`` on ``model`` (loaded with ``config``), as the benchmark makes it, recorded."""
-    from engine.bench.fingerprint import model_identity
-    from engine.bench.worker import measure
-
+def record_trace(model_dir: str | Path, workload: Workload, config: EngineConfig) -> Trace:
+    """One pass of ``workload`` on the checkpoint ``model_dir`` loaded with ``config``, as the benchmark makes it,
+    recorded."""
     if config.cache_routing_tolerance or config.top_k is not None:
         raise ValueError(
             "a trace records the router's own choice: record it with the model's top_k and cache_routing_tolerance "
@@ -226,6 +227,17 @@ def record_trace(model: Model, workload: Workload, config: EngineConfig) -> Trac
         )
     if config.io_mode == "mmap":
         raise ValueError("record a trace with io_mode pread or direct: under mmap page faults count as compute")
+    model = load_model(model_dir, config)
+    try:
+        return _record(model, workload, config)
+    finally:
+        model.close()
+
+
+def _record(model: Model, workload: Workload, config: EngineConfig) -> Trace:
+    from engine.bench.fingerprint import model_identity
+    from engine.bench.worker import measure
+
     decoder = model.decoder
     spec = decoder.spec
     candidates = min(spec.num_experts, spec.top_k + RECORDED_EXTRA)

@@ -297,19 +297,13 @@ def _routing_stats(args: argparse.Namespace) -> int:
 
 
 def _trace(args: argparse.Namespace) -> int:
-    from engine import load_model
     from engine.config import EngineConfig
     from engine.trace import record_trace
     from engine.units import format_bytes
     from engine.workloads import get_workload
 
-    workload = get_workload(args.workload)
     config = EngineConfig.load(args.config) if args.config else EngineConfig()
-    model = load_model(args.model, config)
-    try:
-        trace = record_trace(model, workload, config)
-    finally:
-        model.close()
+    trace = record_trace(args.model, get_workload(args.workload), config)
     path = trace.save(args.out)
     n, layers, r = trace.top_ids.shape
     print(

@@ -11,7 +11,6 @@ fastest whose top-1 agreement with the original weights is at least X).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -21,7 +20,7 @@ import numpy as np
 import optuna
 from optuna.trial import FrozenTrial
 
-from engine.config import EngineConfig
+from engine.config import EngineConfig, toml_key, toml_value
 from search import trials as figures
 from search.trials import ATTR_CONFIG, ATTR_SUMMARY
 
@@ -111,23 +110,8 @@ def export(study: optuna.Study, choice: Choice, out: Path) -> Path:
         tables["provenance.confirmation"] = {"metric": attrs["confirmation"]["metric"], **choice.confirmed}
     lines = [choice.config.to_toml().rstrip()]
     for name, table in tables.items():
-        lines += ["", f"[{name}]"] + [f"{_key(k)} = {_toml(v)}" for k, v in table.items() if v is not None]
+        lines += ["", f"[{name}]"] + [f"{toml_key(k)} = {toml_value(v)}" for k, v in table.items() if v is not None]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")
     EngineConfig.load(out)  # the file must load as the config it claims
     return out
-
-
-def _toml(value: Any) -> str:
-    """A TOML value: JSON's strings, numbers and arrays are TOML's; tables are written inline."""
-    if isinstance(value, dict):
-        return "{ " + ", ".join(f"{_key(k)} = {_toml(v)}" for k, v in value.items() if v is not None) + " }"
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(_toml(v) for v in value) + "]"
-    if isinstance(value, float) and not np.isfinite(value):
-        return "nan" if np.isnan(value) else ("inf" if value > 0 else "-inf")
-    return json.dumps(value)
-
-
-def _key(key: str) -> str:
-    return key if key.replace("_", "").replace("-", "").isalnum() and key.isascii() else json.dumps(key)

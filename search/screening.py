@@ -13,13 +13,11 @@ threshold is a ratio, not a rank.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from engine.bench.probe import ProbeResult
 from engine.config import EngineConfig
-from engine.model import load_model
 from engine.simulator import disk_bandwidth, simulate
 from engine.trace import load_trace, record_trace
 from engine.workloads import Workload
@@ -52,12 +50,5 @@ def ensure_trace(path: Path, model: Path, workload: Workload) -> bool:
     if path.exists():
         load_trace(path)  # a bad file fails here, naming itself, before any trial
         return False
-    loaded = load_model(model, EngineConfig())
-    try:
-        trace = record_trace(loaded, workload, EngineConfig())
-    finally:
-        loaded.close()
-    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
-    trace.save(partial)
-    os.replace(partial, path)
+    record_trace(model, workload, EngineConfig()).save(path)
     return True

@@ -17,7 +17,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from engine.bench.fingerprint import command_line, report_header
+from engine.bench.fingerprint import command_line, report_header, write_report
 from engine.bench.kernel_bench import kernel_table
 from engine.bench.probe import ENGINE_GRID, load_or_probe, probe_directory, spread_bandwidth
 from engine.bench.protocol import BenchFailure, BenchRequest, run_bench
@@ -94,10 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     results = _decode(model, size, limit, args.repeats, probe, Path(args.out).with_suffix(".json"))
     sections.append(results[0])
     sections.append(_versus(model, limit, args.repeats, probe, results[1]))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n\n".join(sections) + "\n")
-    print(f"wrote {out}", file=sys.stderr)
+    write_report(Path(args.out), sections)
     return 0
 
 

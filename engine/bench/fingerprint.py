@@ -126,3 +126,10 @@ def report_header(title: str, target: str, module: str, options: str, data: Path
             "Machine: " + ", ".join(f"{k} `{v}`" for k, v in machine.items()),
         ]
     )
+
+
+def write_report(out: Path, sections: list[str]) -> None:
+    """A benchmark report's markdown, its sections apart by a blank line."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n\n".join(sections) + "\n")
+    print(f"wrote {out}", file=sys.stderr)

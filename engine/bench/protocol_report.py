@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from engine import load_model
-from engine.bench.fingerprint import report_header
+from engine.bench.fingerprint import report_header, write_report
 from engine.bench.fio import fio_bandwidth
 from engine.bench.probe import default_mechanism, load_or_probe, probe_directory
 from engine.bench.protocol import BenchRequest, run_bench
@@ -59,9 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     sections.append(synth_section)
     sections.append(_routing(model))
     sections.append(_bench(model, parse_bytes(args.memory_limit, "--memory-limit"), args.repeats, Path(args.out)))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text("\n\n".join(sections) + "\n")
-    print(f"wrote {args.out}", file=sys.stderr)
+    write_report(Path(args.out), sections)
     return 0
 
 

@@ -19,9 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from engine import load_model
 from engine.bench.engine_report import _synthetic
-from engine.bench.fingerprint import command_line, report_header
+from engine.bench.fingerprint import command_line, report_header, write_report
 from engine.bench.probe import ENGINE_GRID, ProbeResult, load_or_probe
 from engine.bench.protocol import BenchFailure, BenchRequest, run_bench
 from engine.bench.stats import median_ci
@@ -80,21 +79,13 @@ def main(argv: list[str] | None = None) -> int:
     sections.append(_speed(trace, configs))
     sections.append(_predictions(model, trace, configs, limit, args.rounds, probe, Path(args.out)))
     sections.append(_optimality(trace, limit))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n\n".join(sections) + "\n")
-    print(f"wrote {out}", file=sys.stderr)
+    write_report(Path(args.out), sections)
     return 0
 
 
 def _trace(model: Path, path: Path) -> Trace:
     """The trace of the workload, recorded with direct packed reads (so its compute time is theirs)."""
-    config = EngineConfig(**STREAMING)
-    loaded = load_model(model, config)
-    try:
-        record_trace(loaded, get_workload(WORKLOAD), config).save(path)
-    finally:
-        loaded.close()
+    record_trace(model, get_workload(WORKLOAD), EngineConfig(**STREAMING)).save(path)
     return load_trace(path)
 
 

@@ -36,11 +36,7 @@ def model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def trace_path(model_dir: Path, tmp_path_factory) -> Path:
-    model = load_model(model_dir)
-    try:
-        trace = record_trace(model, WORKLOAD, EngineConfig())
-    finally:
-        model.close()
+    trace = record_trace(model_dir, WORKLOAD, EngineConfig())
     return trace.save(tmp_path_factory.mktemp("trace") / "decode-short.npz")
 
 

@@ -10,9 +10,9 @@ import optuna
 import pytest
 from optuna.trial import TrialState, create_trial
 
-from engine.config import EngineConfig
+from engine.config import EngineConfig, toml_value
 from search.experiment import SAMPLERS, ExperimentError, load_experiment
-from search.export import _toml, parse_pick, pick
+from search.export import parse_pick, pick
 from search.space import load_space
 from search.study import enqueue_warm_start, open_study, project
 from tests.search.conftest import AUTORESEARCH, write_experiment
@@ -103,7 +103,7 @@ def test_picks() -> None:
 
 def test_toml_values_parse_back() -> None:
     value = {"a": 1, "b-c": [1.5, 'x"y'], "d e": {"f": True}, "g": float("nan")}
-    parsed = tomllib.loads(f"v = {_toml(value)}")["v"]
+    parsed = tomllib.loads(f"v = {toml_value(value)}")["v"]
     assert parsed["a"] == 1 and parsed["b-c"] == [1.5, 'x"y'] and parsed["d e"] == {"f": True}
     assert parsed["g"] != parsed["g"]
 
