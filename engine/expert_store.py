@@ -103,7 +103,9 @@ class ExpertStore:
         self.stats = StoreStats(io=self.reader.stats)
         self.predictor = predictor
         self.staged_limit = config.prefetch_depth * (top_k + config.prefetch_extra)
-        self._moe_layers = sorted({layer for layer, _ in layouts})
+        moe_layers = sorted({layer for layer, _ in layouts})
+        depth = config.prefetch_depth
+        self._ahead = {layer: moe_layers[n + 1 : n + 1 + depth] for n, layer in enumerate(moe_layers)}
         self._cached: dict[Key, ExpertData] = {}
         self._staged: dict[Key, Fetch] = {}
         self._current: dict[int, ExpertData | Fetch] = {}  # expert -> its data, or the read bringing it
@@ -130,30 +132,33 @@ class ExpertStore:
             self._retiring.clear()
         if self._cancelled:
             self._sweep_cancelled()
-        if self._staged:
-            for key in [key for key in self._staged if (key[0] <= layer and key[1] not in experts) or key[0] < layer]:
-                fetch = self._staged.pop(key)
-                fetch.cancel()
-                self._cancelled.append(fetch)
-                self.stats.prefetch_wasted += 1
+        staged = self._staged
+        if staged:
+            self._cancel_unused(layer, experts)
         self._layer = layer
-        self._current.clear()
-        stats = self.stats
+        current = self._current
+        current.clear()
+        access, cached, fetch, layouts = self.cache.access, self._cached, self.reader.fetch, self.layouts
+        hits = used = timely = 0
         for expert in experts:
             key = (layer, expert)
-            if self.cache.access(key):
-                stats.hits += 1
-                self._current[expert] = self._cached[key]
+            if access(key):
+                hits += 1
+                current[expert] = cached[key]
                 continue
-            stats.misses += 1
-            stats.experts_loaded += 1
-            fetch = self._staged.pop(key, None)
-            if fetch is not None:
-                stats.prefetch_used += 1
-                stats.prefetch_timely += fetch.done
+            read = staged.pop(key, None) if staged else None
+            if read is not None:
+                used += 1
+                timely += read.done
             else:
-                fetch = self.reader.fetch(self.layouts[key], self._take())
-            self._current[expert] = fetch
+                read = fetch(layouts[key], self._take())
+            current[expert] = read
+        stats = self.stats
+        stats.hits += hits
+        stats.misses += len(experts) - hits
+        stats.experts_loaded += len(experts) - hits
+        stats.prefetch_used += used
+        stats.prefetch_timely += timely
 
     def get(self, layer: int, expert: int) -> ExpertData:
         """The weights of an expert requested for this layer; valid until the next ``request``."""
@@ -169,7 +174,15 @@ class ExpertStore:
             data = fetch.wait()
             self.stats.stall_seconds += time.perf_counter() - began
         self._current[expert] = data
-        self._admit((layer, expert), data)
+        evicted = self.cache.admit((layer, expert), self.entry_bytes)
+        if evicted:
+            cached, retiring = self._cached, self._retiring
+            for victim in evicted:
+                retiring.append(cached.pop(victim))
+        if (layer, expert) in self.cache:
+            self._cached[layer, expert] = data
+        else:
+            self._retiring.append(data)
         return data
 
     def route_done(self, layer: int, h: np.ndarray, experts: np.ndarray, probs: np.ndarray) -> None:
@@ -181,16 +194,16 @@ class ExpertStore:
         if predictor is None:
             return
         predictor.observe(layer, h, experts, probs)
-        position = self._moe_layers.index(layer)
         count = experts.shape[1] + self.config.prefetch_extra
-        for target in self._moe_layers[position + 1 : position + 1 + self.config.prefetch_depth]:
+        staged, cache, limit = self._staged, self.cache, self.staged_limit
+        for target in self._ahead[layer]:
             for expert in predictor.propose(layer, h, experts, target, count):
-                if len(self._staged) >= self.staged_limit:
+                if len(staged) >= limit:
                     return
                 key = (target, expert)
-                if key in self._staged or key in self.cache:
+                if key in staged or key in cache:
                     continue
-                self._staged[key] = self.reader.fetch(self.layouts[key], self._take())
+                staged[key] = self.reader.fetch(self.layouts[key], self._take())
                 self.stats.prefetch_issued += 1
 
     def is_resident(self, layer: int, expert: int) -> bool:
@@ -209,17 +222,6 @@ class ExpertStore:
         for key, fetch in fetches.items():
             self._cached[key] = fetch.wait()
 
-    def _admit(self, key: Key, data: ExpertData) -> None:
-        evicted = self.cache.admit(key, self.entry_bytes)
-        if evicted:
-            cached, retiring = self._cached, self._retiring
-            for victim in evicted:
-                retiring.append(cached.pop(victim))
-        if key in self.cache:
-            self._cached[key] = data
-        else:
-            self._retiring.append(data)
-
     def _release(self, data: ExpertData) -> None:
         if isinstance(data, PackedExpert):
             if data.buffer is not None:
@@ -235,6 +237,15 @@ class ExpertStore:
             return self._free.pop()
         h, i = self.hidden_size, self.intermediate_size
         return ExpertWeights(np.empty((2 * i, h), np.float32), np.empty((h, i), np.float32))
+
+    def _cancel_unused(self, layer: int, experts: list[int]) -> None:
+        """Cancel the staged prefetches this layer has not asked for, and those of earlier layers."""
+        staged = self._staged
+        for key in [key for key in staged if key[0] < layer or (key[0] == layer and key[1] not in experts)]:
+            fetch = staged.pop(key)
+            fetch.cancel()
+            self._cancelled.append(fetch)
+            self.stats.prefetch_wasted += 1
 
     def _sweep_cancelled(self) -> None:
         still = []

@@ -34,7 +34,7 @@ from engine.expert_layout import ExpertLayout, PackedExpert
 from engine.expert_store import ExpertStore
 from engine.models.decoder import prefer_resident
 from engine.optimal_cache import optimal_hits
-from engine.predictors import GateLookahead, Predictor, PreviousToken, make_predictor
+from engine.predictors import GateLookahead, Predictor, PreviousToken, make_predictor, merge_ranks
 from engine.trace import Trace
 from engine.units import format_bytes
 from engine.weights import DEFAULT_GROUP_SIZE
@@ -53,11 +53,12 @@ class Clock:
 class SimulatedFetch(Fetch):
     """A read that only takes time: done once the clock passes its end."""
 
+    weights, result, error = None, NO_DATA, None
+
     def __init__(self, reader: SimulatedReader, nbytes: int, start: float, end: float) -> None:
         # Not Fetch.__init__: its lock and event are for reader threads, which a simulation has none of.
-        self.reader, self.nbytes, self.start, self.end = reader, nbytes, start, end
-        self.bytes_read = nbytes
-        self.weights, self.result, self.error, self.cancelled = None, NO_DATA, None, False
+        self.reader, self.nbytes, self.bytes_read, self.start, self.end = reader, nbytes, nbytes, start, end
+        self.cancelled = False
 
     @property
     def done(self) -> bool:
@@ -135,6 +136,7 @@ class SimulatedReader:
         self.clock, self.bandwidth = clock, bandwidth
         self.counts = issues_reads(mode, repacked=repacked, packed=packed)
         self.nbytes = {id(layout): sum(p.nbytes for p in plan_pieces(layout, mode)) for layout in layouts}
+        self.seconds = {key: nbytes / bandwidth for key, nbytes in self.nbytes.items()}
         self.slots = _Slots(max(self.nbytes.values()))
         self.stats = IoStats()
         self.disk_free = 0.0
@@ -150,15 +152,15 @@ class SimulatedReader:
         stats = self.stats
         fetch: SimulatedFetch | InstantFetch | MappedFetch
         if not self.counts:
-            return MappedFetch(self, self.nbytes[key] / self.bandwidth)
+            return MappedFetch(self, self.seconds[key])
         if self.instant is not None:
             fetch = self.instant[key]
         else:
             now, queue = self.clock.now, self.queue
             while queue and queue[0].end <= now:
                 queue.popleft()
-            start = max(now, self.disk_free)
-            self.disk_free = end = start + self.nbytes[key] / self.bandwidth
+            start = self.disk_free if self.disk_free > now else now
+            self.disk_free = end = start + self.seconds[key]
             fetch = SimulatedFetch(self, self.nbytes[key], start, end)
             queue.append(fetch)
         if fetch.nbytes:
@@ -197,17 +199,28 @@ class _SimulatedStore(ExpertStore):
 
 
 class _RecordedLookahead(GateLookahead):
-    """``gate_lookahead`` as recorded: ``h`` is the trace's proposals [T, D, R] for the layer's next D layers."""
+    """``gate_lookahead`` as recorded: ``h`` is the trace's proposals for the layer's next D layers, per token
+    [T][D][R] (nested lists)."""
 
     def __init__(self, moe_layers: list[int], num_experts: int) -> None:
         super().__init__(moe_layers, num_experts, {})
         self._position = {layer: i for i, layer in enumerate(moe_layers)}
 
-    def scores(self, layer: int, h: np.ndarray, experts: np.ndarray, target: int) -> np.ndarray | None:
-        ids = h[:, self._position[target] - self._position[layer] - 1]  # [T, R], best first
-        scores = np.zeros((len(ids), self.num_experts))
-        np.put_along_axis(scores, ids.astype(np.intp), np.arange(ids.shape[1], 0, -1, dtype=np.float64), axis=1)
-        return scores
+    def propose(self, layer: int, h: np.ndarray, experts: np.ndarray, target: int, count: int) -> list[int]:
+        ahead = self._position[target] - self._position[layer] - 1
+        if count <= 0:
+            return []
+        if len(h) == 1:
+            return h[0][ahead][:count]
+        return merge_ranks(np.array([token[ahead][:count] for token in h]))
+
+
+class _RecordedPreviousToken(PreviousToken):
+    """``previous_token`` as recorded: ``probs`` is the layer's recorded candidates per token, best first [T][R]
+    (nested lists). Only the first R of a ranking are known, which ``_check`` makes sure is enough."""
+
+    def observe(self, layer: int, h: np.ndarray, experts: np.ndarray, probs: np.ndarray) -> None:
+        self._ranked[layer] = probs[-1]
 
 
 @dataclass
@@ -269,6 +282,8 @@ def simulate(
     predictor: Predictor | None
     if config.predictor == "gate_lookahead":
         predictor = _RecordedLookahead(moe_layers, trace.num_experts)
+    elif config.predictor == "previous_token":
+        predictor = _RecordedPreviousToken(moe_layers, trace.num_experts)
     else:
         predictor = make_predictor(config.predictor, moe_layers, trace.num_experts, {})
     store = _SimulatedStore(
@@ -420,19 +435,18 @@ class _Replay:
     ) -> None:
         self.trace, self.store, self.clock, self.k = trace, store, clock, k
         self.tolerance = config.cache_routing_tolerance
-        self.predictor = store.predictor
-        self.reads_probs = isinstance(self.predictor, PreviousToken)  # the one predictor that reads probabilities
         self.calls = trace.call_bounds()
         self.moe_layers = trace.moe_layers
         half = 0.5 / len(self.moe_layers)
         self.compute = [half * (t * (prefill_compute if t > 1 else decode_compute)) for t in trace.call_tokens.tolist()]
-        self.experts = trace.top_ids[:, :, :k].astype(np.intp)
+        by_layer = np.ascontiguousarray(trace.top_ids[:, :, :k].transpose(1, 0, 2), dtype=np.intp)  # [L, N, k]
+        # What the store is given per call and layer: the chosen experts [T, k], and what the predictor reads.
+        self.experts = [[by_layer[li, a:b] for li in range(len(self.moe_layers))] for a, b in self.calls]
+        self.inputs = self._predictor_inputs(trace, config.predictor)
         # Without cache-aware routing a layer's experts do not depend on the cache: work them out once.
         self.fixed = None
         if not self.tolerance:
-            self.fixed = [
-                [np.unique(self.experts[a:b, li]).tolist() for li in range(len(self.moe_layers))] for a, b in self.calls
-            ]
+            self.fixed = [[np.unique(experts).tolist() for experts in call] for call in self.experts]
         self.batches: list[tuple[int, list[int]]] = []  # every layer's lookups, for the optimal bound
         self.counted: list[bool] = []  # whether each batch is of a measured decode step
         self.lookups = 0
@@ -440,30 +454,46 @@ class _Replay:
         self.decode_tokens = 0
         self.decode_seconds = self.decode_stall = 0.0
 
+    def _predictor_inputs(self, trace: Trace, predictor: str) -> list[list[tuple]]:
+        """Per call and layer, the (h, probs) the store passes the predictor: the recorded lookahead proposals
+        for ``gate_lookahead``, the recorded candidates for ``previous_token``, nothing for the others."""
+        layers = range(len(self.moe_layers))
+        if predictor == "gate_lookahead":
+            return [[(trace.lookahead_ids[a:b, li].tolist(), None) for li in layers] for a, b in self.calls]
+        if predictor == "previous_token":
+            return [[(None, trace.top_ids[a:b, li].tolist()) for li in layers] for a, b in self.calls]
+        return [[(None, None)] * len(self.moe_layers) for _ in self.calls]
+
     def run_pass(self, measured: bool) -> None:
         """One pass over the trace's calls; a measured one adds its decode steps to the figures."""
         store, clock, stats = self.store, self.clock, self.store.stats
+        request, route_done, get = store.request, store.route_done, store.get
+        batches, moe_layers = self.batches, self.moe_layers
         for c, (a, b) in enumerate(self.calls):
             scored = measured and c > 0 and b - a == 1
             began, stalled, before = clock.now, clock.stalled, stats.snapshot() if scored else None
             store.begin_forward()
             step = self.compute[c]
-            for li, layer in enumerate(self.moe_layers):
+            calls_experts, inputs = self.experts[c], self.inputs[c]
+            fixed = self.fixed[c] if self.fixed is not None else None
+            for li, layer in enumerate(moe_layers):
                 clock.now += step
-                experts, chosen = self._route(c, a, b, li, layer)
-                self.batches.append((layer, chosen))
-                self.counted.append(scored)
-                self.lookups += len(chosen)
-                store.request(layer, chosen)
-                if self.predictor is None:
-                    store.route_done(layer, None, experts, None)  # type: ignore[arg-type]
+                experts = calls_experts[li]
+                if fixed is not None:
+                    chosen = fixed[li]
                 else:
-                    probs = self._probs(a, b, li) if self.reads_probs else None
-                    store.route_done(layer, self.trace.lookahead_ids[a:b, li], experts, probs)  # type: ignore[arg-type]
+                    experts = self._route(a, b, li, layer)
+                    chosen = np.unique(experts).tolist()
+                batches.append((layer, chosen))
+                self.lookups += len(chosen)
+                request(layer, chosen)
+                h, probs = inputs[li]
+                route_done(layer, h, experts, probs)  # type: ignore[arg-type]
                 share = step / len(chosen)
                 for expert in chosen:  # each expert's compute runs while the later ones are still arriving
-                    store.get(layer, expert)
+                    get(layer, expert)
                     clock.now += share
+            self.counted += [scored] * len(moe_layers)
             if before is not None:
                 for name, value in stats.snapshot().items():
                     self.counters[name] += value - before[name]
@@ -471,23 +501,16 @@ class _Replay:
                 self.decode_seconds += clock.now - began
                 self.decode_stall += clock.stalled - stalled
 
-    def _route(self, c: int, a: int, b: int, li: int, layer: int) -> tuple[np.ndarray, list[int]]:
-        experts = self.experts[a:b, li]
-        if self.fixed is not None:
-            return experts, self.fixed[c][li]
-        probs = self._probs(a, b, li)
-        order = self.trace.top_ids[a:b, li].astype(np.intp)
+    def _route(self, a: int, b: int, li: int, layer: int) -> np.ndarray:
+        """The experts [T, k] the decoder picks with cache-aware routing, given what is resident now."""
+        trace = self.trace
+        probs = np.zeros((b - a, trace.num_experts), np.float32)
+        order = trace.top_ids[a:b, li].astype(np.intp)
+        np.put_along_axis(probs, order, trace.top_probs[a:b, li], axis=1)  # the best R as recorded, zero elsewhere
         resident = self.store.is_resident
-        experts = np.stack(
+        return np.stack(
             [
                 prefer_resident(p, o, self.k, self.tolerance, lambda e: resident(layer, e))
                 for p, o in zip(probs, order, strict=True)
             ]
         )
-        return experts, np.unique(experts).tolist()
-
-    def _probs(self, a: int, b: int, li: int) -> np.ndarray:
-        """Router probabilities [T, E] as recorded: the best R, zero elsewhere."""
-        probs = np.zeros((b - a, self.trace.num_experts), np.float32)
-        np.put_along_axis(probs, self.trace.top_ids[a:b, li].astype(np.intp), self.trace.top_probs[a:b, li], axis=1)
-        return probs

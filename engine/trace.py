@@ -207,7 +207,7 @@ class _Recorder:
         position = self.moe_layers.index(layer)
         ahead = np.full((h.shape[0], self.depth, r), -1, np.int16)
         for d, target in enumerate(self.moe_layers[position + 1 : position + 1 + self.depth]):
-            scores = self.lookahead.scores(layer, h, routing.experts, target)
+            scores = self.lookahead.scores(layer, h, target)
             ahead[:, d] = np.argsort(-scores, axis=1, kind="stable")[:, :r]
         self.rows[layer].append((order.astype(np.int16), probs.astype(np.float32), ahead))
         self.seconds[-1] += time.perf_counter() - began  # not the engine's: taken out of its compute time
