@@ -16,12 +16,12 @@ layer for every replayed token.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 
 import numpy as np
 from numba import njit
 
 from engine.config import PREDICTORS
-from engine.models.layers import softmax
 
 
 class Predictor(ABC):
@@ -64,21 +64,20 @@ class PreviousToken(Predictor):
         return [] if ranked is None or count <= 0 else ranked[:count]
 
 
+RouterScores = Callable[[int, np.ndarray], np.ndarray]  # (layer, inputs [T, H]) -> that router's scores [T, E]
+
+
 class GateLookahead(Predictor):
     name = "gate_lookahead"
 
-    def __init__(self, moe_layers: list[int], num_experts: int, routers: dict[int, np.ndarray]) -> None:
+    def __init__(self, moe_layers: list[int], num_experts: int, router_scores: RouterScores) -> None:
         super().__init__(moe_layers, num_experts)
-        self.routers = routers  # layer -> [E, H]
-
-    def scores(self, layer: int, h: np.ndarray, target: int) -> np.ndarray:
-        """[T, E]: ``target``'s router probabilities for ``layer``'s input."""
-        return softmax(h @ self.routers[target].T)
+        self.router_scores = router_scores  # the decoder's own ranking of a layer's experts
 
     def propose(self, layer: int, h: np.ndarray, experts: np.ndarray, target: int, count: int) -> list[int]:
         if count <= 0:
             return []
-        scores = self.scores(layer, h, target)
+        scores = self.router_scores(target, h)
         return merge_ranks(np.argsort(-scores, axis=1, kind="stable")[:, :count])
 
 
@@ -142,16 +141,14 @@ def _chained_best(
     return best
 
 
-def make_predictor(
-    name: str, moe_layers: list[int], num_experts: int, routers: dict[int, np.ndarray]
-) -> Predictor | None:
+def make_predictor(name: str, moe_layers: list[int], num_experts: int, router_scores: RouterScores) -> Predictor | None:
     """The predictor called ``name`` (one of PREDICTORS); None for "none"."""
     if name == "none":
         return None
     if name == "previous_token":
         return PreviousToken(moe_layers, num_experts)
     if name == "gate_lookahead":
-        return GateLookahead(moe_layers, num_experts, routers)
+        return GateLookahead(moe_layers, num_experts, router_scores)
     if name == "coactivation":
         return Coactivation(moe_layers, num_experts)
     raise ValueError(f"predictor must be one of {', '.join(PREDICTORS)}, got {name!r}")

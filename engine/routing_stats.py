@@ -50,7 +50,7 @@ class RoutingRecorder:
         self.experts[layer].append(routing.experts)
         nxt = self.next_moe.get(layer)
         if nxt is not None:
-            self.guesses[nxt].append(self.decoder.route(self.decoder.layers[nxt].router, h, nxt).experts)
+            self.guesses[nxt].append(self.decoder.route(nxt, h).experts)
 
     def routing(self) -> dict[int, np.ndarray]:
         """Per MoE layer, the experts [tokens, k] of every token seen, in order."""

@@ -198,12 +198,14 @@ class _SimulatedStore(ExpertStore):
         return None
 
 
-class _RecordedLookahead(GateLookahead):
+class _RecordedLookahead(Predictor):
     """``gate_lookahead`` as recorded: ``h`` is the trace's proposals for the layer's next D layers, per token
     [T][D][R] (nested lists)."""
 
+    name = GateLookahead.name
+
     def __init__(self, moe_layers: list[int], num_experts: int) -> None:
-        super().__init__(moe_layers, num_experts, {})
+        super().__init__(moe_layers, num_experts)
         self._position = {layer: i for i, layer in enumerate(moe_layers)}
 
     def propose(self, layer: int, h: np.ndarray, experts: np.ndarray, target: int, count: int) -> list[int]:
@@ -221,6 +223,10 @@ class _RecordedPreviousToken(PreviousToken):
 
     def observe(self, layer: int, h: np.ndarray, experts: np.ndarray, probs: np.ndarray) -> None:
         self._ranked[layer] = probs[-1]
+
+
+def _no_router(layer: int, h: np.ndarray) -> np.ndarray:
+    raise AssertionError("a replay has no router: gate_lookahead replays the recorded proposals")
 
 
 @dataclass
@@ -285,7 +291,7 @@ def simulate(
     elif config.predictor == "previous_token":
         predictor = _RecordedPreviousToken(moe_layers, trace.num_experts)
     else:
-        predictor = make_predictor(config.predictor, moe_layers, trace.num_experts, {})
+        predictor = make_predictor(config.predictor, moe_layers, trace.num_experts, _no_router)
     store = _SimulatedStore(
         layouts,
         meta["hidden_size"],

@@ -40,7 +40,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     s = verbs.add_parser("synth", help="write a synthetic MoE checkpoint (structured random weights, real files)")
     what = s.add_mutually_exclusive_group(required=True)
     what.add_argument("--preset", choices=["tiny", "quickstart"])
-    what.add_argument("--arch", choices=["qwen3_moe", "mixtral"], help="with --size, or with --num-layers")
+    what.add_argument(
+        "--arch", choices=["qwen3_moe", "mixtral", "deepseek_v3"], help="with --size, or with --num-layers"
+    )
     s.add_argument("--size", help="target size, e.g. 8GiB: the arch's default shape, as deep as fits")
     for dim in SYNTH_DIMS:
         s.add_argument(f"--{dim.replace('_', '-')}", type=int, help="override the arch's default")

@@ -16,19 +16,20 @@ from engine.errors import CheckpointError
 from engine.expert_layout import locate_experts, repacked_layouts
 from engine.expert_store import ExpertStore
 from engine.models.experts import expert_mlp
-from engine.models.layers import Rope, attend, rms_norm, sigmoid, softmax, swiglu
+from engine.models.layers import Rope, attend, attend_latent, rms_norm, sigmoid, softmax, swiglu
 from engine.models.spec import DecoderSpec
 from engine.predictors import make_predictor
 from engine.repack_manifest import is_repacked, load_manifest
 
 
 class KVCache:
-    """Keys and values of every layer, [nKV, capacity, D] each, grown by doubling."""
+    """Keys and values of every layer, [nKV, capacity, D] and [nKV, capacity, Dv], grown by doubling. Under
+    latent attention the "keys" are the shared latent [1, capacity, R] and the "values" its rotary keys
+    [1, capacity, P]."""
 
-    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, capacity: int = 256):
-        shape = (num_kv_heads, capacity, head_dim)
-        self.keys = [np.empty(shape, np.float32) for _ in range(num_layers)]
-        self.values = [np.empty(shape, np.float32) for _ in range(num_layers)]
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, value_dim: int, capacity: int = 256):
+        self.keys = [np.empty((num_kv_heads, capacity, head_dim), np.float32) for _ in range(num_layers)]
+        self.values = [np.empty((num_kv_heads, capacity, value_dim), np.float32) for _ in range(num_layers)]
         self.length = 0  # tokens stored (all layers advance together)
 
     def append(self, layer: int, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -36,10 +37,10 @@ class KVCache:
         start, end = self.length, self.length + k.shape[1]
         if end > self.keys[layer].shape[1]:
             grown = max(end, 2 * self.keys[layer].shape[1])
-            for store in (self.keys, self.values):
-                old = store[layer]
-                store[layer] = np.empty((old.shape[0], grown, old.shape[2]), np.float32)
-                store[layer][:, :start] = old[:, :start]
+            for cached in (self.keys, self.values):
+                old = cached[layer]
+                cached[layer] = np.empty((old.shape[0], grown, old.shape[2]), np.float32)
+                cached[layer][:, :start] = old[:, :start]
         self.keys[layer][:, start:end] = k
         self.values[layer][:, start:end] = v
         return self.keys[layer][:, :end], self.values[layer][:, :end]
@@ -60,14 +61,33 @@ class Attention:
 
 
 @dataclass
+class LatentAttentionWeights:
+    """Multi-head latent attention; the key and value up-projections are kept per head for absorption."""
+
+    q: np.ndarray | None  # [nH*(N+P), H] without a q low-rank projection
+    q_a: np.ndarray | None  # [Rq, H]
+    q_a_bias: np.ndarray | None
+    q_a_norm: np.ndarray | None  # [Rq]
+    q_b: np.ndarray | None  # [nH*(N+P), Rq]
+    kv_a: np.ndarray  # [R+P, H]
+    kv_a_bias: np.ndarray | None
+    kv_a_norm: np.ndarray  # [R]
+    k_up: np.ndarray  # [nH, N, R]: a head's non-rotary key from the latent
+    v_up: np.ndarray  # [nH, V, R]
+    o: np.ndarray  # [H, nH*V]
+    o_bias: np.ndarray | None
+
+
+@dataclass
 class Layer:
     input_norm: np.ndarray
     post_attention_norm: np.ndarray
-    attention: Attention
+    attention: Attention | LatentAttentionWeights
     router: np.ndarray | None  # [E, H] for MoE layers
     dense: tuple[np.ndarray, np.ndarray] | None  # (gate_up [2I, H], down [H, I]) for dense layers
     shared_expert: tuple[np.ndarray, np.ndarray] | None
     shared_expert_gate: np.ndarray | None  # [1, H]
+    router_bias: np.ndarray | None = None  # [E]: the grouped sigmoid router's choice correction
 
 
 @dataclass
@@ -76,7 +96,7 @@ class Routing:
 
     experts: np.ndarray  # [T, k] expert ids, best first
     weights: np.ndarray  # [T, k]
-    probs: np.ndarray  # [T, E] the router's probabilities
+    probs: np.ndarray  # [T, E] what the choice ranks: softmax probabilities, or the grouped router's scores
 
 
 RouteObserver = Callable[[int, np.ndarray, "Routing"], None]
@@ -110,8 +130,10 @@ class Decoder:
         self.route_observer: RouteObserver | None = None
 
     def new_cache(self) -> KVCache:
-        s = self.spec
-        return KVCache(s.num_layers, s.num_kv_heads, s.head_dim)
+        s, latent = self.spec, self.spec.latent_attention
+        if latent is not None:
+            return KVCache(s.num_layers, 1, latent.kv_lora_rank, latent.qk_rope_head_dim)
+        return KVCache(s.num_layers, s.num_kv_heads, s.head_dim, s.head_dim)
 
     def forward(self, ids: np.ndarray, cache: KVCache, all_logits: bool = True) -> np.ndarray:
         """Logits [T, V] for token ``ids`` [T] following the cached ones (only the last row unless all_logits)."""
@@ -131,8 +153,17 @@ class Decoder:
         return rms_norm(x, self.final_norm, s.rms_norm_eps) @ self.lm_head.T
 
     def _attention(
-        self, i: int, a: Attention, h: np.ndarray, cache: KVCache, start: int, cos: np.ndarray, sin: np.ndarray
+        self,
+        i: int,
+        a: Attention | LatentAttentionWeights,
+        h: np.ndarray,
+        cache: KVCache,
+        start: int,
+        cos: np.ndarray,
+        sin: np.ndarray,
     ) -> np.ndarray:
+        if isinstance(a, LatentAttentionWeights):
+            return self._latent_attention(i, a, h, cache, start, cos, sin)
         s = self.spec
         t = h.shape[0]
         q, k, v = (_linear(h, w, b) for w, b in ((a.q, a.q_bias), (a.k, a.k_bias), (a.v, a.v_bias)))
@@ -149,10 +180,38 @@ class Decoder:
         keys, values = cache.append(i, k, v)
         return _linear(attend(q, keys, values, start, s.sliding_windows[i]), a.o, a.o_bias)
 
+    def _latent_attention(
+        self,
+        i: int,
+        a: LatentAttentionWeights,
+        h: np.ndarray,
+        cache: KVCache,
+        start: int,
+        cos: np.ndarray,
+        sin: np.ndarray,
+    ) -> np.ndarray:
+        s, m = self.spec, self.spec.latent_attention
+        assert m is not None
+        t, eps = h.shape[0], s.rms_norm_eps
+        low_rank_q = a.q_a is not None
+        q = rms_norm(_linear(h, a.q_a, a.q_a_bias), a.q_a_norm, eps) @ a.q_b.T if low_rank_q else h @ a.q.T
+        q = q.reshape(t, s.num_heads, m.qk_nope_head_dim + m.qk_rope_head_dim).transpose(1, 0, 2)  # [nH, T, N+P]
+        q_nope, q_rope = q[..., : m.qk_nope_head_dim], q[..., m.qk_nope_head_dim :]
+        compressed = _linear(h, a.kv_a, a.kv_a_bias)  # [T, R+P]
+        latent = rms_norm(compressed[:, : m.kv_lora_rank], a.kv_a_norm, eps)
+        k_rope = compressed[None, :, m.kv_lora_rank :]  # [1, T, P]
+        rotate = Rope.apply_interleaved if m.interleaved_rope else Rope.apply
+        q_rope, k_rope = rotate(q_rope, cos, sin), rotate(k_rope, cos, sin)
+        latents, k_ropes = cache.append(i, latent[None], k_rope)
+        q_latent = q_nope @ a.k_up  # [nH, T, R]
+        mixed = attend_latent(q_latent, q_rope, latents[0], k_ropes[0], start, m.softmax_scale)  # [nH, T, R]
+        out = (mixed @ a.v_up.transpose(0, 2, 1)).transpose(1, 0, 2).reshape(t, -1)  # [T, nH*V]
+        return _linear(out, a.o, a.o_bias)
+
     def _mlp(self, i: int, layer: Layer, h: np.ndarray) -> np.ndarray:
         if layer.dense is not None:
             return swiglu(h, *layer.dense)
-        routing = self.route(layer.router, h, i)
+        routing = self.route(i, h)
         if self.route_observer is not None:
             self.route_observer(i, h, routing)
         experts = np.unique(routing.experts).tolist()
@@ -163,17 +222,37 @@ class Decoder:
             rows, slots = np.nonzero(routing.experts == expert)
             out[rows] += expert_mlp(h[rows], self.store.get(i, expert)) * routing.weights[rows, slots, None]
         if layer.shared_expert is not None:
-            out += sigmoid(h @ layer.shared_expert_gate.T) * swiglu(h, *layer.shared_expert)
+            shared = swiglu(h, *layer.shared_expert)
+            out += shared if layer.shared_expert_gate is None else sigmoid(h @ layer.shared_expert_gate.T) * shared
         return out
 
-    def route(self, router: np.ndarray, h: np.ndarray, layer: int) -> Routing:
-        """Softmax over the E router logits, keep the top k (Shazeer et al. 2017), optionally renormalised.
+    def router_scores(self, layer: int, h: np.ndarray) -> np.ndarray:
+        """[T, E]: what ``layer``'s router ranks its experts by for inputs ``h``: softmax probabilities, or under
+        the grouped sigmoid router the biased scores, -inf outside each token's best groups."""
+        mine = self.layers[layer]
+        logits = h @ mine.router.T
+        grouped = self.spec.grouped_router
+        if grouped is None:
+            return softmax(logits)
+        choice = sigmoid(logits) + mine.router_bias
+        tokens, experts = choice.shape
+        groups = choice.reshape(tokens, grouped.n_group, experts // grouped.n_group)
+        group_scores = np.sort(groups, axis=-1)[..., -2:].sum(axis=-1)  # [T, G]: each group's two best
+        kept = np.argsort(-group_scores, axis=-1, kind="stable")[:, : grouped.topk_group]
+        mask = np.zeros(group_scores.shape, bool)
+        np.put_along_axis(mask, kept, True, axis=-1)
+        return np.where(np.repeat(mask, experts // grouped.n_group, axis=-1), choice, -np.inf)
 
-        With ``cache_routing_tolerance`` > 0, experts within that probability of the k-th best compete for the
+    def route(self, layer: int, h: np.ndarray) -> Routing:
+        """Rank the E experts by ``router_scores``, keep the top k (Shazeer et al. 2017); their weights are the
+        probabilities (or the grouped router's unbiased sigmoid scores times its scaling), optionally
+        renormalised.
+
+        With ``cache_routing_tolerance`` > 0, experts within that score of the k-th best compete for the
         places not taken by clearly better ones, those already in RAM first.
         """
-        k = self.spec.top_k
-        probs = softmax(h @ router.T)  # [T, E]
+        k, grouped = self.spec.top_k, self.spec.grouped_router
+        probs = self.router_scores(layer, h)  # [T, E]
         order = np.argsort(-probs, axis=-1, kind="stable")
         experts = order[:, :k]  # [T, k]
         if self.config.cache_routing_tolerance > 0:
@@ -184,9 +263,14 @@ class Decoder:
                     for p, o in zip(probs, order, strict=True)
                 ]
             )
-        weights = np.take_along_axis(probs, experts, axis=-1)
+        if grouped is None:
+            weights = np.take_along_axis(probs, experts, axis=-1)
+        else:
+            weights = np.take_along_axis(probs, experts, axis=-1) - self.layers[layer].router_bias[experts]
         if self.spec.norm_topk_prob:
-            weights = weights / weights.sum(axis=-1, keepdims=True)
+            weights = weights / (weights.sum(axis=-1, keepdims=True) + (0.0 if grouped is None else 1e-20))
+        if grouped is not None:
+            weights = weights * grouped.routed_scaling_factor
         return Routing(experts, weights, probs)
 
 
@@ -233,31 +317,36 @@ def build_decoder(spec: DecoderSpec, ckpt: Checkpoint, config: EngineConfig) -> 
     layers = []
     for i in range(s.num_layers):
         p = f"model.layers.{i}"
-        qn, kn = norm_shapes.get(s.qk_norm, (None, None))
-        attention = Attention(
-            q=read(f"{p}.self_attn.q_proj.weight", (q_dim, h)),
-            k=read(f"{p}.self_attn.k_proj.weight", (kv_dim, h)),
-            v=read(f"{p}.self_attn.v_proj.weight", (kv_dim, h)),
-            o=read(f"{p}.self_attn.o_proj.weight", (h, q_dim)),
-            q_bias=maybe(f"{p}.self_attn.q_proj.bias", (q_dim,), s.qkv_bias),
-            k_bias=maybe(f"{p}.self_attn.k_proj.bias", (kv_dim,), s.qkv_bias),
-            v_bias=maybe(f"{p}.self_attn.v_proj.bias", (kv_dim,), s.qkv_bias),
-            o_bias=maybe(f"{p}.self_attn.o_proj.bias", (h,), s.o_bias),
-            q_norm=maybe(f"{p}.self_attn.q_norm.weight", qn, qn is not None),
-            k_norm=maybe(f"{p}.self_attn.k_norm.weight", kn, kn is not None),
-        )
-        router = dense = shared = shared_gate = None
+        attention: Attention | LatentAttentionWeights
+        if s.latent_attention is not None:
+            attention = _latent_attention_weights(read, maybe, f"{p}.self_attn", s)
+        else:
+            qn, kn = norm_shapes.get(s.qk_norm, (None, None))
+            attention = Attention(
+                q=read(f"{p}.self_attn.q_proj.weight", (q_dim, h)),
+                k=read(f"{p}.self_attn.k_proj.weight", (kv_dim, h)),
+                v=read(f"{p}.self_attn.v_proj.weight", (kv_dim, h)),
+                o=read(f"{p}.self_attn.o_proj.weight", (h, q_dim)),
+                q_bias=maybe(f"{p}.self_attn.q_proj.bias", (q_dim,), s.qkv_bias),
+                k_bias=maybe(f"{p}.self_attn.k_proj.bias", (kv_dim,), s.qkv_bias),
+                v_bias=maybe(f"{p}.self_attn.v_proj.bias", (kv_dim,), s.qkv_bias),
+                o_bias=maybe(f"{p}.self_attn.o_proj.bias", (h,), s.o_bias),
+                q_norm=maybe(f"{p}.self_attn.q_norm.weight", qn, qn is not None),
+                k_norm=maybe(f"{p}.self_attn.k_norm.weight", kn, kn is not None),
+            )
+        router = router_bias = dense = shared = shared_gate = None
         if s.sparse_layers[i]:
             moe = _moe_prefix(ckpt, p, s)
             router = read(f"{moe}.gate.weight", (s.num_experts, h))
+            router_bias = maybe(f"{moe}.gate.e_score_correction_bias", (s.num_experts,), s.grouped_router is not None)
             if not repacked:
                 experts = locate_experts(
                     ckpt, f"{moe}.experts", s.num_experts, h, s.moe_intermediate_size, s.expert_names
                 )
                 layouts.update({(i, e): layout for e, layout in experts.items()})
             if s.shared_expert_intermediate_size:
-                shared = mlp(f"{moe}.shared_expert", s.shared_expert_intermediate_size)
-                shared_gate = read(f"{moe}.shared_expert_gate.weight", (1, h))
+                shared = mlp(f"{moe}.{s.shared_expert_name}", s.shared_expert_intermediate_size)
+                shared_gate = maybe(f"{moe}.shared_expert_gate.weight", (1, h), s.shared_expert_gated)
         else:
             dense = mlp(f"{p}.mlp", s.dense_intermediate_size)
         layers.append(
@@ -269,14 +358,41 @@ def build_decoder(spec: DecoderSpec, ckpt: Checkpoint, config: EngineConfig) -> 
                 dense,
                 shared,
                 shared_gate,
+                router_bias,
             )
         )
     embed = read("model.embed_tokens.weight", (s.vocab_size, h))
     lm_head = embed if s.tie_word_embeddings else read("lm_head.weight", (s.vocab_size, h))
-    routers = {i: layer.router for i, layer in enumerate(layers) if layer.router is not None}
-    predictor = make_predictor(config.predictor, sorted(routers), s.num_experts, routers)
-    store = ExpertStore(layouts, h, s.moe_intermediate_size, config, s.num_layers, s.top_k, predictor)
-    return Decoder(s, config, ckpt, store, layers, embed, read("model.norm.weight", (h,)), lm_head)
+    moe_layers = [i for i, layer in enumerate(layers) if layer.router is not None]
+    store = ExpertStore(layouts, h, s.moe_intermediate_size, config, s.num_layers, s.top_k)
+    decoder = Decoder(s, config, ckpt, store, layers, embed, read("model.norm.weight", (h,)), lm_head)
+    store.predictor = make_predictor(config.predictor, moe_layers, s.num_experts, decoder.router_scores)
+    return decoder
+
+
+def _latent_attention_weights(read: Callable, maybe: Callable, prefix: str, s: DecoderSpec) -> LatentAttentionWeights:
+    m = s.latent_attention
+    assert m is not None
+    h, heads = s.hidden_size, s.num_heads
+    q_dim = heads * (m.qk_nope_head_dim + m.qk_rope_head_dim)
+    low_rank_q = m.q_lora_rank is not None
+    rank_q = m.q_lora_rank or 0
+    kv_up = read(f"{prefix}.kv_b_proj.weight", (heads * (m.qk_nope_head_dim + m.v_head_dim), m.kv_lora_rank))
+    kv_up = kv_up.reshape(heads, m.qk_nope_head_dim + m.v_head_dim, m.kv_lora_rank)
+    return LatentAttentionWeights(
+        q=maybe(f"{prefix}.q_proj.weight", (q_dim, h), not low_rank_q),
+        q_a=maybe(f"{prefix}.q_a_proj.weight", (rank_q, h), low_rank_q),
+        q_a_bias=maybe(f"{prefix}.q_a_proj.bias", (rank_q,), low_rank_q and m.bias),
+        q_a_norm=maybe(f"{prefix}.q_a_layernorm.weight", (rank_q,), low_rank_q),
+        q_b=maybe(f"{prefix}.q_b_proj.weight", (q_dim, rank_q), low_rank_q),
+        kv_a=read(f"{prefix}.kv_a_proj_with_mqa.weight", (m.kv_lora_rank + m.qk_rope_head_dim, h)),
+        kv_a_bias=maybe(f"{prefix}.kv_a_proj_with_mqa.bias", (m.kv_lora_rank + m.qk_rope_head_dim,), m.bias),
+        kv_a_norm=read(f"{prefix}.kv_a_layernorm.weight", (m.kv_lora_rank,)),
+        k_up=np.ascontiguousarray(kv_up[:, : m.qk_nope_head_dim]),
+        v_up=np.ascontiguousarray(kv_up[:, m.qk_nope_head_dim :]),
+        o=read(f"{prefix}.o_proj.weight", (h, heads * m.v_head_dim)),
+        o_bias=maybe(f"{prefix}.o_proj.bias", (h,), m.bias),
+    )
 
 
 def _moe_prefix(ckpt: Checkpoint, layer_prefix: str, spec: DecoderSpec) -> str:

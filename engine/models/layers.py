@@ -51,6 +51,16 @@ class Rope:
         rotated = np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
         return x * cos + rotated * sin
 
+    @staticmethod
+    def apply_interleaved(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+        """Rotate ``x`` [heads, T, D] whose rotary pairs are adjacent, (x0, x1), (x2, x3), ... (DeepSeek's layout);
+        the result has the pairs' first elements, then their second ones (the same for queries and keys, so their
+        dot products are those of the interleaved rotation)."""
+        half = x.shape[-1] // 2
+        cos, sin = cos[..., :half], sin[..., :half]
+        even, odd = x[..., 0::2], x[..., 1::2]
+        return np.concatenate([even * cos - odd * sin, odd * cos + even * sin], axis=-1)
+
 
 def attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_start: int, window: int | None) -> np.ndarray:
     """Causal grouped-query attention.
@@ -71,6 +81,21 @@ def attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_start: int, window: in
     scores = np.where(visible, scores, -np.inf)
     out = np.matmul(softmax(scores), v[:, None])  # [nKV, g, T, D]
     return out.reshape(n_heads, t, d).transpose(1, 0, 2).reshape(t, n_heads * d)
+
+
+def attend_latent(
+    q_latent: np.ndarray, q_rope: np.ndarray, latent: np.ndarray, k_rope: np.ndarray, q_start: int, scale: float
+) -> np.ndarray:
+    """Causal multi-head latent attention with the key up-projection absorbed into the queries.
+
+    q_latent [nH, T, R] (each head's query in the latent space), q_rope [nH, T, P] at positions
+    q_start..q_start+T-1; latent [S, R] and k_rope [S, P] at positions 0..S-1, shared by the heads.
+    Returns [nH, T, R]: each head's attention-weighted latent, for the value up-projection.
+    """
+    t, s = q_latent.shape[1], latent.shape[0]
+    scores = (q_latent @ latent.T + q_rope @ k_rope.T) * scale  # [nH, T, S]
+    visible = np.arange(s)[None, :] <= np.arange(q_start, q_start + t)[:, None]
+    return softmax(np.where(visible, scores, -np.inf)) @ latent
 
 
 def swiglu(x: np.ndarray, gate_up: np.ndarray, down: np.ndarray) -> np.ndarray:

@@ -86,6 +86,33 @@ def _kind_name(kind: type | tuple[type, ...]) -> str:
 
 
 @dataclass(frozen=True)
+class LatentAttention:
+    """Multi-head latent attention (DeepSeek-V2/V3): queries through an optional low-rank projection, keys and
+    values from one shared latent of ``kv_lora_rank`` plus a rotary part of ``qk_rope_head_dim`` shared by the
+    heads; the KV cache keeps only those two."""
+
+    q_lora_rank: int | None  # None: one full q projection
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    interleaved_rope: bool  # rotary pairs are (x0, x1), (x2, x3), ... rather than the two halves
+    softmax_scale: float
+    bias: bool  # q_a_proj, kv_a_proj_with_mqa and o_proj carry biases
+
+
+@dataclass(frozen=True)
+class GroupedSigmoidRouter:
+    """DeepSeek-V3's router: sigmoid scores; the choice adds a per-expert correction bias and keeps to the
+    ``topk_group`` best of ``n_group`` expert groups (a group scores the sum of its two best); the weights are
+    the chosen experts' plain scores, optionally renormalised, times ``routed_scaling_factor``."""
+
+    n_group: int
+    topk_group: int
+    routed_scaling_factor: float
+
+
+@dataclass(frozen=True)
 class DecoderSpec:
     """Everything the shared decoder needs; weight names follow the Hugging Face checkpoint."""
 
@@ -112,6 +139,10 @@ class DecoderSpec:
     o_bias: bool = False
     clip_qkv: float | None = None
     shared_expert_intermediate_size: int = 0  # 0 = no shared expert
+    shared_expert_name: str = "shared_expert"  # DeepSeek: "shared_experts"
+    shared_expert_gated: bool = True  # Qwen2-MoE's sigmoid gate; DeepSeek adds its shared experts as they are
+    latent_attention: LatentAttention | None = None
+    grouped_router: GroupedSigmoidRouter | None = None  # None: softmax over the router logits
     moe_prefix: str = "mlp"  # Mixtral's original saves use "block_sparse_moe"
     expert_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")  # per-expert gate, up, down
 
@@ -243,15 +274,21 @@ def _yarn(
     return inv_freq, float(attention_factor)
 
 
-def read_common(fields: ConfigFields) -> dict[str, Any]:
-    """The fields every supported architecture shares, as DecoderSpec keyword arguments."""
+def read_common(fields: ConfigFields, rope_dim: int | None = None) -> dict[str, Any]:
+    """The fields every supported architecture shares, as DecoderSpec keyword arguments.
+
+    ``rope_dim``: the rotary dimension when it is not the head dimension (latent attention); a ``head_dim`` in
+    the config must then equal it, as transformers saves it so.
+    """
     fields.expect("hidden_act", ("silu",), "silu")
     hidden = fields.count("hidden_size")
     heads = fields.count("num_attention_heads")
     kv_heads = fields.get("num_key_value_heads", int, None) or heads
     if heads % kv_heads:
         raise fields.error("num_key_value_heads", f"{kv_heads} does not divide num_attention_heads {heads}")
-    head_dim = fields.get("head_dim", int, None) or hidden // heads
+    head_dim = fields.get("head_dim", int, None) or rope_dim or hidden // heads
+    if rope_dim is not None and head_dim != rope_dim:
+        raise fields.error("head_dim", f"must equal qk_rope_head_dim {rope_dim} for latent attention, got {head_dim}")
     return dict(
         model_type=fields.get("model_type", str),
         vocab_size=fields.count("vocab_size"),

@@ -14,6 +14,7 @@ from engine.synth.shapes import SynthShape
 EXPERT_NAMES = {  # the MoE block, then each expert's gate, up and down projections
     "qwen3_moe": ("mlp", "gate_proj", "up_proj", "down_proj"),
     "mixtral": ("block_sparse_moe", "w1", "w3", "w2"),
+    "deepseek_v3": ("mlp", "gate_proj", "up_proj", "down_proj"),
 }
 TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
@@ -27,38 +28,74 @@ class TensorSpec(NamedTuple):
 
 def tensor_specs(s: SynthShape, residual_scale: float) -> list[TensorSpec]:
     """Every tensor in file order; ``residual_scale`` scales what each block writes into the residual stream."""
-    h, d, i = s.hidden_size, s.head_dim, s.moe_intermediate_size
-    q_dim, kv_dim = s.num_heads * d, s.num_kv_heads * d
-    moe, gate, up, down = EXPERT_NAMES[s.arch]
+    h, i = s.hidden_size, s.moe_intermediate_size
+    moe, *names = EXPERT_NAMES[s.arch]
     specs = [TensorSpec("model.embed_tokens.weight", (s.vocab_size, h), "embed")]
     for layer in range(s.num_layers):
         p = f"model.layers.{layer}"
-        specs += [
-            TensorSpec(f"{p}.input_layernorm.weight", (h,), "ones"),
-            TensorSpec(f"{p}.self_attn.q_proj.weight", (q_dim, h), "normal", h**-0.5),
-            TensorSpec(f"{p}.self_attn.k_proj.weight", (kv_dim, h), "normal", h**-0.5),
-            TensorSpec(f"{p}.self_attn.v_proj.weight", (kv_dim, h), "normal", h**-0.5),
-            TensorSpec(f"{p}.self_attn.o_proj.weight", (h, q_dim), "normal", residual_scale * q_dim**-0.5),
-        ]
-        if s.arch == "qwen3_moe":
-            specs += [
-                TensorSpec(f"{p}.self_attn.q_norm.weight", (d,), "ones"),
-                TensorSpec(f"{p}.self_attn.k_norm.weight", (d,), "ones"),
-            ]
-        specs += [
-            TensorSpec(f"{p}.post_attention_layernorm.weight", (h,), "ones"),
-            TensorSpec(f"{p}.{moe}.gate.weight", (s.num_experts, h), "router"),
-        ]
+        specs.append(TensorSpec(f"{p}.input_layernorm.weight", (h,), "ones"))
+        attention = _latent_attention if s.arch == "deepseek_v3" else _attention
+        specs += attention(s, p, residual_scale)
+        specs.append(TensorSpec(f"{p}.post_attention_layernorm.weight", (h,), "ones"))
+        if layer < s.dense_layers:
+            specs += _mlp(f"{p}.mlp", names, h, s.dense_intermediate_size(), residual_scale)
+            continue
+        specs.append(TensorSpec(f"{p}.{moe}.gate.weight", (s.num_experts, h), "router"))
+        if s.arch == "deepseek_v3":
+            specs.append(TensorSpec(f"{p}.{moe}.gate.e_score_correction_bias", (s.num_experts,), "zeros"))
         for e in range(s.num_experts):
-            q = f"{p}.{moe}.experts.{e}"
-            specs += [
-                TensorSpec(f"{q}.{gate}.weight", (i, h), "normal", h**-0.5),
-                TensorSpec(f"{q}.{up}.weight", (i, h), "normal", h**-0.5),
-                # silu(gate) * up has an rms near 0.5 for unit inputs: the 2 makes one expert's output ~residual_scale
-                TensorSpec(f"{q}.{down}.weight", (h, i), "normal", 2 * residual_scale * i**-0.5),
-            ]
+            specs += _mlp(f"{p}.{moe}.experts.{e}", names, h, i, residual_scale)
+        if s.shared_experts:
+            specs += _mlp(f"{p}.{moe}.shared_experts", names, h, s.shared_experts * i, residual_scale)
     specs += [TensorSpec("model.norm.weight", (h,), "ones"), TensorSpec("lm_head.weight", (s.vocab_size, h), "lm_head")]
     return specs
+
+
+def _attention(s: SynthShape, p: str, residual_scale: float) -> list[TensorSpec]:
+    h, d = s.hidden_size, s.head_dim
+    q_dim, kv_dim = s.num_heads * d, s.num_kv_heads * d
+    specs = [
+        TensorSpec(f"{p}.self_attn.q_proj.weight", (q_dim, h), "normal", h**-0.5),
+        TensorSpec(f"{p}.self_attn.k_proj.weight", (kv_dim, h), "normal", h**-0.5),
+        TensorSpec(f"{p}.self_attn.v_proj.weight", (kv_dim, h), "normal", h**-0.5),
+        TensorSpec(f"{p}.self_attn.o_proj.weight", (h, q_dim), "normal", residual_scale * q_dim**-0.5),
+    ]
+    if s.arch == "qwen3_moe":
+        specs += [
+            TensorSpec(f"{p}.self_attn.q_norm.weight", (d,), "ones"),
+            TensorSpec(f"{p}.self_attn.k_norm.weight", (d,), "ones"),
+        ]
+    return specs
+
+
+def _latent_attention(s: SynthShape, p: str, residual_scale: float) -> list[TensorSpec]:
+    h, heads, m = s.hidden_size, s.num_heads, s.latent_dims()
+    q_rank, kv_rank, rope = m["q_lora_rank"], m["kv_lora_rank"], m["qk_rope_head_dim"]
+    q_dim, kv_dim, o_dim = (
+        heads * (m["qk_nope_head_dim"] + rope),
+        heads * (m["qk_nope_head_dim"] + m["v_head_dim"]),
+        heads * m["v_head_dim"],
+    )
+    a = f"{p}.self_attn"
+    return [
+        TensorSpec(f"{a}.q_a_proj.weight", (q_rank, h), "normal", h**-0.5),
+        TensorSpec(f"{a}.q_a_layernorm.weight", (q_rank,), "ones"),
+        TensorSpec(f"{a}.q_b_proj.weight", (q_dim, q_rank), "normal", q_rank**-0.5),
+        TensorSpec(f"{a}.kv_a_proj_with_mqa.weight", (kv_rank + rope, h), "normal", h**-0.5),
+        TensorSpec(f"{a}.kv_a_layernorm.weight", (kv_rank,), "ones"),
+        TensorSpec(f"{a}.kv_b_proj.weight", (kv_dim, kv_rank), "normal", kv_rank**-0.5),
+        TensorSpec(f"{a}.o_proj.weight", (h, o_dim), "normal", residual_scale * o_dim**-0.5),
+    ]
+
+
+def _mlp(prefix: str, names: list[str], h: int, i: int, residual_scale: float) -> list[TensorSpec]:
+    gate, up, down = names
+    return [
+        TensorSpec(f"{prefix}.{gate}.weight", (i, h), "normal", h**-0.5),
+        TensorSpec(f"{prefix}.{up}.weight", (i, h), "normal", h**-0.5),
+        # silu(gate) * up has an rms near 0.5 for unit inputs: the 2 makes one expert's output ~residual_scale
+        TensorSpec(f"{prefix}.{down}.weight", (h, i), "normal", 2 * residual_scale * i**-0.5),
+    ]
 
 
 def config(s: SynthShape, dtype: str, eos_token_id: int) -> dict:
@@ -80,6 +117,25 @@ def config(s: SynthShape, dtype: str, eos_token_id: int) -> dict:
         "eos_token_id": eos_token_id,
         "torch_dtype": TORCH_DTYPES[dtype],
     }
+    if s.arch == "deepseek_v3":
+        del common["head_dim"], common["sliding_window"]  # DeepSeek's configs imply the one, never use the other
+        return {
+            "architectures": ["DeepseekV3ForCausalLM"],
+            "model_type": "deepseek_v3",
+            **common,
+            **s.latent_dims(),
+            "intermediate_size": s.dense_intermediate_size(),
+            "moe_intermediate_size": s.moe_intermediate_size,
+            "n_routed_experts": s.num_experts,
+            "n_shared_experts": s.shared_experts,
+            "first_k_dense_replace": s.dense_layers,
+            "n_group": 1,
+            "topk_group": 1,
+            "norm_topk_prob": True,
+            "routed_scaling_factor": 1.0,
+            "rope_interleave": True,
+            "attention_bias": False,
+        }
     if s.arch == "mixtral":
         return {
             "architectures": ["MixtralForCausalLM"],

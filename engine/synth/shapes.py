@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-ARCHS = ("qwen3_moe", "mixtral")
+ARCHS = ("qwen3_moe", "mixtral", "deepseek_v3")
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
 
@@ -21,14 +21,21 @@ class SynthShape:
     top_k: int
     moe_intermediate_size: int
     vocab_size: int  # asked of the tokenizer trainer; the checkpoint records the size it reached
+    dense_layers: int = 0  # deepseek_v3: the first layers have a dense MLP instead of experts
+    shared_experts: int = 0  # deepseek_v3: experts every token goes through, besides its top-k
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
             raise ValueError(f"arch must be one of {', '.join(ARCHS)} but got {self.arch!r}")
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
-            if field.name != "arch" and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"{field.name} must be a positive integer but got {value!r}")
+            minimum = 0 if field.name in ("dense_layers", "shared_experts") else 1
+            if field.name != "arch" and (not isinstance(value, int) or value < minimum):
+                raise ValueError(f"{field.name} must be an integer >= {minimum} but got {value!r}")
+        if self.arch != "deepseek_v3" and (self.dense_layers or self.shared_experts):
+            raise ValueError("dense_layers and shared_experts are deepseek_v3's")
+        if self.arch == "deepseek_v3" and (self.head_dim % 2 or self.num_kv_heads != self.num_heads):
+            raise ValueError("deepseek_v3 needs an even head_dim and num_kv_heads equal to num_heads")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_kv_heads {self.num_kv_heads} must divide num_heads {self.num_heads}")
         if self.top_k > self.num_experts:
@@ -37,14 +44,38 @@ class SynthShape:
     def expert_params(self) -> int:
         return 3 * self.hidden_size * self.moe_intermediate_size
 
-    def layer_params(self) -> int:
+    def latent_dims(self) -> dict[str, int]:
+        """deepseek_v3's attention dims, in DeepSeek-V3's and Kimi K2's proportions to a head_dim of 128."""
+        d = self.head_dim
+        return {"q_lora_rank": 12 * d, "kv_lora_rank": 4 * d, "qk_nope_head_dim": d, "qk_rope_head_dim": d // 2,
+                "v_head_dim": d}  # fmt: skip
+
+    def dense_intermediate_size(self) -> int:
+        """deepseek_v3's dense layers: DeepSeek-V3's 18432 to its experts' 2048."""
+        return 9 * self.moe_intermediate_size
+
+    def layer_params(self, layer: int) -> int:
         h, d = self.hidden_size, self.head_dim
+        if self.arch == "deepseek_v3":
+            m, heads = self.latent_dims(), self.num_heads
+            q_dim = heads * (m["qk_nope_head_dim"] + m["qk_rope_head_dim"])
+            attention = (
+                (h + 1 + q_dim) * m["q_lora_rank"]
+                + (m["kv_lora_rank"] + m["qk_rope_head_dim"]) * h
+                + m["kv_lora_rank"] * (1 + heads * (m["qk_nope_head_dim"] + m["v_head_dim"]))
+                + h * heads * m["v_head_dim"]
+            )
+            if layer < self.dense_layers:
+                return attention + 2 * h + 3 * h * self.dense_intermediate_size()
+            experts = self.num_experts * (h + 1 + self.expert_params()) + self.shared_experts * self.expert_params()
+            return attention + 2 * h + experts
         attention = 2 * h * self.num_heads * d + 2 * h * self.num_kv_heads * d
         norms = 2 * h + (2 * d if self.arch == "qwen3_moe" else 0)
         return attention + norms + self.num_experts * h + self.num_experts * self.expert_params()
 
     def total_params(self) -> int:
-        return 2 * self.vocab_size * self.hidden_size + self.hidden_size + self.num_layers * self.layer_params()
+        layers = sum(self.layer_params(i) for i in range(self.num_layers))
+        return 2 * self.vocab_size * self.hidden_size + self.hidden_size + layers
 
 
 PRESETS = {
@@ -57,6 +88,8 @@ PRESETS = {
 SIZED_DEFAULTS = {
     "qwen3_moe": SynthShape("qwen3_moe", 1024, 1, 16, 4, 64, 64, 4, 768, 1024),
     "mixtral": SynthShape("mixtral", 1024, 1, 16, 4, 64, 8, 2, 2816, 1024),
+    # Kimi K2.5's proportions (384 experts, top-8, one shared expert, the first layer dense, latent attention)
+    "deepseek_v3": SynthShape("deepseek_v3", 1024, 1, 8, 8, 64, 384, 8, 256, 1024, dense_layers=1, shared_experts=1),
 }
 
 
@@ -68,9 +101,9 @@ def sized_shape(arch: str, size_bytes: int, dtype: str, **overrides: int) -> Syn
         raise ValueError("give either a size or num_layers, not both: the size sets the depth")
     base = dataclasses.replace(SIZED_DEFAULTS[arch], **overrides)
     itemsize = DTYPE_BYTES[dtype]
-    fixed = (base.total_params() - base.layer_params()) * itemsize
-    layers = (size_bytes - fixed) // (base.layer_params() * itemsize)
-    if layers < 1:
-        smallest = base.total_params() * itemsize
-        raise ValueError(f"size {size_bytes} bytes is below one layer of this shape ({smallest} bytes at {dtype})")
-    return dataclasses.replace(base, num_layers=int(layers))
+    first = dataclasses.replace(base, num_layers=base.dense_layers + 1)  # the first layer with experts
+    if first.total_params() * itemsize > size_bytes:
+        smallest = first.total_params() * itemsize
+        raise ValueError(f"size {size_bytes} bytes is below one MoE layer of this shape ({smallest} bytes at {dtype})")
+    more = (size_bytes - first.total_params() * itemsize) // (base.layer_params(base.dense_layers) * itemsize)
+    return dataclasses.replace(base, num_layers=first.num_layers + int(more))

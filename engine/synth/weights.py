@@ -65,6 +65,7 @@ class RoutingKnobs:
 DEFAULT_KNOBS = {
     "qwen3_moe": RoutingKnobs(),
     "mixtral": RoutingKnobs(locality=0.65, skew=0.2, topic_weight=0.6),
+    "deepseek_v3": RoutingKnobs(),
 }
 
 
@@ -90,6 +91,8 @@ class WeightBuilder:
         k, h = self.knobs, self.shape.hidden_size
         if spec.kind == "ones":
             return np.ones(spec.dims, np.float32)
+        if spec.kind == "zeros":
+            return np.zeros(spec.dims, np.float32)
         if spec.kind == "normal":
             values = rng.standard_normal(spec.dims, np.float32)
             values *= spec.std

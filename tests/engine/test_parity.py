@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -64,6 +66,26 @@ CASES = {
         {"fused": True},
         {"max_shard_size": "40KB"},
     ],
+    "deepseek_v3": [
+        {},  # grouped routing (keep 1 of 2 groups), a dense first layer, low-rank queries, a shared expert
+        {"q_lora_rank": None, "norm_topk_prob": False},
+        {"n_group": 1, "topk_group": 1, "first_k_dense_replace": 0},  # Kimi K2's routing, every layer MoE
+        {"n_group": 4, "topk_group": 2, "n_shared_experts": 2, "first_k_dense_replace": 2},
+        {"rope_interleave": False, "attention_bias": True},
+        {
+            "rope_parameters": {
+                "rope_type": "yarn",
+                "rope_theta": 10000.0,
+                "factor": 4.0,
+                "original_max_position_embeddings": 16,
+                "mscale": 0.8,
+                "mscale_all_dim": 1.0,
+                "beta_fast": 32,
+                "beta_slow": 1,
+            }
+        },
+        {"fused": True, "max_shard_size": "40KB"},
+    ],
 }
 PARAMS = [pytest.param(arch, case, id=f"{arch}-{i}") for arch, cases in CASES.items() for i, case in enumerate(cases)]
 
@@ -116,3 +138,14 @@ def test_half_precision_checkpoints(tmp_path, arch, dtype):
     mean_bound, top1_bound = (0.05, 0.75) if dtype == torch.bfloat16 else (0.025, 0.85)
     assert np.abs(ours - theirs).mean() <= mean_bound * scale
     assert np.mean(ours.argmax(-1) == theirs.argmax(-1)) >= top1_bound
+
+
+def test_kimi_k2_configs_run_as_deepseek_v3(tmp_path):
+    """Kimi K2 ships the DeepSeek-V3 architecture under its own model_type, with its remote code's keys."""
+    reference, path = build("deepseek_v3", tmp_path / "ckpt", n_group=1, topk_group=1)
+    config = json.loads((path / "config.json").read_text())
+    config |= {"model_type": "kimi_k2", "auto_map": {"AutoModel": "modeling_deepseek.DeepseekV3Model"},
+               "scoring_func": "sigmoid", "topk_method": "noaux_tc", "moe_layer_freq": 1}  # fmt: skip
+    (path / "config.json").write_text(json.dumps(config))
+    ids = _prompt(3, SEQ)
+    np.testing.assert_allclose(score(load_model(path), ids), reference_logits(reference, ids), atol=1e-4, rtol=0)

@@ -29,7 +29,7 @@ def test_previous_token_ranks_by_the_last_tokens_probabilities() -> None:
 
 def test_gate_lookahead_applies_the_target_router_to_the_current_input() -> None:
     router = np.eye(E, 3)  # expert e scores h[e] for e < 3, zero otherwise
-    predictor = GateLookahead(LAYERS, E, {2: router})
+    predictor = GateLookahead(LAYERS, E, lambda layer, h: h @ router.T if layer == 2 else None)
     h = np.array([[0.0, 2.0, 1.0], [3.0, 0.0, 0.0]])
     assert predictor.propose(1, h, np.zeros((2, 2), np.intp), 2, 2) == [1, 0, 2]
 

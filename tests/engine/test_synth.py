@@ -19,12 +19,13 @@ from tests.engine.tiny_models import CLASSES, reference_logits
 STATS_SHAPES = {
     "qwen3_moe": SynthShape("qwen3_moe", 128, 4, 4, 2, 32, 64, 4, 32, 1024),
     "mixtral": SynthShape("mixtral", 256, 8, 4, 2, 64, 8, 2, 32, 1024),
+    "deepseek_v3": SynthShape("deepseek_v3", 128, 5, 4, 4, 32, 64, 4, 32, 1024, dense_layers=1, shared_experts=1),
 }
 
 
-@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("arch", list(STATS_SHAPES))
 def test_synthetic_checkpoint_loads_identically_in_transformers(tmp_path, arch):
-    shape = dataclasses.replace(STATS_SHAPES[arch], num_layers=2, moe_intermediate_size=16)
+    shape = dataclasses.replace(STATS_SHAPES[arch], num_layers=3, moe_intermediate_size=16)
     path = synthesize(tmp_path / arch, shape, dtype="fp32", shard_bytes=200_000)
     assert (path / "model.safetensors.index.json").exists() and len(list(path.glob("*.safetensors"))) > 1
     model = load_model(path)
@@ -33,7 +34,7 @@ def test_synthetic_checkpoint_loads_identically_in_transformers(tmp_path, arch):
     np.testing.assert_allclose(score(model, ids), reference_logits(reference, ids), atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("arch", list(STATS_SHAPES))
 def test_default_routing_statistics_fall_in_real_models_ranges(tmp_path, arch):
     path = synthesize(tmp_path / arch, STATS_SHAPES[arch], dtype="fp32", knobs=DEFAULT_KNOBS[arch])
     model = load_model(path)
@@ -63,14 +64,21 @@ def test_locality_and_skew_knobs_move_the_statistics(tmp_path):
     assert measured["friendly"].busiest_share_ratio > measured["hostile"].busiest_share_ratio + 0.5
 
 
-def test_sized_shape_fills_the_size_without_exceeding_it(tmp_path):
+@pytest.mark.parametrize(
+    ("arch", "dims"),
+    [
+        ("mixtral", {"hidden_size": 256, "moe_intermediate_size": 512}),
+        ("deepseek_v3", {"hidden_size": 128, "num_experts": 64, "moe_intermediate_size": 64}),  # a dense first layer
+    ],
+)
+def test_sized_shape_fills_the_size_without_exceeding_it(tmp_path, arch, dims):
     size = 48 << 20
-    shape = sized_shape("mixtral", size, "bf16", hidden_size=256, moe_intermediate_size=512)
+    shape = sized_shape(arch, size, "bf16", **dims)
     path = synthesize(tmp_path / "sized", shape, shard_bytes=16 << 20)
     written = sum(p.stat().st_size for p in path.glob("*.safetensors"))
-    one_layer = shape.layer_params() * 2
+    one_layer = shape.layer_params(shape.num_layers - 1) * 2
     assert size - one_layer < written <= size + 64 * 1024  # headers add a few KiB
-    with pytest.raises(ValueError, match="below one layer"):
+    with pytest.raises(ValueError, match="below one MoE layer"):
         sized_shape("qwen3_moe", 1 << 20, "bf16")
     with pytest.raises(ValueError, match="num_layers"):
         sized_shape("qwen3_moe", 1 << 30, "bf16", num_layers=3)

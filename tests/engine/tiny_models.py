@@ -51,6 +51,26 @@ BASE: dict[str, dict[str, Any]] = {
         num_experts=8,
         num_experts_per_tok=2,
     ),
+    "deepseek_v3": dict(
+        hidden_size=64,
+        intermediate_size=96,
+        moe_intermediate_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        n_shared_experts=1,
+        n_group=2,
+        topk_group=1,
+        first_k_dense_replace=1,
+        q_lora_rank=24,
+        kv_lora_rank=16,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=8,
+        v_head_dim=12,
+        routed_scaling_factor=2.5,
+    ),
 }
 
 CLASSES = {
@@ -58,6 +78,7 @@ CLASSES = {
     "mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM),
     "olmoe": (transformers.OlmoeConfig, transformers.OlmoeForCausalLM),
     "qwen2_moe": (transformers.Qwen2MoeConfig, transformers.Qwen2MoeForCausalLM),
+    "deepseek_v3": (transformers.DeepseekV3Config, transformers.DeepseekV3ForCausalLM),
 }
 
 
@@ -92,6 +113,9 @@ def build(
 def _randomize(model: torch.nn.Module) -> None:
     """Weights large enough that routing is decisive and every parameter (norms, biases) matters."""
     with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):  # DeepSeek's router: a choice bias, zero when new
+                buffer.copy_(0.1 * torch.randn_like(buffer))
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.copy_(1 + 0.2 * torch.randn_like(p))
