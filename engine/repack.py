@@ -22,7 +22,7 @@ from engine.checkpoint import Checkpoint, to_float32
 from engine.errors import CheckpointError
 from engine.expert_layout import ByteRange, ExpertLayout, locate_experts
 from engine.models import parse_config
-from engine.models.decoder import _moe_prefix
+from engine.models.decoder import _moe_prefix, model_prefix
 from engine.models.spec import DecoderSpec
 from engine.repack_manifest import (
     CONFIG_FILE,
@@ -183,7 +183,7 @@ def _locate(checkpoint: Checkpoint, spec: DecoderSpec) -> tuple[dict[tuple[int, 
     for layer in range(spec.num_layers):
         if not spec.sparse_layers[layer]:
             continue
-        prefix = f"{_moe_prefix(checkpoint, f'model.layers.{layer}', spec)}.experts"
+        prefix = f"{_moe_prefix(checkpoint, f'{model_prefix(checkpoint)}.layers.{layer}', spec)}.experts"
         experts = locate_experts(checkpoint, prefix, spec.num_experts, h, i, spec.expert_names)
         layouts.update({(layer, e): layout for e, layout in experts.items()})
         if f"{prefix}.gate_up_proj" in checkpoint.tensors:  # fused, as locate_experts decides

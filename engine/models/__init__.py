@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.errors import UnsupportedModelError
-from engine.models import deepseek_v3, mixtral, olmoe, qwen2_moe, qwen3_moe
+from engine.models import deepseek_v3, mixtral, olmoe, qwen2_moe, qwen3_5_moe, qwen3_moe
 from engine.models.spec import DecoderSpec
 
 ARCHITECTURES: dict[str, Callable[[dict[str, Any], Path], DecoderSpec]] = {
@@ -17,6 +17,8 @@ ARCHITECTURES: dict[str, Callable[[dict[str, Any], Path], DecoderSpec]] = {
     "qwen2_moe": qwen2_moe.parse,
     "deepseek_v3": deepseek_v3.parse,
     "kimi_k2": deepseek_v3.parse,  # Kimi K2's own name for the DeepSeek-V3 architecture
+    "qwen3_5_moe": qwen3_5_moe.parse,
+    "qwen3_5_moe_text": qwen3_5_moe.parse,
 }
 
 

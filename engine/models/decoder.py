@@ -16,7 +16,19 @@ from engine.errors import CheckpointError
 from engine.expert_layout import locate_experts, repacked_layouts
 from engine.expert_store import ExpertStore
 from engine.models.experts import expert_mlp
-from engine.models.layers import Rope, attend, attend_latent, rms_norm, sigmoid, softmax, swiglu
+from engine.models.layers import (
+    Rope,
+    attend,
+    attend_latent,
+    gated_delta_rule,
+    l2_normalize,
+    rms_norm,
+    sigmoid,
+    silu,
+    softmax,
+    softplus,
+    swiglu,
+)
 from engine.models.spec import DecoderSpec
 from engine.predictors import make_predictor
 from engine.repack_manifest import is_repacked, load_manifest
@@ -31,6 +43,8 @@ class KVCache:
         self.keys = [np.empty((num_kv_heads, capacity, head_dim), np.float32) for _ in range(num_layers)]
         self.values = [np.empty((num_kv_heads, capacity, value_dim), np.float32) for _ in range(num_layers)]
         self.length = 0  # tokens stored (all layers advance together)
+        # Gated DeltaNet layers keep, instead of keys and values, their convolution's last inputs and their state.
+        self.recurrent: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     def append(self, layer: int, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Store k, v [nKV, T, D] after the cached tokens; return all keys and values so far."""
@@ -79,10 +93,25 @@ class LatentAttentionWeights:
 
 
 @dataclass
+class DeltaNetWeights:
+    """A Gated DeltaNet layer's weights."""
+
+    qkv: np.ndarray  # [2*nK*dk + nV*dv, H]
+    z: np.ndarray  # [nV*dv, H]: the output gate
+    b: np.ndarray  # [nV, H]: beta, the write strength
+    a: np.ndarray  # [nV, H]: the decay's input
+    conv: np.ndarray  # [2*nK*dk + nV*dv, K]: depthwise causal convolution
+    dt_bias: np.ndarray  # [nV]
+    decay_rate: np.ndarray  # [nV]: exp(A_log)
+    norm: np.ndarray  # [dv]
+    out: np.ndarray  # [H, nV*dv]
+
+
+@dataclass
 class Layer:
     input_norm: np.ndarray
     post_attention_norm: np.ndarray
-    attention: Attention | LatentAttentionWeights
+    attention: Attention | LatentAttentionWeights | DeltaNetWeights
     router: np.ndarray | None  # [E, H] for MoE layers
     dense: tuple[np.ndarray, np.ndarray] | None  # (gate_up [2I, H], down [H, I]) for dense layers
     shared_expert: tuple[np.ndarray, np.ndarray] | None
@@ -155,7 +184,7 @@ class Decoder:
     def _attention(
         self,
         i: int,
-        a: Attention | LatentAttentionWeights,
+        a: Attention | LatentAttentionWeights | DeltaNetWeights,
         h: np.ndarray,
         cache: KVCache,
         start: int,
@@ -164,9 +193,15 @@ class Decoder:
     ) -> np.ndarray:
         if isinstance(a, LatentAttentionWeights):
             return self._latent_attention(i, a, h, cache, start, cos, sin)
+        if isinstance(a, DeltaNetWeights):
+            return self._delta_net(i, a, h, cache)
         s = self.spec
         t = h.shape[0]
         q, k, v = (_linear(h, w, b) for w, b in ((a.q, a.q_bias), (a.k, a.k_bias), (a.v, a.v_bias)))
+        gate = None
+        if s.attention_output_gate:  # per head: the query, then as many gate values
+            q, gate = np.split(q.reshape(t, s.num_heads, 2 * s.head_dim), 2, axis=-1)
+            q, gate = q.reshape(t, -1), gate.reshape(t, -1)
         if s.qk_norm == "full":
             q, k = rms_norm(q, a.q_norm, s.rms_norm_eps), rms_norm(k, a.k_norm, s.rms_norm_eps)
         if s.clip_qkv is not None:
@@ -178,7 +213,35 @@ class Decoder:
             q, k = rms_norm(q, a.q_norm, s.rms_norm_eps), rms_norm(k, a.k_norm, s.rms_norm_eps)
         q, k = Rope.apply(q, cos, sin), Rope.apply(k, cos, sin)
         keys, values = cache.append(i, k, v)
-        return _linear(attend(q, keys, values, start, s.sliding_windows[i]), a.o, a.o_bias)
+        out = attend(q, keys, values, start, s.sliding_windows[i])
+        return _linear(out if gate is None else out * sigmoid(gate), a.o, a.o_bias)
+
+    def _delta_net(self, i: int, a: DeltaNetWeights, h: np.ndarray, cache: KVCache) -> np.ndarray:
+        s, net = self.spec, self.spec.gated_delta_net
+        assert net is not None
+        t = h.shape[0]
+        key_dim, repeat = net.num_key_heads * net.key_head_dim, net.num_value_heads // net.num_key_heads
+        if i not in cache.recurrent:
+            cache.recurrent[i] = (
+                np.zeros((net.conv_kernel - 1, a.conv.shape[0]), np.float32),
+                np.zeros((net.num_value_heads, net.key_head_dim, net.value_head_dim), np.float32),
+            )
+        history, state = cache.recurrent[i]
+        inputs = np.concatenate([history, h @ a.qkv.T])  # [K-1+T, C]: the convolution's window
+        mixed = sum(inputs[n : n + t] * a.conv[:, n] for n in range(net.conv_kernel))
+        cache.recurrent[i] = (inputs[t:], state)
+        mixed = silu(mixed)
+        q = mixed[:, :key_dim].reshape(t, net.num_key_heads, net.key_head_dim)
+        k = mixed[:, key_dim : 2 * key_dim].reshape(t, net.num_key_heads, net.key_head_dim)
+        v = mixed[:, 2 * key_dim :].reshape(t, net.num_value_heads, net.value_head_dim)
+        q = np.repeat(l2_normalize(q), repeat, axis=1) / np.sqrt(net.key_head_dim)
+        k = np.repeat(l2_normalize(k), repeat, axis=1)
+        beta = sigmoid(h @ a.b.T)
+        decay = -a.decay_rate * softplus(h @ a.a.T + a.dt_bias)
+        out = gated_delta_rule(q, k, v, decay, beta, state)  # [T, nV, dv]
+        z = (h @ a.z.T).reshape(t, net.num_value_heads, net.value_head_dim)
+        out = rms_norm(out, a.norm, s.rms_norm_eps) * silu(z)
+        return out.reshape(t, -1) @ a.out.T
 
     def _latent_attention(
         self,
@@ -299,11 +362,17 @@ def build_decoder(spec: DecoderSpec, ckpt: Checkpoint, config: EngineConfig) -> 
     s = spec
     h, d = s.hidden_size, s.head_dim
     q_dim, kv_dim = s.num_heads * d, s.num_kv_heads * d
+    q_out = 2 * q_dim if s.attention_output_gate else q_dim
+    base = model_prefix(ckpt)
 
     read = ckpt.read
 
     def maybe(name: str, shape: tuple[int, ...], present: bool) -> np.ndarray | None:
         return read(name, shape) if present else None
+
+    def norm(name: str, shape: tuple[int, ...]) -> np.ndarray:
+        weight = read(name, shape)
+        return weight + 1.0 if s.zero_centered_norms else weight
 
     def mlp(prefix: str, inter: int) -> tuple[np.ndarray, np.ndarray]:
         gate_up = np.concatenate(
@@ -316,23 +385,25 @@ def build_decoder(spec: DecoderSpec, ckpt: Checkpoint, config: EngineConfig) -> 
     layouts = repacked_layouts(load_manifest(ckpt.path)) if repacked else {}
     layers = []
     for i in range(s.num_layers):
-        p = f"model.layers.{i}"
-        attention: Attention | LatentAttentionWeights
+        p = f"{base}.layers.{i}"
+        attention: Attention | LatentAttentionWeights | DeltaNetWeights
         if s.latent_attention is not None:
             attention = _latent_attention_weights(read, maybe, f"{p}.self_attn", s)
+        elif s.linear_layers and s.linear_layers[i]:
+            attention = _delta_net_weights(read, f"{p}.linear_attn", s)
         else:
             qn, kn = norm_shapes.get(s.qk_norm, (None, None))
             attention = Attention(
-                q=read(f"{p}.self_attn.q_proj.weight", (q_dim, h)),
+                q=read(f"{p}.self_attn.q_proj.weight", (q_out, h)),
                 k=read(f"{p}.self_attn.k_proj.weight", (kv_dim, h)),
                 v=read(f"{p}.self_attn.v_proj.weight", (kv_dim, h)),
                 o=read(f"{p}.self_attn.o_proj.weight", (h, q_dim)),
-                q_bias=maybe(f"{p}.self_attn.q_proj.bias", (q_dim,), s.qkv_bias),
+                q_bias=maybe(f"{p}.self_attn.q_proj.bias", (q_out,), s.qkv_bias),
                 k_bias=maybe(f"{p}.self_attn.k_proj.bias", (kv_dim,), s.qkv_bias),
                 v_bias=maybe(f"{p}.self_attn.v_proj.bias", (kv_dim,), s.qkv_bias),
                 o_bias=maybe(f"{p}.self_attn.o_proj.bias", (h,), s.o_bias),
-                q_norm=maybe(f"{p}.self_attn.q_norm.weight", qn, qn is not None),
-                k_norm=maybe(f"{p}.self_attn.k_norm.weight", kn, kn is not None),
+                q_norm=None if qn is None else norm(f"{p}.self_attn.q_norm.weight", qn),
+                k_norm=None if kn is None else norm(f"{p}.self_attn.k_norm.weight", kn),
             )
         router = router_bias = dense = shared = shared_gate = None
         if s.sparse_layers[i]:
@@ -351,8 +422,8 @@ def build_decoder(spec: DecoderSpec, ckpt: Checkpoint, config: EngineConfig) -> 
             dense = mlp(f"{p}.mlp", s.dense_intermediate_size)
         layers.append(
             Layer(
-                read(f"{p}.input_layernorm.weight", (h,)),
-                read(f"{p}.post_attention_layernorm.weight", (h,)),
+                norm(f"{p}.input_layernorm.weight", (h,)),
+                norm(f"{p}.post_attention_layernorm.weight", (h,)),
                 attention,
                 router,
                 dense,
@@ -361,13 +432,37 @@ def build_decoder(spec: DecoderSpec, ckpt: Checkpoint, config: EngineConfig) -> 
                 router_bias,
             )
         )
-    embed = read("model.embed_tokens.weight", (s.vocab_size, h))
+    embed = read(f"{base}.embed_tokens.weight", (s.vocab_size, h))
     lm_head = embed if s.tie_word_embeddings else read("lm_head.weight", (s.vocab_size, h))
     moe_layers = [i for i, layer in enumerate(layers) if layer.router is not None]
     store = ExpertStore(layouts, h, s.moe_intermediate_size, config, s.num_layers, s.top_k)
-    decoder = Decoder(s, config, ckpt, store, layers, embed, read("model.norm.weight", (h,)), lm_head)
+    decoder = Decoder(s, config, ckpt, store, layers, embed, norm(f"{base}.norm.weight", (h,)), lm_head)
     store.predictor = make_predictor(config.predictor, moe_layers, s.num_experts, decoder.router_scores)
     return decoder
+
+
+def model_prefix(ckpt: Checkpoint) -> str:
+    """Where the decoder's tensors are: ``model``, or ``model.language_model`` in a multimodal checkpoint."""
+    multimodal = "model.language_model"
+    return multimodal if f"{multimodal}.embed_tokens.weight" in ckpt.tensors else "model"
+
+
+def _delta_net_weights(read: Callable, prefix: str, s: DecoderSpec) -> DeltaNetWeights:
+    net = s.gated_delta_net
+    assert net is not None
+    h, heads, value_dim = s.hidden_size, net.num_value_heads, net.num_value_heads * net.value_head_dim
+    channels = 2 * net.num_key_heads * net.key_head_dim + value_dim
+    return DeltaNetWeights(
+        qkv=read(f"{prefix}.in_proj_qkv.weight", (channels, h)),
+        z=read(f"{prefix}.in_proj_z.weight", (value_dim, h)),
+        b=read(f"{prefix}.in_proj_b.weight", (heads, h)),
+        a=read(f"{prefix}.in_proj_a.weight", (heads, h)),
+        conv=read(f"{prefix}.conv1d.weight", (channels, 1, net.conv_kernel))[:, 0],
+        dt_bias=read(f"{prefix}.dt_bias", (heads,)),
+        decay_rate=np.exp(read(f"{prefix}.A_log", (heads,))),
+        norm=read(f"{prefix}.norm.weight", (net.value_head_dim,)),
+        out=read(f"{prefix}.out_proj.weight", (h, value_dim)),
+    )
 
 
 def _latent_attention_weights(read: Callable, maybe: Callable, prefix: str, s: DecoderSpec) -> LatentAttentionWeights:

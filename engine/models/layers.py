@@ -46,8 +46,12 @@ class Rope:
 
     @staticmethod
     def apply(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
-        """Rotate ``x`` [heads, T, D] by the tables [T, D]."""
-        half = x.shape[-1] // 2
+        """Rotate ``x`` [heads, T, D] by the tables [T, d]: its first d dims, the rest as they are (d < D under
+        a partial rotary factor)."""
+        d = cos.shape[-1]
+        if d < x.shape[-1]:
+            return np.concatenate([Rope.apply(x[..., :d], cos, sin), x[..., d:]], axis=-1)
+        half = d // 2
         rotated = np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
         return x * cos + rotated * sin
 
@@ -96,6 +100,31 @@ def attend_latent(
     scores = (q_latent @ latent.T + q_rope @ k_rope.T) * scale  # [nH, T, S]
     visible = np.arange(s)[None, :] <= np.arange(q_start, q_start + t)[:, None]
     return softmax(np.where(visible, scores, -np.inf)) @ latent
+
+
+def l2_normalize(x: np.ndarray, eps: float = 1e-6) -> np.ndarray:
+    """x over the root of its squared sum plus eps, along the last axis (as the FLA kernels do)."""
+    return x / np.sqrt(np.sum(np.square(x), axis=-1, keepdims=True) + eps)
+
+
+def softplus(x: np.ndarray) -> np.ndarray:
+    return np.logaddexp(0.0, x)
+
+
+def gated_delta_rule(
+    q: np.ndarray, k: np.ndarray, v: np.ndarray, decay: np.ndarray, beta: np.ndarray, state: np.ndarray
+) -> np.ndarray:
+    """The gated delta rule, token by token: per head, S <- exp(g) S, then S <- S + k (beta (v - S^T k))^T, and the
+    output is S^T q. q, k [T, nV, dk] (normalised, q scaled), v [T, nV, dv], decay g and beta [T, nV];
+    ``state`` [nV, dk, dv] is updated in place. Returns [T, nV, dv]."""
+    out = np.empty_like(v)
+    for t in range(q.shape[0]):
+        state *= np.exp(decay[t])[:, None, None]
+        remembered = np.einsum("hkv,hk->hv", state, k[t])
+        delta = (v[t] - remembered) * beta[t][:, None]
+        state += k[t][:, :, None] * delta[:, None, :]
+        out[t] = np.einsum("hkv,hk->hv", state, q[t])
+    return out
 
 
 def swiglu(x: np.ndarray, gate_up: np.ndarray, down: np.ndarray) -> np.ndarray:

@@ -113,6 +113,19 @@ class GroupedSigmoidRouter:
 
 
 @dataclass(frozen=True)
+class GatedDeltaNet:
+    """Qwen3.5's linear attention (Yang et al. 2024, "Gated Delta Networks"): a causal depthwise convolution over
+    the q, k, v projections, then per value head a [key_head_dim, value_head_dim] state decayed and corrected by
+    the delta rule each token; query and key heads are shared by groups of value heads."""
+
+    conv_kernel: int
+    num_key_heads: int
+    num_value_heads: int
+    key_head_dim: int
+    value_head_dim: int
+
+
+@dataclass(frozen=True)
 class DecoderSpec:
     """Everything the shared decoder needs; weight names follow the Hugging Face checkpoint."""
 
@@ -143,6 +156,10 @@ class DecoderSpec:
     shared_expert_gated: bool = True  # Qwen2-MoE's sigmoid gate; DeepSeek adds its shared experts as they are
     latent_attention: LatentAttention | None = None
     grouped_router: GroupedSigmoidRouter | None = None  # None: softmax over the router logits
+    gated_delta_net: GatedDeltaNet | None = None
+    linear_layers: tuple[bool, ...] = ()  # per layer: Gated DeltaNet instead of attention (empty: none)
+    attention_output_gate: bool = False  # Qwen3.5: q_proj also gives a per-head sigmoid gate on the output
+    zero_centered_norms: bool = False  # Qwen3.5: the RMSNorms scale by 1 + weight
     moe_prefix: str = "mlp"  # Mixtral's original saves use "block_sparse_moe"
     expert_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")  # per-expert gate, up, down
 
@@ -164,8 +181,12 @@ def read_layer_set(fields: ConfigFields, name: str, num_layers: int) -> frozense
     return frozenset(layers)
 
 
-def read_rope(fields: ConfigFields, head_dim: int) -> Rope:
-    """RoPE from ``rope_parameters`` (transformers 5) or ``rope_theta`` + ``rope_scaling`` (older saves)."""
+def read_rope(fields: ConfigFields, head_dim: int, partial: bool = False) -> Rope:
+    """RoPE from ``rope_parameters`` (transformers 5) or ``rope_theta`` + ``rope_scaling`` (older saves).
+
+    ``partial``: the architecture rotates only the first ``partial_rotary_factor`` of each head (Qwen3.5), whose
+    multimodal rope sections all see the same position in text, so they are plain RoPE there.
+    """
     params = fields.get("rope_parameters", dict, None)
     scaling = fields.get("rope_scaling", dict, None)
     name = "rope_parameters" if params is not None else "rope_scaling"
@@ -174,7 +195,13 @@ def read_rope(fields: ConfigFields, head_dim: int) -> Rope:
     if theta is None:
         theta = fields.get("rope_theta", float, 10000.0)
     rope_type = params.pop("rope_type", params.pop("type", "default"))
-    if params.pop("partial_rotary_factor", 1.0) != 1.0:
+    factor = params.pop("partial_rotary_factor", 1.0)
+    if partial:
+        params.pop("mrope_section", None), params.pop("mrope_interleaved", None)
+        head_dim = int(head_dim * factor)
+        if head_dim < 2 or head_dim % 2:
+            raise fields.error(name, f"partial_rotary_factor {factor} leaves {head_dim} rotary dims, not an even count")
+    elif factor != 1.0:
         raise fields.error(name, "partial_rotary_factor other than 1.0 is not supported for this architecture")
     base = float(theta)
     inv_freq = 1.0 / base ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
@@ -274,11 +301,11 @@ def _yarn(
     return inv_freq, float(attention_factor)
 
 
-def read_common(fields: ConfigFields, rope_dim: int | None = None) -> dict[str, Any]:
+def read_common(fields: ConfigFields, rope_dim: int | None = None, partial_rope: bool = False) -> dict[str, Any]:
     """The fields every supported architecture shares, as DecoderSpec keyword arguments.
 
     ``rope_dim``: the rotary dimension when it is not the head dimension (latent attention); a ``head_dim`` in
-    the config must then equal it, as transformers saves it so.
+    the config must then equal it, as transformers saves it so. ``partial_rope``: see ``read_rope``.
     """
     fields.expect("hidden_act", ("silu",), "silu")
     hidden = fields.count("hidden_size")
@@ -298,7 +325,7 @@ def read_common(fields: ConfigFields, rope_dim: int | None = None) -> dict[str, 
         num_kv_heads=kv_heads,
         head_dim=head_dim,
         rms_norm_eps=fields.get("rms_norm_eps", float, 1e-6),
-        rope=read_rope(fields, head_dim),
+        rope=read_rope(fields, head_dim, partial_rope),
         tie_word_embeddings=fields.get("tie_word_embeddings", bool, False),
         eos_token_ids=read_eos(fields),
         top_k=fields.count("num_experts_per_tok"),

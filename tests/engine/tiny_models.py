@@ -71,6 +71,22 @@ BASE: dict[str, dict[str, Any]] = {
         v_head_dim=12,
         routed_scaling_factor=2.5,
     ),
+    "qwen3_5_moe": dict(
+        hidden_size=64,
+        num_hidden_layers=4,  # three Gated DeltaNet layers, then full attention
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        linear_conv_kernel_dim=4,
+        linear_key_head_dim=8,
+        linear_value_head_dim=12,
+        linear_num_key_heads=2,
+        linear_num_value_heads=4,
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=48,
+        num_experts=8,
+        num_experts_per_tok=2,
+    ),
 }
 
 CLASSES = {
@@ -79,6 +95,7 @@ CLASSES = {
     "olmoe": (transformers.OlmoeConfig, transformers.OlmoeForCausalLM),
     "qwen2_moe": (transformers.Qwen2MoeConfig, transformers.Qwen2MoeForCausalLM),
     "deepseek_v3": (transformers.DeepseekV3Config, transformers.DeepseekV3ForCausalLM),
+    "qwen3_5_moe": (transformers.Qwen3_5MoeTextConfig, transformers.Qwen3_5MoeForCausalLM),
 }
 
 
@@ -102,7 +119,7 @@ def build(
     )
     torch.manual_seed(seed)
     model = model_cls(config_cls(**kwargs)).eval()
-    _randomize(model)
+    randomize(model)
     save_kwargs: dict[str, Any] = {"save_original_format": not fused}
     if max_shard_size:
         save_kwargs["max_shard_size"] = max_shard_size
@@ -110,15 +127,22 @@ def build(
     return model.float(), out
 
 
-def _randomize(model: torch.nn.Module) -> None:
-    """Weights large enough that routing is decisive and every parameter (norms, biases) matters."""
+def randomize(model: torch.nn.Module) -> None:
+    """Weights large enough that routing is decisive and every parameter (norms, biases) matters.
+
+    Every norm scales by about 1: Qwen3.5's zero-centred norms, which scale by 1 + weight, get weights around 0
+    (around 1 they would double each layer's activations, and the tiny model would be so ill-conditioned that
+    transformers' own fp32 paths, chunked and token by token, disagreed by 1e-3 to 1e-2).
+    """
+    zero_centred = model.config.model_type.startswith("qwen3_5")
     with torch.no_grad():
         for name, buffer in model.named_buffers():
             if name.endswith("e_score_correction_bias"):  # DeepSeek's router: a choice bias, zero when new
                 buffer.copy_(0.1 * torch.randn_like(buffer))
         for name, p in model.named_parameters():
             if "norm" in name:
-                p.copy_(1 + 0.2 * torch.randn_like(p))
+                plain = not zero_centred or "linear_attn.norm" in name  # the DeltaNet's gated norm is plain
+                p.copy_(float(plain) + 0.2 * torch.randn_like(p))
             elif name.endswith("bias"):
                 p.copy_(0.2 * torch.randn_like(p))
             else:
