@@ -41,7 +41,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     what = s.add_mutually_exclusive_group(required=True)
     what.add_argument("--preset", choices=["tiny", "quickstart"])
     what.add_argument(
-        "--arch", choices=["qwen3_moe", "mixtral", "deepseek_v3"], help="with --size, or with --num-layers"
+        "--arch",
+        choices=["qwen3_moe", "mixtral", "deepseek_v3", "qwen3_5_moe"],
+        help="with --size, or with --num-layers",
     )
     s.add_argument("--size", help="target size, e.g. 8GiB: the arch's default shape, as deep as fits")
     for dim in SYNTH_DIMS:

@@ -15,6 +15,7 @@ EXPERT_NAMES = {  # the MoE block, then each expert's gate, up and down projecti
     "qwen3_moe": ("mlp", "gate_proj", "up_proj", "down_proj"),
     "mixtral": ("block_sparse_moe", "w1", "w3", "w2"),
     "deepseek_v3": ("mlp", "gate_proj", "up_proj", "down_proj"),
+    "qwen3_5_moe": ("mlp", "gate_proj", "up_proj", "down_proj"),  # its routed experts are fused, as it stores them
 }
 TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
@@ -28,6 +29,8 @@ class TensorSpec(NamedTuple):
 
 def tensor_specs(s: SynthShape, residual_scale: float) -> list[TensorSpec]:
     """Every tensor in file order; ``residual_scale`` scales what each block writes into the residual stream."""
+    if s.arch == "qwen3_5_moe":
+        return _qwen3_5_specs(s, residual_scale)
     h, i = s.hidden_size, s.moe_intermediate_size
     moe, *names = EXPERT_NAMES[s.arch]
     specs = [TensorSpec("model.embed_tokens.weight", (s.vocab_size, h), "embed")]
@@ -49,6 +52,57 @@ def tensor_specs(s: SynthShape, residual_scale: float) -> list[TensorSpec]:
             specs += _mlp(f"{p}.{moe}.shared_experts", names, h, s.shared_experts * i, residual_scale)
     specs += [TensorSpec("model.norm.weight", (h,), "ones"), TensorSpec("lm_head.weight", (s.vocab_size, h), "lm_head")]
     return specs
+
+
+def _qwen3_5_specs(s: SynthShape, residual_scale: float) -> list[TensorSpec]:
+    """Qwen3.5's text model as its checkpoints hold it: under ``model.language_model``, zero-centred norms (so
+    zeros scale by 1), each layer's routed experts in two fused tensors."""
+    h, i, d, m = s.hidden_size, s.moe_intermediate_size, s.head_dim, s.delta_net_dims()
+    base = "model.language_model"
+    specs = [TensorSpec(f"{base}.embed_tokens.weight", (s.vocab_size, h), "embed")]
+    for layer in range(s.num_layers):
+        p = f"{base}.layers.{layer}"
+        specs.append(TensorSpec(f"{p}.input_layernorm.weight", (h,), "zeros"))
+        if s.is_linear(layer):
+            a = f"{p}.linear_attn"
+            key = m["linear_num_key_heads"] * m["linear_key_head_dim"]
+            value, heads = m["linear_num_value_heads"] * m["linear_value_head_dim"], m["linear_num_value_heads"]
+            kernel = m["linear_conv_kernel_dim"]
+            specs += [
+                TensorSpec(f"{a}.in_proj_qkv.weight", (2 * key + value, h), "normal", h**-0.5),
+                TensorSpec(f"{a}.in_proj_z.weight", (value, h), "normal", h**-0.5),
+                TensorSpec(f"{a}.in_proj_b.weight", (heads, h), "normal", h**-0.5),
+                TensorSpec(f"{a}.in_proj_a.weight", (heads, h), "normal", h**-0.5),
+                TensorSpec(f"{a}.conv1d.weight", (2 * key + value, 1, kernel), "normal", kernel**-0.5),
+                TensorSpec(f"{a}.dt_bias", (heads,), "ones"),
+                TensorSpec(f"{a}.A_log", (heads,), "zeros"),
+                TensorSpec(f"{a}.norm.weight", (m["linear_value_head_dim"],), "ones"),
+                TensorSpec(f"{a}.out_proj.weight", (h, value), "normal", residual_scale * value**-0.5),
+            ]
+        else:
+            a, q_dim, kv_dim = f"{p}.self_attn", s.num_heads * d, s.num_kv_heads * d
+            specs += [
+                TensorSpec(f"{a}.q_proj.weight", (2 * q_dim, h), "normal", h**-0.5),  # queries and their gates
+                TensorSpec(f"{a}.k_proj.weight", (kv_dim, h), "normal", h**-0.5),
+                TensorSpec(f"{a}.v_proj.weight", (kv_dim, h), "normal", h**-0.5),
+                TensorSpec(f"{a}.o_proj.weight", (h, q_dim), "normal", 2 * residual_scale * q_dim**-0.5),
+                TensorSpec(f"{a}.q_norm.weight", (d,), "zeros"),
+                TensorSpec(f"{a}.k_norm.weight", (d,), "zeros"),
+            ]
+        moe = f"{p}.mlp"
+        specs += [
+            TensorSpec(f"{p}.post_attention_layernorm.weight", (h,), "zeros"),
+            TensorSpec(f"{moe}.gate.weight", (s.num_experts, h), "router"),
+            TensorSpec(f"{moe}.experts.gate_up_proj", (s.num_experts, 2 * i, h), "normal", h**-0.5),
+            TensorSpec(f"{moe}.experts.down_proj", (s.num_experts, h, i), "normal", 2 * residual_scale * i**-0.5),
+            *_mlp(f"{moe}.shared_expert", EXPERT_NAMES[s.arch][1:], h, s.shared_experts * i, residual_scale),
+            TensorSpec(f"{moe}.shared_expert_gate.weight", (1, h), "normal", h**-0.5),
+        ]
+    return [
+        *specs,
+        TensorSpec(f"{base}.norm.weight", (h,), "zeros"),
+        TensorSpec("lm_head.weight", (s.vocab_size, h), "lm_head"),
+    ]
 
 
 def _attention(s: SynthShape, p: str, residual_scale: float) -> list[TensorSpec]:
@@ -134,6 +188,20 @@ def config(s: SynthShape, dtype: str, eos_token_id: int) -> dict:
             "norm_topk_prob": True,
             "routed_scaling_factor": 1.0,
             "rope_interleave": True,
+            "attention_bias": False,
+        }
+    if s.arch == "qwen3_5_moe":
+        del common["sliding_window"], common["rope_theta"]
+        return {
+            "architectures": ["Qwen3_5MoeForCausalLM"],
+            "model_type": "qwen3_5_moe_text",
+            **common,
+            **s.delta_net_dims(),
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000000.0, "partial_rotary_factor": 0.25},
+            "layer_types": ["linear_attention" if s.is_linear(n) else "full_attention" for n in range(s.num_layers)],
+            "moe_intermediate_size": s.moe_intermediate_size,
+            "shared_expert_intermediate_size": s.shared_experts * s.moe_intermediate_size,
+            "num_experts": s.num_experts,
             "attention_bias": False,
         }
     if s.arch == "mixtral":

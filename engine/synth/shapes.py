@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-ARCHS = ("qwen3_moe", "mixtral", "deepseek_v3")
+ARCHS = ("qwen3_moe", "mixtral", "deepseek_v3", "qwen3_5_moe")
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
 
@@ -22,7 +22,7 @@ class SynthShape:
     moe_intermediate_size: int
     vocab_size: int  # asked of the tokenizer trainer; the checkpoint records the size it reached
     dense_layers: int = 0  # deepseek_v3: the first layers have a dense MLP instead of experts
-    shared_experts: int = 0  # deepseek_v3: experts every token goes through, besides its top-k
+    shared_experts: int = 0  # deepseek_v3, qwen3_5_moe: experts every token goes through, besides its top-k
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
@@ -32,8 +32,12 @@ class SynthShape:
             minimum = 0 if field.name in ("dense_layers", "shared_experts") else 1
             if field.name != "arch" and (not isinstance(value, int) or value < minimum):
                 raise ValueError(f"{field.name} must be an integer >= {minimum} but got {value!r}")
-        if self.arch != "deepseek_v3" and (self.dense_layers or self.shared_experts):
-            raise ValueError("dense_layers and shared_experts are deepseek_v3's")
+        if self.arch != "deepseek_v3" and self.dense_layers:
+            raise ValueError("dense_layers are deepseek_v3's")
+        if self.arch not in ("deepseek_v3", "qwen3_5_moe") and self.shared_experts:
+            raise ValueError("shared_experts are deepseek_v3's and qwen3_5_moe's")
+        if self.arch == "qwen3_5_moe" and (self.head_dim % 8 or self.num_heads % 2):
+            raise ValueError("qwen3_5_moe needs a head_dim divisible by 8 and an even num_heads")
         if self.arch == "deepseek_v3" and (self.head_dim % 2 or self.num_kv_heads != self.num_heads):
             raise ValueError("deepseek_v3 needs an even head_dim and num_kv_heads equal to num_heads")
         if self.num_heads % self.num_kv_heads:
@@ -49,6 +53,17 @@ class SynthShape:
         d = self.head_dim
         return {"q_lora_rank": 12 * d, "kv_lora_rank": 4 * d, "qk_nope_head_dim": d, "qk_rope_head_dim": d // 2,
                 "v_head_dim": d}  # fmt: skip
+
+    def delta_net_dims(self) -> dict[str, int]:
+        """qwen3_5_moe's linear-attention dims, in Qwen3.5-397B-A17B's proportions to its attention (32 heads of
+        256: 16 key heads and 64 value heads of 128)."""
+        d = self.head_dim // 2
+        return {"linear_num_key_heads": self.num_heads // 2, "linear_num_value_heads": 2 * self.num_heads,
+                "linear_key_head_dim": d, "linear_value_head_dim": d, "linear_conv_kernel_dim": 4}  # fmt: skip
+
+    def is_linear(self, layer: int) -> bool:
+        """qwen3_5_moe: every fourth layer is full attention, the others Gated DeltaNet."""
+        return self.arch == "qwen3_5_moe" and (layer + 1) % 4 != 0
 
     def dense_intermediate_size(self) -> int:
         """deepseek_v3's dense layers: DeepSeek-V3's 18432 to its experts' 2048."""
@@ -68,6 +83,18 @@ class SynthShape:
             if layer < self.dense_layers:
                 return attention + 2 * h + 3 * h * self.dense_intermediate_size()
             experts = self.num_experts * (h + 1 + self.expert_params()) + self.shared_experts * self.expert_params()
+            return attention + 2 * h + experts
+        if self.arch == "qwen3_5_moe":
+            m = self.delta_net_dims()
+            if self.is_linear(layer):
+                key, value = m["linear_num_key_heads"] * m["linear_key_head_dim"], m["linear_num_value_heads"] * m[
+                    "linear_value_head_dim"]  # fmt: skip
+                channels, heads = 2 * key + value, m["linear_num_value_heads"]
+                attention = (channels + value + 2 * heads) * h + channels * 4 + 2 * heads + m["linear_value_head_dim"]
+                attention += value * h
+            else:
+                attention = 3 * h * self.num_heads * d + 2 * h * self.num_kv_heads * d + 2 * d
+            experts = self.num_experts * (h + self.expert_params()) + self.shared_experts * self.expert_params() + h
             return attention + 2 * h + experts
         attention = 2 * h * self.num_heads * d + 2 * h * self.num_kv_heads * d
         norms = 2 * h + (2 * d if self.arch == "qwen3_moe" else 0)
@@ -90,6 +117,9 @@ SIZED_DEFAULTS = {
     "mixtral": SynthShape("mixtral", 1024, 1, 16, 4, 64, 8, 2, 2816, 1024),
     # Kimi K2.5's proportions (384 experts, top-8, one shared expert, the first layer dense, latent attention)
     "deepseek_v3": SynthShape("deepseek_v3", 1024, 1, 8, 8, 64, 384, 8, 256, 1024, dense_layers=1, shared_experts=1),
+    # Qwen3.5-397B-A17B's at a quarter of its width (512 experts, top-10, a shared expert; 3 Gated DeltaNet layers
+    # to each gated attention layer, 8 query heads to 2 KV heads)
+    "qwen3_5_moe": SynthShape("qwen3_5_moe", 1024, 1, 8, 2, 64, 512, 10, 256, 1024, shared_experts=1),
 }
 
 

@@ -66,6 +66,7 @@ DEFAULT_KNOBS = {
     "qwen3_moe": RoutingKnobs(),
     "mixtral": RoutingKnobs(locality=0.65, skew=0.2, topic_weight=0.6),
     "deepseek_v3": RoutingKnobs(),
+    "qwen3_5_moe": RoutingKnobs(),
 }
 
 

@@ -20,12 +20,13 @@ STATS_SHAPES = {
     "qwen3_moe": SynthShape("qwen3_moe", 128, 4, 4, 2, 32, 64, 4, 32, 1024),
     "mixtral": SynthShape("mixtral", 256, 8, 4, 2, 64, 8, 2, 32, 1024),
     "deepseek_v3": SynthShape("deepseek_v3", 128, 5, 4, 4, 32, 64, 4, 32, 1024, dense_layers=1, shared_experts=1),
+    "qwen3_5_moe": SynthShape("qwen3_5_moe", 128, 4, 4, 2, 32, 64, 4, 32, 1024, shared_experts=1),
 }
 
 
 @pytest.mark.parametrize("arch", list(STATS_SHAPES))
 def test_synthetic_checkpoint_loads_identically_in_transformers(tmp_path, arch):
-    shape = dataclasses.replace(STATS_SHAPES[arch], num_layers=3, moe_intermediate_size=16)
+    shape = dataclasses.replace(STATS_SHAPES[arch], num_layers=4, moe_intermediate_size=16)
     path = synthesize(tmp_path / arch, shape, dtype="fp32", shard_bytes=200_000)
     assert (path / "model.safetensors.index.json").exists() and len(list(path.glob("*.safetensors"))) > 1
     model = load_model(path)
@@ -69,6 +70,7 @@ def test_locality_and_skew_knobs_move_the_statistics(tmp_path):
     [
         ("mixtral", {"hidden_size": 256, "moe_intermediate_size": 512}),
         ("deepseek_v3", {"hidden_size": 128, "num_experts": 64, "moe_intermediate_size": 64}),  # a dense first layer
+        ("qwen3_5_moe", {"hidden_size": 128, "num_experts": 64, "moe_intermediate_size": 64}),  # two kinds of layer
     ],
 )
 def test_sized_shape_fills_the_size_without_exceeding_it(tmp_path, arch, dims):
