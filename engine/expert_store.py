@@ -1,8 +1,9 @@
 """The expert store: every access to expert weights goes through it; experts are never loaded wholesale.
 
 Per MoE layer the decoder calls ``request(layer, experts)`` (the cache records the accesses; misses start
-reading at once, in parallel), then ``get`` for each expert in turn (waiting for its read if needed), then
-``route_done`` with the layer's routing so that the predictor, if any, prefetches the next layers' experts.
+reading, ``top_k`` of them at a time), then ``route_done`` with the layer's routing so that the predictor, if
+any, prefetches the next layers' experts, then ``get`` once for each expert, in the order requested (waiting
+for its read if needed; each ``get`` starts the next read, and frees the previous expert unless cached).
 
 What the store holds, in float32 (``cache_format = "dequantized"``) or as stored (``"packed"``, computed by the
 fused kernels; under ``mmap`` these are views of the mapping, so the page cache decides what stays in RAM):
@@ -11,8 +12,9 @@ fused kernels; under ``mmap`` these are views of the mapping, so the page cache 
 - staged prefetches: experts read ahead for a later layer, at most ``prefetch_depth x (top_k +
   prefetch_extra)`` of them; used ones move into the cache like any miss, the others are cancelled (counted
   as wasted) when their layer comes;
-- the current layer's experts, and those evicted while it runs (kept until the next layer, since the compute
-  may still use them).
+- the current layer's experts: at most ``top_k`` being read and the one being computed, so that a prefill
+  touching hundreds of experts per layer needs no more memory than a decode step; and cached experts evicted
+  while the layer runs that it has yet to compute (kept until the next layer).
 
 Buffers are pooled: after warm-up no array is allocated per expert.
 """
@@ -20,7 +22,7 @@ Buffers are pooled: after warm-up no array is allocated per expert.
 from __future__ import annotations
 
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field, fields
 
 import numpy as np
@@ -103,14 +105,19 @@ class ExpertStore:
         self.stats = StoreStats(io=self.reader.stats)
         self.predictor = predictor
         self.staged_limit = config.prefetch_depth * (top_k + config.prefetch_extra)
+        self.window = top_k  # a layer's reads in flight
         moe_layers = sorted({layer for layer, _ in layouts})
         depth = config.prefetch_depth
         self._ahead = {layer: moe_layers[n + 1 : n + 1 + depth] for n, layer in enumerate(moe_layers)}
         self._cached: dict[Key, ExpertData] = {}
         self._staged: dict[Key, Fetch] = {}
-        self._current: dict[int, ExpertData | Fetch] = {}  # expert -> its data, or the read bringing it
+        # expert -> its data, the read bringing it, or None until its read starts; removed by its get
+        self._current: dict[int, ExpertData | Fetch | None] = {}
+        self._waiting: deque[int] = deque()  # the current layer's misses whose reads have not started
+        self._reading: set[int] = set()  # the current layer's experts read by request or get, not yet taken
         self._layer = -1
-        self._retiring: list[ExpertData] = []
+        self._retiring: list[ExpertData] = []  # freed at the next request
+        self._done: list[ExpertData] = []  # freed at the next get or request
         self._cancelled: list[Fetch] = []
         self._free: list[ExpertWeights] = []
         self._forward_passes = 0
@@ -125,7 +132,8 @@ class ExpertStore:
             self._profile = None
 
     def request(self, layer: int, experts: list[int]) -> None:
-        """Record this layer's accesses and start reading every miss."""
+        """Record this layer's accesses and start reading the first ``top_k`` misses."""
+        self._free_done()
         if self._retiring:
             for data in self._retiring:
                 self._release(data)
@@ -136,9 +144,10 @@ class ExpertStore:
         if staged:
             self._cancel_unused(layer, experts)
         self._layer = layer
-        current = self._current
+        current, waiting = self._current, self._waiting
         current.clear()
-        access, cached, fetch, layouts = self.cache.access, self._cached, self.reader.fetch, self.layouts
+        waiting.clear()
+        access, cached = self.cache.access, self._cached
         hits = used = timely = 0
         for expert in experts:
             key = (layer, expert)
@@ -151,8 +160,10 @@ class ExpertStore:
                 used += 1
                 timely += read.done
             else:
-                read = fetch(layouts[key], self._take())
+                waiting.append(expert)
             current[expert] = read
+        self._reading.clear()
+        self._read_ahead()
         stats = self.stats
         stats.hits += hits
         stats.misses += len(experts) - hits
@@ -161,28 +172,32 @@ class ExpertStore:
         stats.prefetch_timely += timely
 
     def get(self, layer: int, expert: int) -> ExpertData:
-        """The weights of an expert requested for this layer; valid until the next ``request``."""
-        fetch = self._current.get(expert) if layer == self._layer else None
-        if fetch is None:
-            raise KeyError(f"expert {expert} of layer {layer} was not requested for the current layer")
+        """The weights of an expert requested for this layer, once; valid until the next ``get`` or ``request``."""
+        if layer != self._layer or expert not in self._current:
+            raise KeyError(f"expert {expert} of layer {layer} was not requested for the current layer, or was taken")
+        self._free_done()
+        fetch = self._current.pop(expert)
+        if fetch is None:  # taken out of order: its read had not started
+            self._waiting.remove(expert)
+            fetch = self.reader.fetch(self.layouts[layer, expert], self._take())
         if not isinstance(fetch, Fetch):
             return fetch
+        self._reading.discard(expert)
+        self._read_ahead()
         if fetch.done:
             data = fetch.wait()  # raises the read's error, if any
         else:
             began = time.perf_counter()
             data = fetch.wait()
             self.stats.stall_seconds += time.perf_counter() - began
-        self._current[expert] = data
         evicted = self.cache.admit((layer, expert), self.entry_bytes)
-        if evicted:
-            cached, retiring = self._cached, self._retiring
-            for victim in evicted:
-                retiring.append(cached.pop(victim))
+        for victim in evicted:  # one this layer has yet to compute stays until the next layer
+            still_needed = victim[0] == layer and victim[1] in self._current
+            (self._retiring if still_needed else self._done).append(self._cached.pop(victim))
         if (layer, expert) in self.cache:
             self._cached[layer, expert] = data
         else:
-            self._retiring.append(data)
+            self._done.append(data)
         return data
 
     def route_done(self, layer: int, h: np.ndarray, experts: np.ndarray, probs: np.ndarray) -> None:
@@ -221,6 +236,20 @@ class ExpertStore:
         fetches = {key: self.reader.fetch(self.layouts[key], self._take()) for key in pinned}
         for key, fetch in fetches.items():
             self._cached[key] = fetch.wait()
+
+    def _read_ahead(self) -> None:
+        """Start the current layer's next reads, up to ``window`` in flight."""
+        waiting, current, layer = self._waiting, self._current, self._layer
+        while waiting and len(self._reading) < self.window:
+            expert = waiting.popleft()
+            current[expert] = self.reader.fetch(self.layouts[layer, expert], self._take())
+            self._reading.add(expert)
+
+    def _free_done(self) -> None:
+        if self._done:
+            for data in self._done:
+                self._release(data)
+            self._done.clear()
 
     def _release(self, data: ExpertData) -> None:
         if isinstance(data, PackedExpert):

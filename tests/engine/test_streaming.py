@@ -197,3 +197,23 @@ def test_compute_threads_limits_blas_and_the_kernels(model_dir, packed_reference
 def test_compute_threads_must_be_positive() -> None:
     with pytest.raises(ValueError, match="compute_threads must be an integer of at least 1"):
         EngineConfig(compute_threads=0)
+
+
+@pytest.mark.parametrize("cache_format", CACHE_FORMATS)
+def test_a_prefill_holds_top_k_experts_in_flight_and_one_in_use(model_dir, reference, cache_format) -> None:
+    """A prompt touches most of a layer's experts at once; the store still holds no more than a decode step does:
+    top_k being read and the one being computed (those a cache keeps aside)."""
+    model = load_model(model_dir, EngineConfig(cache_format=cache_format, io_mode="direct"))
+    try:
+        decoder, store = model.decoder, model.decoder.store
+        decoder.forward(np.asarray(PROMPT), decoder.new_cache())
+        layers = SHAPE.num_layers
+        assert store.stats.misses >= 3 * (SHAPE.top_k + 1) * layers  # many more experts than that per layer
+        live = SHAPE.top_k + 1
+        if cache_format == "packed":  # slots come in slabs
+            slots = store.reader.slots
+            assert slots.allocated_bytes <= -(-live // slots.slots_per_slab) * slots.slots_per_slab * slots.slot_bytes
+        else:
+            assert len(store._free) + len(store._done) + len(store._retiring) <= live
+    finally:
+        model.close()
