@@ -175,7 +175,8 @@ class ExpertStore:
         """The weights of an expert requested for this layer, once; valid until the next ``get`` or ``request``."""
         if layer != self._layer or expert not in self._current:
             raise KeyError(f"expert {expert} of layer {layer} was not requested for the current layer, or was taken")
-        self._free_done()
+        if self._done:
+            self._free_done()
         fetch = self._current.pop(expert)
         if fetch is None:  # taken out of order: its read had not started
             self._waiting.remove(expert)

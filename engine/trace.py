@@ -31,7 +31,6 @@ from engine.errors import FileError
 from engine.expert_layout import ByteRange, ExpertLayout
 from engine.model import Model, load_model
 from engine.models.decoder import Routing
-from engine.predictors import GateLookahead
 from engine.workloads import Workload
 
 TRACE_VERSION = 1
@@ -189,7 +188,7 @@ class _Recorder:
     def __init__(self, model: Model, candidates: int, depth: int) -> None:
         decoder = model.decoder
         self.moe_layers = [i for i, layer in enumerate(decoder.layers) if layer.router is not None]
-        self.lookahead = GateLookahead(self.moe_layers, decoder.spec.num_experts, decoder.router_scores)
+        self.router_scores = decoder.router_scores  # what gate_lookahead ranks a later layer's experts by
         self.candidates, self.depth = candidates, depth
         self.calls: list[int] = []
         self.seconds: list[float] = []  # per forward call, spent recording
@@ -206,7 +205,7 @@ class _Recorder:
         position = self.moe_layers.index(layer)
         ahead = np.full((h.shape[0], self.depth, r), -1, np.int16)
         for d, target in enumerate(self.moe_layers[position + 1 : position + 1 + self.depth]):
-            scores = self.lookahead.router_scores(target, h)
+            scores = self.router_scores(target, h)
             ahead[:, d] = np.argsort(-scores, axis=1, kind="stable")[:, :r]
         self.rows[layer].append((order.astype(np.int16), probs.astype(np.float32), ahead))
         self.seconds[-1] += time.perf_counter() - began  # not the engine's: taken out of its compute time

@@ -326,10 +326,9 @@ class Decoder:
                     for p, o in zip(probs, order, strict=True)
                 ]
             )
-        if grouped is None:
-            weights = np.take_along_axis(probs, experts, axis=-1)
-        else:
-            weights = np.take_along_axis(probs, experts, axis=-1) - self.layers[layer].router_bias[experts]
+        weights = np.take_along_axis(probs, experts, axis=-1)
+        if grouped is not None:  # the bias steers the choice only
+            weights = weights - self.layers[layer].router_bias[experts]
         if self.spec.norm_topk_prob:
             weights = weights / (weights.sum(axis=-1, keepdims=True) + (0.0 if grouped is None else 1e-20))
         if grouped is not None:

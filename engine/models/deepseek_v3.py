@@ -3,11 +3,17 @@ choice bias and grouped top-k, shared experts, and dense first layers."""
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
-from engine.models.spec import ConfigFields, DecoderSpec, GroupedSigmoidRouter, LatentAttention, read_common
+from engine.models.spec import (
+    ConfigFields,
+    DecoderSpec,
+    GroupedSigmoidRouter,
+    LatentAttention,
+    read_common,
+    yarn_mscale,
+)
 
 # Training settings, the expert-parallel degree, and the multi-token-prediction layers that follow the model
 # (inference without speculative decoding never runs them), plus the remote code's import map.
@@ -80,7 +86,6 @@ def _softmax_scale(f: ConfigFields, qk_dim: int) -> float:
     scale = qk_dim**-0.5
     rope_type = params.get("rope_type", params.get("type", "default"))
     mscale_all_dim = params.get("mscale_all_dim") or 0
-    if rope_type != "default" and mscale_all_dim and params.get("factor", 1) > 1:
-        mscale = 0.1 * mscale_all_dim * math.log(params["factor"]) + 1.0
-        scale *= mscale * mscale
+    if rope_type != "default" and mscale_all_dim:
+        scale *= yarn_mscale(params.get("factor", 1), mscale_all_dim) ** 2
     return scale

@@ -87,8 +87,8 @@ class SynthShape:
         if self.arch == "qwen3_5_moe":
             m = self.delta_net_dims()
             if self.is_linear(layer):
-                key, value = m["linear_num_key_heads"] * m["linear_key_head_dim"], m["linear_num_value_heads"] * m[
-                    "linear_value_head_dim"]  # fmt: skip
+                key = m["linear_num_key_heads"] * m["linear_key_head_dim"]
+                value = m["linear_num_value_heads"] * m["linear_value_head_dim"]
                 channels, heads = 2 * key + value, m["linear_num_value_heads"]
                 attention = (channels + value + 2 * heads) * h + channels * 4 + 2 * heads + m["linear_value_head_dim"]
                 attention += value * h
