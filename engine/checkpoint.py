@@ -91,13 +91,20 @@ class Checkpoint:
             os.close(fd)
         self.fds.clear()
 
-    def info(self, name: str, shape: tuple[int, ...] | None = None) -> TensorInfo:
-        """The tensor ``name``, checked to be a float tensor of ``shape`` when one is given."""
+    def info(
+        self, name: str, shape: tuple[int, ...] | None = None, dtypes: tuple[str, ...] = FLOAT_DTYPES
+    ) -> TensorInfo:
+        """The tensor ``name``, checked to be of one of ``dtypes`` and of ``shape`` when one is given."""
         info = self.tensors.get(name)
         if info is None:
+            packed = name.removesuffix(".weight") + ".weight_packed"
+            if name.endswith(".weight") and packed in self.tensors:
+                raise CheckpointError(
+                    self.path, "is quantized (compressed-tensors); the engine reads quantized weights only for "
+                    "routed experts", tensor=packed)  # fmt: skip
             raise CheckpointError(self.path, "missing tensor", tensor=name)
-        if info.dtype not in FLOAT_DTYPES:
-            raise CheckpointError(info.path, f"dtype {info.dtype} is not one of {FLOAT_DTYPES}", tensor=name)
+        if info.dtype not in dtypes:
+            raise CheckpointError(info.path, f"dtype {info.dtype} is not one of {dtypes}", tensor=name)
         if shape is not None and info.shape != shape:
             raise CheckpointError(
                 info.path, f"shape {list(info.shape)} but the config implies {list(shape)}", tensor=name

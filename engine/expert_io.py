@@ -36,7 +36,7 @@ from engine.checkpoint import to_float32
 from engine.config import IO_MODES
 from engine.errors import CheckpointError
 from engine.expert_layout import ExpertData, ExpertLayout, ExpertWeights, PackedExpert
-from engine.quant import PackedMatrix, dequantize
+from engine.quant import PackedMatrix, dequantize, scales_dtype
 from engine.repack_manifest import unpack_expert
 from engine.safetensors_file import DTYPE_SIZES
 
@@ -134,9 +134,9 @@ def plan_pieces(layout: ExpertLayout, mode: str) -> list[_Piece]:
     direct = mode == "direct"
     pieces, at = [], 0
     targets = ((0, layout.gate_up),) if layout.down is None else ((0, layout.gate_up), (1, (layout.down,)))
-    for target, ranges in targets:
+    for target, matrices in targets:
         element = 0
-        for r in ranges:
+        for r in (piece for m in matrices for piece in ((m,) if m.scales is None else (m, m.scales))):
             skip = r.offset % PAGE if direct else 0
             nbytes = -(-(skip + r.nbytes) // PAGE) * PAGE if direct else r.nbytes
             pieces.append(
@@ -175,7 +175,7 @@ class ExpertReader:
         self._columns = (hidden_size, intermediate_size)  # of gate_up and of down
         self.stats = IoStats()
         self._stats_lock = threading.Lock()
-        files = sorted({r.path for layout in layouts for r in layout.ranges})
+        files = sorted({r.path for layout in layouts for r in layout.byte_ranges})
         self.fds: dict[str, int] = {}
         self._maps: dict[str, tuple[mmap.mmap, np.ndarray]] = {}
         self._map_fds: dict[str, int] = {}  # to check a mapped file's size: touching past its end is SIGBUS
@@ -213,7 +213,7 @@ class ExpertReader:
     def fetch(self, layout: ExpertLayout, weights: ExpertWeights | None) -> Fetch:
         """Start reading ``layout``: converted into ``weights``, or, without them, kept as stored (packed)."""
         pieces = self.plan(layout)
-        if not issues_reads(self.mode, repacked=layout.repacked is not None, packed=weights is None):
+        if not issues_reads(self.mode, repacked=layout.packed_on_disk, packed=weights is None):
             fetch = Fetch(weights, 0)
             if weights is None:  # the mapping is the data: nothing to read now
                 self._finish(fetch, None, layout)
@@ -323,9 +323,13 @@ class ExpertReader:
                 if fetch.weights is None:
                     fetch.result = self._packed(slot, layout)
                     keep_slot = True
-                elif layout.repacked is not None:
-                    for matrix, out in zip(self._packed(slot, layout).parts(), fetch.weights, strict=True):
-                        np.copyto(out, dequantize(matrix))
+                elif layout.packed_on_disk:
+                    packed = self._packed(slot, layout)
+                    for parts, out in zip((packed.gate_up, (packed.down,)), fetch.weights, strict=True):
+                        row = 0
+                        for matrix in parts:
+                            np.copyto(out[row : row + matrix.shape[0]], dequantize(matrix))
+                            row += matrix.shape[0]
                     fetch.result = fetch.weights
                 else:
                     if slot is not None:
@@ -362,11 +366,18 @@ class ExpertReader:
             gate_up, down = unpack_expert(self._raw(slot, pieces)[0], layout.repacked)
             return PackedExpert((gate_up,), down, slot)
         parts: tuple[list[PackedMatrix], list[PackedMatrix]] = ([], [])
-        for piece, raw in zip(pieces, self._raw(slot, pieces), strict=True):
-            format, dtype = STORED_FORMATS[piece.dtype]
-            columns = self._columns[piece.target]
-            data = raw.view(dtype).reshape(-1, columns)
-            parts[piece.target].append(PackedMatrix(format, data.shape, 0, data, NO_SCALES))
+        raws = iter(self._raw(slot, pieces))
+        for target, ranges in enumerate((layout.gate_up, (layout.down,))):
+            columns = self._columns[target]
+            for r in ranges:
+                if r.scales is None:
+                    format, dtype = STORED_FORMATS[r.dtype]
+                    data = next(raws).view(dtype).reshape(-1, columns)
+                    parts[target].append(PackedMatrix(format, data.shape, 0, data, NO_SCALES))
+                else:  # int4 words: as bytes, two values each, low nibble first
+                    data = next(raws).reshape(-1, columns // 2)
+                    scales = next(raws).view(scales_dtype(r.format)).reshape(len(data), -1)
+                    parts[target].append(PackedMatrix(r.format, (len(data), columns), r.group_size, data, scales))
         return PackedExpert(tuple(parts[0]), parts[1][0], slot)
 
     def _check_mapped(self, piece: _Piece, end: int) -> None:

@@ -3,6 +3,8 @@
 An expert is a SwiGLU MLP: ``gate_up`` [2I, H] (gate rows, then up rows) and ``down`` [H, I].
 On disk it is either three per-expert tensors (gate, up, down) or one slice of each fused
 ``[E, 2I, H]`` / ``[E, H, I]`` tensor; in both layouts each piece is one contiguous byte range.
+A compressed-tensors checkpoint (Kimi K2.5) stores each per-expert matrix as int4 (``weight_packed``, int32
+words of eight values) with group scales (``weight_scale``): a range then has its scales' range beside it.
 """
 
 from __future__ import annotations
@@ -18,6 +20,10 @@ from engine.errors import CheckpointError
 from engine.quant import PackedMatrix
 from engine.repack_manifest import ExpertEntry, RepackManifest
 from engine.safetensors_file import TensorInfo
+
+PACKED_PER_WORD = 8  # int4 values in one int32 word of a compressed-tensors checkpoint
+QUANTIZED_FORMATS = {"BF16": "int4_bf16", "F16": "int4"}  # a quantized matrix's format, by its scales' dtype
+QUANTIZED_SUFFIXES = ("weight_packed", "weight_scale", "weight_shape")  # a quantized matrix's tensors
 
 
 class ExpertWeights(NamedTuple):
@@ -55,6 +61,14 @@ class ByteRange:
     nbytes: int
     dtype: str
     tensor: str
+    scales: ByteRange | None = None  # a quantized matrix's group scales; its data is then int4 in int32 words
+    group_size: int = 0  # of the scales
+
+    @property
+    def format(self) -> str:
+        """The packed format of a quantized matrix (``quant``): int4 with its scales' float type."""
+        assert self.scales is not None
+        return QUANTIZED_FORMATS[self.scales.dtype]
 
 
 @dataclass(frozen=True)
@@ -74,8 +88,18 @@ class ExpertLayout:
         return self.gate_up if self.down is None else (*self.gate_up, self.down)
 
     @property
+    def byte_ranges(self) -> tuple[ByteRange, ...]:
+        """Every range a read takes, in order: a quantized matrix's scales right after its data."""
+        return tuple(piece for r in self.ranges for piece in ((r,) if r.scales is None else (r, r.scales)))
+
+    @property
     def nbytes(self) -> int:
-        return sum(r.nbytes for r in self.ranges)
+        return sum(r.nbytes for r in self.byte_ranges)
+
+    @property
+    def packed_on_disk(self) -> bool:
+        """Stored packed (repacked, or a quantized checkpoint): converted a whole matrix at a time."""
+        return self.repacked is not None or any(r.scales is not None for r in self.ranges)
 
 
 def repacked_layouts(manifest: RepackManifest) -> dict[tuple[int, int], ExpertLayout]:
@@ -105,11 +129,13 @@ def locate_experts(
     hidden_size: int,
     intermediate_size: int,
     names: tuple[str, str, str],
+    group_size: int = 0,
 ) -> dict[int, ExpertLayout]:
     """Find each expert's byte ranges under ``prefix`` (e.g. ``model.layers.3.mlp.experts``).
 
     ``names`` are the per-expert projection names (gate, up, down): ``gate_proj/up_proj/down_proj``
     or Mixtral's ``w1/w3/w2``. Fused ``gate_up_proj`` / ``down_proj`` tensors are used when present.
+    ``group_size``: the experts are int4 with this group size (compressed-tensors), as the config says.
     """
     h, i, e_count = hidden_size, intermediate_size, num_experts
     fused_name = f"{prefix}.gate_up_proj"
@@ -118,12 +144,12 @@ def locate_experts(
         down = checkpoint.info(f"{prefix}.down_proj", (e_count, h, i))
         return {e: ExpertLayout((_slice(gate_up, e, e_count),), _slice(down, e, e_count)) for e in range(e_count)}
     gate, up, down_name = names
+    shapes = ((gate, (i, h)), (up, (i, h)), (down_name, (h, i)))
+    if group_size:
+        return {e: _quantized(checkpoint, f"{prefix}.{e}", shapes, group_size) for e in range(e_count)}
     layouts = {}
     for e in range(e_count):
-        pieces = [
-            checkpoint.info(f"{prefix}.{e}.{n}.weight", s)
-            for n, s in ((gate, (i, h)), (up, (i, h)), (down_name, (h, i)))
-        ]
+        pieces = [checkpoint.info(f"{prefix}.{e}.{n}.weight", s) for n, s in shapes]
         if pieces[0].dtype != pieces[1].dtype:
             raise CheckpointError(
                 pieces[1].path,
@@ -132,6 +158,27 @@ def locate_experts(
             )
         layouts[e] = ExpertLayout(tuple(_whole(p) for p in pieces[:2]), _whole(pieces[2]))
     return layouts
+
+
+def _quantized(
+    checkpoint: Checkpoint, prefix: str, shapes: tuple[tuple[str, tuple[int, int]], ...], group_size: int
+) -> ExpertLayout:
+    ranges = []
+    for name, (rows, cols) in shapes:
+        if cols % group_size or cols % PACKED_PER_WORD:
+            raise CheckpointError(
+                checkpoint.path,
+                f"int4 groups of {group_size} (and words of {PACKED_PER_WORD}) do not divide the {cols} columns",
+                tensor=f"{prefix}.{name}.weight_packed",
+            )
+        if f"{prefix}.{name}.weight" in checkpoint.tensors:
+            raise CheckpointError(
+                checkpoint.path, "is stored as floats, but quantization_config says the routed experts are int4",
+                tensor=f"{prefix}.{name}.weight")  # fmt: skip
+        data = checkpoint.info(f"{prefix}.{name}.weight_packed", (rows, cols // PACKED_PER_WORD), ("I32",))
+        scales = checkpoint.info(f"{prefix}.{name}.weight_scale", (rows, cols // group_size), tuple(QUANTIZED_FORMATS))
+        ranges.append(ByteRange(data.path, data.start, data.nbytes, data.dtype, data.name, _whole(scales), group_size))
+    return ExpertLayout(tuple(ranges[:2]), ranges[2])
 
 
 def _whole(info: TensorInfo) -> ByteRange:

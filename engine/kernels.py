@@ -51,7 +51,7 @@ _prefer_512_bit_vectors()
 
 # From this many tokens on (measured crossovers on a 2-core Xeon), dequantizing into a scratch and multiplying
 # with BLAS beats the fused kernels, which decode every weight once per token.
-BLAS_TOKENS = {"bf16": 16, "fp16": 16, "int8": 16, "int4": 8}
+BLAS_TOKENS = {"bf16": 16, "fp16": 16, "int8": 16, "int4": 8, "int4_bf16": 8}
 BLAS_ROWS = 256  # rows dequantized per BLAS call: the scratch stays in L2
 _FASTMATH = {"reassoc", "contract"}
 _ROW_BLOCK = 16
@@ -149,10 +149,11 @@ def _fused(p: PackedMatrix, x: np.ndarray, data: np.ndarray, scales: np.ndarray,
 
 
 def _kernel_views(p: PackedMatrix) -> tuple[np.ndarray, np.ndarray]:
-    """numba has no float16 arrays: float16 data and scales go in as their uint16 bits."""
+    """numba has no float16 or bfloat16 arrays: float16 data and scales go in as their uint16 bits, bfloat16 scales
+    as int16 bits (``_scale_to_f32`` tells them apart by type)."""
     data = p.data.view(np.uint16) if p.format == "fp16" else p.data
-    scales = p.scales.view(np.uint16) if p.format == "int4" else p.scales
-    return data, scales
+    scales = {"int4": np.uint16, "int4_bf16": np.int16}.get(p.format)
+    return data, p.scales if scales is None else p.scales.view(scales)
 
 
 @intrinsic
@@ -170,6 +171,21 @@ def _f16_to_f32(typingctx, bits):
         return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
 
     return types.float32(types.uint16), codegen
+
+
+@intrinsic
+def _scale_to_f32(typingctx, bits):
+    """An int4 group scale as float32: float16 bits given as uint16, bfloat16 bits as int16."""
+
+    def codegen(context, builder, signature, args):
+        if signature.args[0] == types.uint16:
+            return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+        wide = builder.shl(builder.zext(args[0], ir.IntType(32)), ir.Constant(ir.IntType(32), 16))
+        return builder.bitcast(wide, ir.FloatType())
+
+    if bits not in (types.uint16, types.int16):
+        return None
+    return types.float32(bits), codegen
 
 
 @njit(cache=True)
@@ -227,7 +243,7 @@ def _fused_int4(x, data, scales, group_size, y):
             for t in range(x.shape[0]):
                 lanes[:] = 0
                 for g in range(half // pairs):
-                    scale = _f16_to_f32(scales[r, g])
+                    scale = _scale_to_f32(scales[r, g])
                     for i in range(pairs):
                         j = g * pairs + i
                         low, high = _nibbles(data[r, j])
@@ -261,7 +277,7 @@ def _dequantize_int4(data, scales, group_size, start, w):
     pairs = group_size // 2
     for r in range(w.shape[0]):
         for g in range(scales.shape[1]):
-            scale = _f16_to_f32(scales[start + r, g])
+            scale = _scale_to_f32(scales[start + r, g])
             for i in range(pairs):
                 j = g * pairs + i
                 low, high = _nibbles(data[start + r, j])
@@ -269,8 +285,14 @@ def _dequantize_int4(data, scales, group_size, start, w):
                 w[r, 2 * j + 1] = high * scale
 
 
-_FUSED = {"bf16": _fused_bf16, "fp16": _fused_fp16, "int8": _fused_int8, "int4": _fused_int4}
-_DEQUANTIZE = {"bf16": _dequantize_bf16, "fp16": _dequantize_fp16, "int8": _dequantize_int8, "int4": _dequantize_int4}
+_FUSED = {"bf16": _fused_bf16, "fp16": _fused_fp16, "int8": _fused_int8, "int4": _fused_int4, "int4_bf16": _fused_int4}
+_DEQUANTIZE = {
+    "bf16": _dequantize_bf16,
+    "fp16": _dequantize_fp16,
+    "int8": _dequantize_int8,
+    "int4": _dequantize_int4,
+    "int4_bf16": _dequantize_int4,
+}
 
 
 def _describe(value: object) -> str:

@@ -45,7 +45,7 @@ class Model:
         if not checkpoint.drop_cached_pages():
             return False
         layouts = self.decoder.store.layouts.values()
-        for path in sorted({r.path for layout in layouts for r in layout.ranges} - set(checkpoint.fds)):
+        for path in sorted({r.path for layout in layouts for r in layout.byte_ranges} - set(checkpoint.fds)):
             fd = os.open(path, os.O_RDONLY)
             try:
                 drop_cached_pages(fd)

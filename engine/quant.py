@@ -7,13 +7,18 @@
 | ``fp16`` | float16 [out, in] | none | data |
 | ``int8`` | int8 [out, in] | float32 [out] | data * scale[row], scale = max|w_row| / 127 |
 | ``int4`` | uint8 [out, in / 2] | float16 [out, in / G] | (nibble - 8) * scale[row, k // G] |
+| ``int4_bf16`` | as ``int4`` | bfloat16 [out, in / G], as uint16 | as ``int4`` |
 
 ``bf16`` quantizes with round-to-nearest-even; a checkpoint's bf16 bits are used as they are.
 ``int4`` is symmetric and group-wise along ``in`` (group size G even and dividing ``in``): element 2j of a
 row is the low nibble of byte j, element 2j + 1 the high nibble, each holding q + 8 for q in [-8, 7] (quantize
-uses [-7, 7]). The scale max|w_group| / 7 is rounded to float16 before quantizing, so dequantizing reproduces
-exactly what was quantized against. A zero row (int8) or group (int4) has scale 0. Groups whose scale falls
-below float16's normal range (max|w_group| < 4.3e-4) lose scale precision.
+uses [-7, 7]). The scale max|w_group| / 7 is rounded to float16 (``int4_bf16``: bfloat16) before quantizing, so
+dequantizing reproduces exactly what was quantized against. A zero row (int8) or group (int4) has scale 0. Groups
+whose float16 scale falls below its normal range (max|w_group| < 4.3e-4) lose scale precision.
+
+``int4_bf16`` is how compressed-tensors' ``pack-quantized`` checkpoints (Kimi K2.5's experts) store symmetric
+int4: their int32 words hold eight values from the lowest bits up, each plus 8, which read as little-endian bytes
+is ``int4``'s nibble order, and their group scales are bfloat16.
 
 Byte layout (``to_bytes`` / ``from_bytes``), one contiguous range per matrix: the data array's bytes
 (C order, little-endian), zero-padded to a multiple of 16 bytes, then the scales' bytes. ``fp32``, ``bf16``
@@ -27,7 +32,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-FORMATS = ("fp32", "bf16", "fp16", "int8", "int4")
+FORMATS = ("fp32", "bf16", "fp16", "int8", "int4")  # what repack writes
+ALL_FORMATS = (*FORMATS, "int4_bf16")  # int4_bf16 only as quantized checkpoints store it
+INT4_FORMATS = ("int4", "int4_bf16")
 ALIGN = 16
 INT8_MAX = 127
 INT4_MAX = 7
@@ -39,12 +46,13 @@ _DTYPES = {  # format: (data, scales)
     "fp16": (np.dtype(np.float16), np.dtype(np.float32)),
     "int8": (np.dtype(np.int8), np.dtype(np.float32)),
     "int4": (np.dtype(np.uint8), np.dtype(np.float16)),
+    "int4_bf16": (np.dtype(np.uint8), np.dtype(np.uint16)),
 }
 
 
 @dataclass(frozen=True, eq=False)
 class PackedMatrix:
-    """W [out, in] = ``shape`` in ``format``; ``group_size`` is 0 for every format but ``int4``.
+    """W [out, in] = ``shape`` in ``format``; ``group_size`` is 0 for every format but the int4 ones.
 
     ``scales`` is empty (float32 [0]) for the formats without scales.
     """
@@ -62,7 +70,7 @@ class PackedMatrix:
 
 
 def quantize(w: np.ndarray, format: str, group_size: int = 64) -> PackedMatrix:
-    """Pack the finite float32 matrix ``w`` [out, in]; ``group_size`` matters only for ``int4``."""
+    """Pack the finite float32 matrix ``w`` [out, in]; ``group_size`` matters only for the int4 formats."""
     if not isinstance(w, np.ndarray) or w.dtype != np.float32 or w.ndim != 2:
         raise ValueError(f"w must be a 2-D float32 array, got {_describe(w)}")
     group_size = _check(format, w.shape, group_size)
@@ -75,19 +83,18 @@ def quantize(w: np.ndarray, format: str, group_size: int = 64) -> PackedMatrix:
     if format == "fp16":
         return PackedMatrix(format, w.shape, 0, w.astype(np.float16), no_scales)
     if format == "bf16":
-        bits = w.view(np.uint32)
-        round_half_even = ((bits >> 16) & 1) + 0x7FFF
-        return PackedMatrix(format, w.shape, 0, ((bits + round_half_even) >> 16).astype(np.uint16), no_scales)
+        return PackedMatrix(format, w.shape, 0, _bf16_bits(w), no_scales)
     if format == "int8":
         scales = np.abs(w).max(axis=1) / np.float32(INT8_MAX)
         q = _round(w, scales[:, None], INT8_MAX)
         return PackedMatrix(format, w.shape, 0, q.astype(np.int8), scales)
     out, cols = w.shape
     groups = w.reshape(out, cols // group_size, group_size)
-    scales = (np.abs(groups).max(axis=2) / np.float32(INT4_MAX)).astype(np.float16)
-    if not np.isfinite(scales).all():
+    exact = np.abs(groups).max(axis=2) / np.float32(INT4_MAX)
+    scales = exact.astype(np.float16) if format == "int4" else _bf16_bits(exact)
+    if not np.isfinite(_scales_float32(format, scales)).all():
         raise ValueError(f"w has values too large for int4's float16 scales (|w| > {INT4_MAX * 65504})")
-    q = _round(groups, scales[:, :, None].astype(np.float32), INT4_MAX).reshape(out, cols)
+    q = _round(groups, _scales_float32(format, scales)[:, :, None], INT4_MAX).reshape(out, cols)
     nibbles = (q + INT4_OFFSET).astype(np.uint8)
     return PackedMatrix(format, w.shape, group_size, nibbles[:, 0::2] | (nibbles[:, 1::2] << 4), scales)
 
@@ -107,8 +114,13 @@ def dequantize(p: PackedMatrix) -> np.ndarray:
     q[:, 0::2] = p.data & 0xF
     q[:, 1::2] = p.data >> 4
     q -= INT4_OFFSET
-    groups = q.reshape(out, cols // p.group_size, p.group_size) * p.scales[:, :, None].astype(np.float32)
+    groups = q.reshape(out, cols // p.group_size, p.group_size) * _scales_float32(p.format, p.scales)[:, :, None]
     return groups.reshape(p.shape)
+
+
+def scales_dtype(format: str) -> np.dtype:
+    """The element type of ``format``'s scales."""
+    return _DTYPES[format][1]
 
 
 def byte_size(format: str, shape: tuple[int, int], group_size: int = 64) -> int:
@@ -149,16 +161,16 @@ def quantization_error(w: np.ndarray, p: PackedMatrix) -> dict[str, float]:
 
 def _check(format: str, shape: tuple[int, ...], group_size: int) -> int:
     """The group size to record for this format (0 unless int4), after checking all three arguments."""
-    if format not in FORMATS:
-        raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+    if format not in ALL_FORMATS:
+        raise ValueError(f"format must be one of {ALL_FORMATS}, got {format!r}")
     if len(shape) != 2 or not all(isinstance(n, int | np.integer) and n > 0 for n in shape):
         raise ValueError(f"shape must be two positive sizes [out, in], got {shape}")
-    if format != "int4":
+    if format not in INT4_FORMATS:
         return 0
     if not isinstance(group_size, int | np.integer) or group_size <= 0 or group_size % 2:
-        raise ValueError(f"group_size must be a positive even integer for int4, got {group_size!r}")
+        raise ValueError(f"group_size must be a positive even integer for {format}, got {group_size!r}")
     if shape[1] % group_size:
-        raise ValueError(f"group_size {group_size} must divide in = {shape[1]} for int4")
+        raise ValueError(f"group_size {group_size} must divide in = {shape[1]} for {format}")
     return int(group_size)
 
 
@@ -168,12 +180,26 @@ def _layout(format: str, shape: tuple[int, int], group_size: int) -> tuple[tuple
     data_shape, scales_shape = (out, cols), (0,)
     if format == "int8":
         scales_shape = (out,)
-    elif format == "int4":
+    elif format in INT4_FORMATS:
         data_shape, scales_shape = (out, cols // 2), (out, cols // group_size)
     data_dtype, scales_dtype = _DTYPES[format]
     data_nbytes = data_shape[0] * data_shape[1] * data_dtype.itemsize
     scales_offset = data_nbytes + -data_nbytes % ALIGN
     return data_shape, scales_shape, scales_offset, scales_offset + int(np.prod(scales_shape)) * scales_dtype.itemsize
+
+
+def _bf16_bits(w: np.ndarray) -> np.ndarray:
+    """float32 ``w`` rounded to bfloat16 (to nearest, ties to even), as the uint16 top halves."""
+    bits = np.ascontiguousarray(w).view(np.uint32)
+    round_half_even = ((bits >> 16) & 1) + 0x7FFF
+    return ((bits + round_half_even) >> 16).astype(np.uint16)
+
+
+def _scales_float32(format: str, scales: np.ndarray) -> np.ndarray:
+    """An int4 format's group scales as float32 (exact for both)."""
+    if format == "int4":
+        return scales.astype(np.float32)
+    return (scales.astype(np.uint32) << 16).view(np.float32)
 
 
 def _round(w: np.ndarray, scales: np.ndarray, limit: int) -> np.ndarray:

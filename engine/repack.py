@@ -20,7 +20,7 @@ import numpy as np
 from engine import quant
 from engine.checkpoint import Checkpoint, to_float32
 from engine.errors import CheckpointError
-from engine.expert_layout import ByteRange, ExpertLayout, locate_experts
+from engine.expert_layout import QUANTIZED_SUFFIXES, ByteRange, ExpertLayout, locate_experts
 from engine.models import parse_config
 from engine.models.decoder import _moe_prefix, model_prefix
 from engine.models.spec import DecoderSpec
@@ -184,12 +184,14 @@ def _locate(checkpoint: Checkpoint, spec: DecoderSpec) -> tuple[dict[tuple[int, 
         if not spec.sparse_layers[layer]:
             continue
         prefix = f"{_moe_prefix(checkpoint, f'{model_prefix(checkpoint)}.layers.{layer}', spec)}.experts"
-        experts = locate_experts(checkpoint, prefix, spec.num_experts, h, i, spec.expert_names)
+        experts = locate_experts(checkpoint, prefix, spec.num_experts, h, i, spec.expert_names, spec.expert_group_size)
         layouts.update({(layer, e): layout for e, layout in experts.items()})
         if f"{prefix}.gate_up_proj" in checkpoint.tensors:  # fused, as locate_experts decides
             tensors |= {f"{prefix}.gate_up_proj", f"{prefix}.down_proj"}
         else:
-            tensors |= {f"{prefix}.{e}.{n}.weight" for e in range(spec.num_experts) for n in spec.expert_names}
+            suffixes = QUANTIZED_SUFFIXES if spec.expert_group_size else ("weight",)
+            names = (f"{prefix}.{e}.{n}" for e in range(spec.num_experts) for n in spec.expert_names)
+            tensors |= {f"{name}.{suffix}" for name in names for suffix in suffixes}
     return layouts, tensors
 
 
@@ -236,7 +238,8 @@ def _write_experts(
             start = _pad(f, align)
             matrices = {}
             for name, ranges in (("gate_up", layout.gate_up), ("down", (layout.down,))):
-                w = np.concatenate([_read_float32(checkpoint, r) for r in ranges]).reshape(shapes[name])
+                columns = shapes[name][1]
+                w = np.concatenate([_read_float32(checkpoint, r, columns) for r in ranges]).reshape(shapes[name])
                 packed = _quantize(w, format, group_size, ranges)
                 tally.add(w, packed, f"layer {layer} expert {expert} {name}")
                 offset = _pad(f, quant.ALIGN, start) - start
@@ -259,10 +262,17 @@ def _pad(f: BinaryIO, align: int, base: int = 0) -> int:
     return f.tell()
 
 
-def _read_float32(checkpoint: Checkpoint, r: ByteRange) -> np.ndarray:
+def _read_float32(checkpoint: Checkpoint, r: ByteRange, columns: int) -> np.ndarray:
     raw = np.empty(r.nbytes, np.uint8)
     checkpoint.read_into(r.path, r.offset, raw, r.tensor)
-    return to_float32(raw, r.dtype)
+    if r.scales is None:
+        return to_float32(raw, r.dtype)
+    scales = np.empty(r.scales.nbytes, np.uint8)
+    checkpoint.read_into(r.scales.path, r.scales.offset, scales, r.scales.tensor)
+    rows = r.nbytes * 2 // columns
+    scales_shaped = scales.view(quant.scales_dtype(r.format)).reshape(rows, columns // r.group_size)
+    packed = quant.PackedMatrix(r.format, (rows, columns), r.group_size, raw.reshape(rows, columns // 2), scales_shaped)
+    return quant.dequantize(packed).reshape(-1)
 
 
 def _quantize(w: np.ndarray, format: str, group_size: int, ranges: tuple[ByteRange, ...]) -> quant.PackedMatrix:

@@ -297,11 +297,11 @@ def _compute_per_token(run: dict, phase: str, seconds: float | None, tokens: int
 def _expert_ranges(
     layouts: dict[tuple[int, int], ExpertLayout], moe_layers: list[int], num_experts: int
 ) -> tuple[np.ndarray, np.ndarray, bool]:
-    pieces = max(len(layout.ranges) for layout in layouts.values())
+    pieces = max(len(layout.byte_ranges) for layout in layouts.values())
     offsets = np.zeros((len(moe_layers), num_experts, pieces), np.int64)
     nbytes = np.zeros_like(offsets)
     for li, layer in enumerate(moe_layers):
         for expert in range(num_experts):
-            for p, r in enumerate(layouts[(layer, expert)].ranges):
+            for p, r in enumerate(layouts[(layer, expert)].byte_ranges):
                 offsets[li, expert, p], nbytes[li, expert, p] = r.offset, r.nbytes
-    return offsets, nbytes, any(layout.repacked is not None for layout in layouts.values())
+    return offsets, nbytes, any(layout.packed_on_disk for layout in layouts.values())

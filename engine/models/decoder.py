@@ -411,8 +411,9 @@ def build_decoder(spec: DecoderSpec, ckpt: Checkpoint, config: EngineConfig) -> 
             router_bias = maybe(f"{moe}.gate.e_score_correction_bias", (s.num_experts,), s.grouped_router is not None)
             if not repacked:
                 experts = locate_experts(
-                    ckpt, f"{moe}.experts", s.num_experts, h, s.moe_intermediate_size, s.expert_names
-                )
+                    ckpt, f"{moe}.experts", s.num_experts, h, s.moe_intermediate_size, s.expert_names,
+                    s.expert_group_size,
+                )  # fmt: skip
                 layouts.update({(i, e): layout for e, layout in experts.items()})
             if s.shared_expert_intermediate_size:
                 shared = mlp(f"{moe}.{s.shared_expert_name}", s.shared_expert_intermediate_size)
@@ -432,7 +433,7 @@ def build_decoder(spec: DecoderSpec, ckpt: Checkpoint, config: EngineConfig) -> 
             )
         )
     embed = read(f"{base}.embed_tokens.weight", (s.vocab_size, h))
-    lm_head = embed if s.tie_word_embeddings else read("lm_head.weight", (s.vocab_size, h))
+    lm_head = embed if s.tie_word_embeddings else read(MODEL_PREFIXES[base], (s.vocab_size, h))
     moe_layers = [i for i, layer in enumerate(layers) if layer.router is not None]
     store = ExpertStore(layouts, h, s.moe_intermediate_size, config, s.num_layers, s.top_k)
     decoder = Decoder(s, config, ckpt, store, layers, embed, norm(f"{base}.norm.weight", (h,)), lm_head)
@@ -440,10 +441,19 @@ def build_decoder(spec: DecoderSpec, ckpt: Checkpoint, config: EngineConfig) -> 
     return decoder
 
 
+# Where a checkpoint keeps the decoder's tensors, and its output head: a text model's, or a multimodal model's
+# text model (Qwen3.5's, Kimi K2.5's), whose other towers the engine never reads.
+MODEL_PREFIXES = {
+    "model": "lm_head.weight",
+    "model.language_model": "lm_head.weight",
+    "language_model.model": "language_model.lm_head.weight",
+}
+
+
 def model_prefix(ckpt: Checkpoint) -> str:
-    """Where the decoder's tensors are: ``model``, or ``model.language_model`` in a multimodal checkpoint."""
-    multimodal = "model.language_model"
-    return multimodal if f"{multimodal}.embed_tokens.weight" in ckpt.tensors else "model"
+    """The prefix of ``MODEL_PREFIXES`` under which ``ckpt`` holds its token embeddings (``model`` if none)."""
+    found = [prefix for prefix in MODEL_PREFIXES if f"{prefix}.embed_tokens.weight" in ckpt.tensors]
+    return found[0] if found else "model"
 
 
 def _delta_net_weights(read: Callable, prefix: str, s: DecoderSpec) -> DeltaNetWeights:

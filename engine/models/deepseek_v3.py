@@ -22,7 +22,34 @@ EXTRA_INERT = frozenset({
 })  # fmt: skip
 
 
+# Kimi K2.5's multimodal config around its text model: the vision tower, its projector and its special tokens.
+MULTIMODAL_INERT = frozenset({
+    "vision_config", "media_placeholder_token_id", "ignore_index", "bos_token_id", "pad_token_id", "auto_map",
+})  # fmt: skip
+
+
 def parse(config: dict[str, Any], path: Path) -> DecoderSpec:
+    if config.get("model_type") == "kimi_k25":
+        return _parse_text(_text_config(config, path), path)
+    return _parse_text(config, path)
+
+
+def _text_config(config: dict[str, Any], path: Path) -> dict[str, Any]:
+    """Kimi K2.5's text model config (whose tensors are under ``language_model``), with the outer end-of-text
+    token and embedding tying where the text config leaves them out."""
+    outer = ConfigFields(config, path, MULTIMODAL_INERT)
+    text = outer.get("text_config", dict)
+    outer.get("model_type", str)
+    eos = outer.get("eos_token_id", (int, list), None)
+    tie = outer.get("tie_word_embeddings", bool, None)
+    outer.finish()
+    if text.get("model_type") not in ("kimi_k2", "deepseek_v3"):
+        raise outer.error("text_config.model_type", f"expected kimi_k2 or deepseek_v3, got {text.get('model_type')!r}")
+    inherited = {"eos_token_id": eos, "tie_word_embeddings": tie}
+    return {**{key: value for key, value in inherited.items() if value is not None}, **text}
+
+
+def _parse_text(config: dict[str, Any], path: Path) -> DecoderSpec:
     f = ConfigFields(config, path, EXTRA_INERT)
     f.expect("scoring_func", ("sigmoid",), "sigmoid")
     f.expect("topk_method", ("noaux_tc",), "noaux_tc")

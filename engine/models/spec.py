@@ -162,6 +162,7 @@ class DecoderSpec:
     zero_centered_norms: bool = False  # Qwen3.5: the RMSNorms scale by 1 + weight
     moe_prefix: str = "mlp"  # Mixtral's original saves use "block_sparse_moe"
     expert_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")  # per-expert gate, up, down
+    expert_group_size: int = 0  # routed experts stored as int4 in groups of this size (compressed-tensors)
 
 
 def read_eos(fields: ConfigFields) -> tuple[int, ...]:

@@ -169,7 +169,44 @@ def test_published_configs(config, expected):
     assert {key: getattr(spec, key) for key in expected} == expected
 
 
-def test_quantized_checkpoints_are_refused():
+def test_quantization_the_engine_does_not_implement_is_refused():
     config = dict(MIXTRAL_8X7B, quantization_config={"quant_method": "gptq", "bits": 4})
-    with pytest.raises(UnsupportedModelError, match="'quantization_config'"):
+    with pytest.raises(UnsupportedModelError, match=r"quantization_config\.quant_method.*'gptq'"):
+        parse_config(config, Path("config.json"))
+
+
+# Kimi K2.5's text model (DeepSeek-V3's architecture at Kimi K2's sizes), its quantization_config inside text_config.
+KIMI_K25_TEXT = COMMON | {
+    "architectures": ["DeepseekV3ForCausalLM"], "model_type": "kimi_k2", "vocab_size": 163840, "hidden_size": 7168,
+    "intermediate_size": 18432, "moe_intermediate_size": 2048, "num_hidden_layers": 61, "num_attention_heads": 64,
+    "num_key_value_heads": 64, "n_shared_experts": 1, "n_routed_experts": 384, "routed_scaling_factor": 2.827,
+    "kv_lora_rank": 512, "q_lora_rank": 1536, "qk_rope_head_dim": 64, "v_head_dim": 128, "qk_nope_head_dim": 128,
+    "topk_method": "noaux_tc", "n_group": 1, "topk_group": 1, "num_experts_per_tok": 8, "moe_layer_freq": 1,
+    "first_k_dense_replace": 1, "norm_topk_prob": True, "scoring_func": "sigmoid", "rms_norm_eps": 1e-05,
+    "rope_theta": 50000.0, "rope_scaling": {"type": "yarn", "factor": 64.0, "original_max_position_embeddings": 4096,
+    "beta_fast": 1.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0}, "eos_token_id": 163585,
+    "quantization_config": {
+        "quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
+        "kv_cache_scheme": None, "ignore": ["lm_head", "re:.*self_attn.*", "re:.*shared_experts.*"],
+        "config_groups": {"group_0": {"targets": ["Linear"], "input_activations": None, "output_activations": None,
+            "weights": {"num_bits": 4, "type": "int", "symmetric": True, "group_size": 32, "strategy": "group",
+                        "dynamic": False, "actorder": None, "observer": "minmax", "observer_kwargs": {}}}},
+    },
+}  # fmt: skip
+KIMI_K25 = {
+    "architectures": ["KimiK25ForConditionalGeneration"], "model_type": "kimi_k25", "bos_token_id": 163584,
+    "eos_token_id": 163585, "pad_token_id": 163839, "media_placeholder_token_id": 163605, "ignore_index": -100,
+    "vision_config": {"patch_size": 14}, "text_config": KIMI_K25_TEXT,
+}  # fmt: skip
+
+
+def test_kimi_k25_is_its_int4_text_model():
+    spec = parse_config(KIMI_K25, Path("config.json"))
+    assert (spec.num_layers, spec.num_experts, spec.top_k, spec.moe_intermediate_size) == (61, 384, 8, 2048)
+    assert spec.expert_group_size == 32 and spec.sparse_layers == (False,) + (True,) * 60
+
+
+def test_quantization_config_given_twice_is_refused():
+    config = dict(KIMI_K25, quantization_config=KIMI_K25_TEXT["quantization_config"])
+    with pytest.raises(UnsupportedModelError, match="given twice"):
         parse_config(config, Path("config.json"))

@@ -13,7 +13,7 @@ from engine import kernels
 from engine.checkpoint import to_float32
 from engine.quant import (
     ALIGN,
-    FORMATS,
+    ALL_FORMATS,
     PackedMatrix,
     byte_size,
     dequantize,
@@ -128,7 +128,7 @@ def test_quantization_error():
 # --- byte layout
 
 
-@pytest.mark.parametrize("format", FORMATS)
+@pytest.mark.parametrize("format", ALL_FORMATS)
 def test_bytes_round_trip_as_a_view(format):
     p = quantize(weights(5, 96), format, group_size=32)
     raw = to_bytes(p)
@@ -164,7 +164,7 @@ def test_token_counts_cover_both_paths():
     assert all(3 < tokens <= 17 for tokens in kernels.BLAS_TOKENS.values())
 
 
-@pytest.mark.parametrize("format", FORMATS)
+@pytest.mark.parametrize("format", ALL_FORMATS)
 @pytest.mark.parametrize("tokens", [1, 3, 17, 300])  # 1 and 3: fused kernels; 17 and 300: BLAS
 @pytest.mark.parametrize(("out", "cols", "group_size"), SHAPES)
 def test_matmul_matches_the_reference(format, tokens, out, cols, group_size):
@@ -190,7 +190,7 @@ def test_matmul_writes_into_out():
     np.testing.assert_array_equal(out, kernels.matmul(x, p))
 
 
-@pytest.mark.parametrize("format", FORMATS)
+@pytest.mark.parametrize("format", ALL_FORMATS)
 def test_thread_count_does_not_change_results(format):
     p = quantize(weights(40, 256), format)
     x = np.random.default_rng(3).standard_normal((3, 256)).astype(np.float32)

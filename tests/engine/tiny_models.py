@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -78,8 +79,11 @@ BASE: dict[str, dict[str, Any]] = {
         num_key_value_heads=2,
         head_dim=16,
         linear_conv_kernel_dim=4,
-        linear_key_head_dim=8,
-        linear_value_head_dim=12,
+        # Qwen3.5's key and value heads are as wide as each other (128): with heads of 8 and 12 the gated norm
+        # divided some outputs by an rms of 1e-3, multiplying their float32 rounding, so that transformers' own
+        # fp32 logits were 1.2e-4 from its float64 ones and no fp32 implementation agreed with it to 1e-4
+        linear_key_head_dim=64,
+        linear_value_head_dim=64,
         linear_num_key_heads=2,
         linear_num_value_heads=4,
         moe_intermediate_size=32,
@@ -163,3 +167,92 @@ def reference_greedy(model: torch.nn.Module, ids: list[int], new_tokens: int) ->
     tokens = out[0, len(ids) :].tolist()
     eos = model.config.eos_token_id
     return tokens[: tokens.index(eos) + 1] if eos in tokens else tokens
+
+
+# Kimi K2.5's quantization_config (its routed experts: int4, symmetric, groups of 32, bf16 scales).
+def int4_quantization_config(group_size: int) -> dict[str, Any]:
+    return {
+        "config_groups": {
+            "group_0": {
+                "input_activations": None,
+                "output_activations": None,
+                "targets": ["Linear"],
+                "weights": {
+                    "actorder": None,
+                    "block_structure": None,
+                    "dynamic": False,
+                    "group_size": group_size,
+                    "num_bits": 4,
+                    "observer": "minmax",
+                    "observer_kwargs": {},
+                    "strategy": "group",
+                    "symmetric": True,
+                    "type": "int",
+                },
+            }
+        },
+        "format": "pack-quantized",
+        "ignore": ["lm_head", "re:.*self_attn.*", "re:.*shared_experts.*", r"re:.*mlp\.(gate|up|gate_up|down)_proj.*"],
+        "kv_cache_scheme": None,
+        "quant_method": "compressed-tensors",
+        "quantization_status": "compressed",
+    }
+
+
+def compress_experts(model: torch.nn.Module, path: Path, group_size: int = 32) -> None:
+    """Store ``path``'s routed experts (per-expert tensors) as compressed-tensors' pack-quantized int4, with the
+    library's own compressor, and set ``model``'s experts to the library's own decompression of what was stored:
+    the engine's reference is then transformers running exactly the weights on disk."""
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationScheme
+    from safetensors.torch import load_file, save_file
+
+    scheme = QuantizationScheme.model_validate(int4_quantization_config(group_size)["config_groups"]["group_0"])
+    experts: dict[str, torch.Tensor] = {}  # module name -> its dequantized weight
+    for file in sorted(path.glob("*.safetensors")):
+        tensors = load_file(file)
+        for name in [n for n in tensors if ".mlp.experts." in n and n.endswith(".weight")]:
+            w = tensors.pop(name).float()
+            groups = w.reshape(w.shape[0], -1, group_size)
+            scale = (groups.abs().amax(-1) / 7).to(torch.bfloat16)
+            module = name.removesuffix(".weight")
+            stored = PackedQuantizationCompressor.compress({"weight": w, "weight_scale": scale}, scheme)
+            tensors |= {f"{module}.{key}": value.contiguous() for key, value in stored.items()}
+            restored = PackedQuantizationCompressor.decompress(stored | {"weight_scale": scale.float()}, scheme)
+            experts[module] = restored["weight"].float()
+        save_file(tensors, file, metadata={"format": "pt"})
+    _rewrite_index(path)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(
+        json.dumps(config | {"quantization_config": int4_quantization_config(group_size)})
+    )
+    _set_experts(model, experts)
+
+
+def _rewrite_index(path: Path) -> None:
+    from safetensors import safe_open
+
+    index = path / "model.safetensors.index.json"
+    if not index.exists():
+        return
+    weight_map = {}
+    for file in sorted(path.glob("*.safetensors")):
+        with safe_open(file, "pt") as f:
+            weight_map |= dict.fromkeys(f.keys(), file.name)
+    data = json.loads(index.read_text())
+    index.write_text(json.dumps(data | {"weight_map": weight_map}))
+
+
+def _set_experts(model: torch.nn.Module, experts: dict[str, torch.Tensor]) -> None:
+    """Write per-expert weights (``...mlp.experts.E.gate_proj``) into transformers' fused expert parameters."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for module, w in experts.items():
+            prefix, expert, proj = module.rsplit(".", 2)
+            e = int(expert)
+            if proj == "down_proj":
+                params[f"{prefix}.down_proj"][e].copy_(w)
+            else:
+                rows = w.shape[0]
+                gate_up = params[f"{prefix}.gate_up_proj"][e]
+                (gate_up[:rows] if proj == "gate_proj" else gate_up[rows:]).copy_(w)
