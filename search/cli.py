@@ -51,6 +51,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     s.add_argument("--locality", type=float, help="P(next token keeps its topic), in (0, 1): higher = friendlier")
     s.add_argument("--skew", type=float, help=">= 0: higher = some experts much busier than others")
     s.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    s.add_argument(
+        "--experts",
+        default="dtype",
+        choices=["dtype", "int4"],
+        help="int4: routed experts as Kimi K2.5 ships them (compressed-tensors int4, groups of 32)",
+    )
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", required=True)
     s.set_defaults(run=_synth)
@@ -221,7 +227,7 @@ def _synth(args: argparse.Namespace) -> int:
             raise ValueError("--preset fixes the shape: drop --size and the dimension flags, or use --arch")
         shape = PRESETS[args.preset]
     elif args.size is not None:
-        shape = sized_shape(args.arch, parse_bytes(args.size, "--size"), args.dtype, **dims)
+        shape = sized_shape(args.arch, parse_bytes(args.size, "--size"), args.dtype, args.experts, **dims)
     elif "num_layers" in dims:
         shape = dataclasses.replace(SIZED_DEFAULTS[args.arch], **dims)
     else:
@@ -229,7 +235,7 @@ def _synth(args: argparse.Namespace) -> int:
     knobs = DEFAULT_KNOBS[shape.arch]
     overrides = {k: getattr(args, k) for k in ("locality", "skew") if getattr(args, k) is not None}
     knobs = RoutingKnobs(**{**knobs.to_dict(), **overrides})
-    out = synthesize(args.out, SynthShape(**shape.__dict__), args.dtype, args.seed, knobs)
+    out = synthesize(args.out, SynthShape(**shape.__dict__), args.dtype, args.seed, knobs, experts=args.experts)
     size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
     print(
         f"wrote {shape.arch} checkpoint ({shape.num_layers} layers, {shape.num_experts} experts, "

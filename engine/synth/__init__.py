@@ -16,9 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.safetensors_file import SafetensorsWriter
+from engine.quant import quantize
+from engine.safetensors_file import DTYPE_SIZES, SafetensorsWriter
 from engine.synth import archs
-from engine.synth.shapes import ARCHS, DTYPE_BYTES, PRESETS, SynthShape, sized_shape
+from engine.synth.shapes import ARCHS, EXPERT_FORMATS, INT4_GROUP_SIZE, PRESETS, SynthShape, sized_shape
 from engine.synth.tokenizer import EOS, train_tokenizer
 from engine.synth.weights import RoutingKnobs, WeightBuilder, encode, topic_of
 
@@ -46,10 +47,16 @@ def synthesize(
     seed: int = 0,
     knobs: RoutingKnobs = RoutingKnobs(),
     shard_bytes: int = 1 << 30,
+    experts: str = "dtype",
 ) -> Path:
-    """Write a checkpoint of ``shape`` to ``out``; returns the directory."""
+    """Write a checkpoint of ``shape`` to ``out``; returns the directory. ``experts = "int4"`` stores the routed
+    experts as Kimi K2.5 does: compressed-tensors' pack-quantized int4, groups of 32, bfloat16 scales."""
     if dtype not in SAFETENSORS_DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(SAFETENSORS_DTYPES)} but got {dtype!r}")
+    if experts not in EXPERT_FORMATS:
+        raise ValueError(f"experts must be one of {', '.join(EXPERT_FORMATS)} but got {experts!r}")
+    if experts == "int4" and shape.arch == "qwen3_5_moe":
+        raise ValueError("int4 experts are per-expert tensors; qwen3_5_moe's synthetic experts are fused")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = train_tokenizer(shape.vocab_size)
@@ -58,10 +65,13 @@ def synthesize(
     eos = tokenizer.token_to_id(EOS)
     builder = WeightBuilder(shape, knobs, seed)
     specs = archs.tensor_specs(shape, knobs.residual_scale(shape.num_layers))
-    weight_map = _write_shards(out, specs, builder, dtype, shard_bytes)
+    weight_map = _write_shards(out, specs, builder, dtype, shard_bytes, experts)
     (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2))
-    (out / "config.json").write_text(json.dumps(archs.config(shape, dtype, eos), indent=2))
-    info = {"version": SYNTH_FORMAT_VERSION, "seed": seed, "dtype": dtype, "knobs": knobs.to_dict()}
+    config = archs.config(shape, dtype, eos)
+    if experts == "int4":
+        config["quantization_config"] = archs.int4_quantization_config(INT4_GROUP_SIZE)
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    info = {"version": SYNTH_FORMAT_VERSION, "seed": seed, "dtype": dtype, "experts": experts, "knobs": knobs.to_dict()}
     (out / SYNTH_FILE).write_text(json.dumps(info, indent=2))
     return out
 
@@ -85,39 +95,63 @@ def read_synth_info(model_dir: str | Path) -> RoutingKnobs | None:
         raise CheckpointError(path, f"invalid routing knobs: {e}", field="knobs") from None
 
 
+Stored = list[tuple[str, str, tuple[int, ...]]]  # what a tensor spec is stored as: (name, dtype, dims) each
+
+
+def _stored(spec: archs.TensorSpec, dtype: str, experts: str) -> Stored:
+    if experts == "int4" and archs.is_routed_expert(spec.name):
+        (rows, cols), module = spec.dims, spec.name.removesuffix(".weight")
+        return [(f"{module}.weight_packed", "I32", (rows, cols // 8)),
+                (f"{module}.weight_scale", "BF16", (rows, cols // INT4_GROUP_SIZE)),
+                (f"{module}.weight_shape", "I32", (2,))]  # fmt: skip
+    return [(spec.name, SAFETENSORS_DTYPES[dtype], spec.dims)]
+
+
+def _encode(values: np.ndarray, spec: archs.TensorSpec, dtype: str, experts: str) -> list[np.ndarray]:
+    """The stored arrays of ``spec``, in ``_stored``'s order."""
+    if experts == "int4" and archs.is_routed_expert(spec.name):
+        packed = quantize(values, "int4_bf16", INT4_GROUP_SIZE)  # int4's byte order is the int32 words'
+        return [packed.data, packed.scales, np.array(spec.dims, np.int32)]
+    return [encode(values, dtype)]
+
+
 def _write_shards(
-    out: Path, specs: list[archs.TensorSpec], builder: WeightBuilder, dtype: str, shard_bytes: int
+    out: Path, specs: list[archs.TensorSpec], builder: WeightBuilder, dtype: str, shard_bytes: int, experts: str
 ) -> dict[str, str]:
-    shards = _split(specs, shard_bytes, DTYPE_BYTES[dtype])
+    stored = [_stored(spec, dtype, experts) for spec in specs]
     weight_map = {}
     index = 0
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        shards = _split(list(zip(specs, stored, strict=True)), shard_bytes)
         for n, shard in enumerate(shards):
             file = f"model-{n + 1:05d}-of-{len(shards):05d}.safetensors"
-            writer = SafetensorsWriter(out / file, [(s.name, SAFETENSORS_DTYPES[dtype], s.dims) for s in shard])
-            pending: deque[Future[np.ndarray]] = deque()
-            for spec in shard:
-                pending.append(pool.submit(lambda i, s: encode(builder.build(i, s), dtype), index, spec))
+            writer = SafetensorsWriter(out / file, [entry for _, entries in shard for entry in entries])
+            pending: deque[Future[list[np.ndarray]]] = deque()
+            for spec, _ in shard:
+                build = lambda i, s: _encode(builder.build(i, s), s, dtype, experts)  # noqa: E731
+                pending.append(pool.submit(build, index, spec))
                 index += 1
                 if len(pending) > 2 * (os.cpu_count() or 1):
                     _write_next(writer, pending)
             while pending:
                 _write_next(writer, pending)
             writer.close()
-            weight_map.update({spec.name: file for spec in shard})
+            weight_map.update({name: file for _, entries in shard for name, _, _ in entries})
     return weight_map
 
 
-def _write_next(writer: SafetensorsWriter, pending: deque[Future[np.ndarray]]) -> None:
-    name = writer.sizes[writer.next][0]
-    writer.write(name, memoryview(pending.popleft().result()).cast("B"))
+def _write_next(writer: SafetensorsWriter, pending: deque[Future[list[np.ndarray]]]) -> None:
+    for array in pending.popleft().result():
+        writer.write(writer.sizes[writer.next][0], memoryview(np.ascontiguousarray(array)).cast("B"))
 
 
-def _split(specs: list[archs.TensorSpec], shard_bytes: int, itemsize: int) -> list[list[archs.TensorSpec]]:
-    shards: list[list[archs.TensorSpec]] = [[]]
+def _split(
+    specs: list[tuple[archs.TensorSpec, Stored]], shard_bytes: int
+) -> list[list[tuple[archs.TensorSpec, Stored]]]:
+    shards: list[list[tuple[archs.TensorSpec, Stored]]] = [[]]
     size = 0
     for spec in specs:
-        nbytes = int(np.prod(spec.dims)) * itemsize
+        nbytes = sum(int(np.prod(dims)) * DTYPE_SIZES[dtype] for _, dtype, dims in spec[1])
         if shards[-1] and size + nbytes > shard_bytes:
             shards.append([])
             size = 0

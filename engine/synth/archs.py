@@ -54,6 +54,32 @@ def tensor_specs(s: SynthShape, residual_scale: float) -> list[TensorSpec]:
     return specs
 
 
+def is_routed_expert(name: str) -> bool:
+    """Whether the tensor ``name`` is a routed expert's per-expert weight (not a shared expert's)."""
+    return ".experts." in name and name.endswith(".weight")
+
+
+def int4_quantization_config(group_size: int) -> dict:
+    """Kimi K2.5's ``quantization_config``: its routed experts int4 (compressed-tensors, pack-quantized)."""
+    weights = {"num_bits": 4, "type": "int", "symmetric": True, "group_size": group_size, "strategy": "group",
+               "dynamic": False, "actorder": None, "observer": "minmax", "observer_kwargs": {}}  # fmt: skip
+    return {
+        "quant_method": "compressed-tensors",
+        "format": "pack-quantized",
+        "quantization_status": "compressed",
+        "kv_cache_scheme": None,
+        "ignore": ["lm_head", "re:.*self_attn.*", "re:.*shared_experts.*", r"re:.*mlp\.(gate|up|gate_up|down)_proj.*"],
+        "config_groups": {
+            "group_0": {
+                "targets": ["Linear"],
+                "input_activations": None,
+                "output_activations": None,
+                "weights": weights,
+            }
+        },
+    }
+
+
 def _qwen3_5_specs(s: SynthShape, residual_scale: float) -> list[TensorSpec]:
     """Qwen3.5's text model as its checkpoints hold it: under ``model.language_model``, zero-centred norms (so
     zeros scale by 1), each layer's routed experts in two fused tensors."""

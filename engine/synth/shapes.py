@@ -7,6 +7,9 @@ from dataclasses import dataclass
 
 ARCHS = ("qwen3_moe", "mixtral", "deepseek_v3", "qwen3_5_moe")
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+EXPERT_FORMATS = ("dtype", "int4")  # routed experts in the checkpoint's dtype, or as Kimi K2.5 ships them
+INT4_GROUP_SIZE = 32  # Kimi K2.5's
+INT4_BYTES_PER_PARAM = 0.5 + 2 / INT4_GROUP_SIZE  # a nibble, and a bfloat16 scale per group
 
 
 @dataclass(frozen=True)
@@ -104,6 +107,19 @@ class SynthShape:
         layers = sum(self.layer_params(i) for i in range(self.num_layers))
         return 2 * self.vocab_size * self.hidden_size + self.hidden_size + layers
 
+    def layer_bytes(self, layer: int, dtype: str, experts: str = "dtype") -> int:
+        """A layer's stored bytes: every tensor in ``dtype``, routed experts int4 if ``experts`` says so."""
+        itemsize = DTYPE_BYTES[dtype]
+        routed = self.num_experts * self.expert_params() if self.is_moe(layer) and experts == "int4" else 0
+        return (self.layer_params(layer) - routed) * itemsize + round(routed * INT4_BYTES_PER_PARAM)
+
+    def total_bytes(self, dtype: str, experts: str = "dtype") -> int:
+        layers = sum(self.layer_bytes(i, dtype, experts) for i in range(self.num_layers))
+        return (2 * self.vocab_size * self.hidden_size + self.hidden_size) * DTYPE_BYTES[dtype] + layers
+
+    def is_moe(self, layer: int) -> bool:
+        return layer >= self.dense_layers
+
 
 PRESETS = {
     "tiny": SynthShape("qwen3_moe", 64, 2, 4, 2, 16, 8, 2, 32, 512),
@@ -123,17 +139,19 @@ SIZED_DEFAULTS = {
 }
 
 
-def sized_shape(arch: str, size_bytes: int, dtype: str, **overrides: int) -> SynthShape:
-    """The arch's default shape (with ``overrides``) deepened to the most layers that fit in ``size_bytes``."""
+def sized_shape(arch: str, size_bytes: int, dtype: str, experts: str = "dtype", **overrides: int) -> SynthShape:
+    """The arch's default shape (with ``overrides``) deepened to the most layers that fit in ``size_bytes``
+    (``experts``: see ``EXPERT_FORMATS``)."""
     if arch not in SIZED_DEFAULTS:
         raise ValueError(f"arch must be one of {', '.join(ARCHS)} but got {arch!r}")
     if "num_layers" in overrides:
         raise ValueError("give either a size or num_layers, not both: the size sets the depth")
     base = dataclasses.replace(SIZED_DEFAULTS[arch], **overrides)
-    itemsize = DTYPE_BYTES[dtype]
+    if experts not in EXPERT_FORMATS:
+        raise ValueError(f"experts must be one of {', '.join(EXPERT_FORMATS)} but got {experts!r}")
     first = dataclasses.replace(base, num_layers=base.dense_layers + 1)  # the first layer with experts
-    if first.total_params() * itemsize > size_bytes:
-        smallest = first.total_params() * itemsize
+    smallest = first.total_bytes(dtype, experts)
+    if smallest > size_bytes:
         raise ValueError(f"size {size_bytes} bytes is below one MoE layer of this shape ({smallest} bytes at {dtype})")
-    more = (size_bytes - first.total_params() * itemsize) // (base.layer_params(base.dense_layers) * itemsize)
+    more = (size_bytes - smallest) // base.layer_bytes(base.dense_layers, dtype, experts)
     return dataclasses.replace(base, num_layers=first.num_layers + int(more))

@@ -86,6 +86,43 @@ def test_sized_shape_fills_the_size_without_exceeding_it(tmp_path, arch, dims):
         sized_shape("qwen3_moe", 1 << 30, "bf16", num_layers=3)
 
 
+def test_int4_experts_are_the_same_model_stored_as_kimi_k25_stores_them(tmp_path):
+    """The same seed with int4 experts: the experts decompress (by the compressed-tensors library) to within
+    int4's rounding of the bf16 ones, everything else is byte for byte the same, and the engine runs it."""
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+    from safetensors.torch import load_file
+
+    shape = dataclasses.replace(STATS_SHAPES["deepseek_v3"], num_layers=3)
+    plain = synthesize(tmp_path / "bf16", shape)
+    packed = synthesize(tmp_path / "int4", shape, experts="int4")
+    a = {k: v for f in sorted(plain.glob("*.safetensors")) for k, v in load_file(f).items()}
+    b = {k: v for f in sorted(packed.glob("*.safetensors")) for k, v in load_file(f).items()}
+    name = "model.layers.1.mlp.experts.5.down_proj"
+    w = a[f"{name}.weight"].float()
+    q = unpack_from_int32(b[f"{name}.weight_packed"], 4, torch.Size(b[f"{name}.weight_shape"].tolist()))
+    scale = b[f"{name}.weight_scale"].float()
+    steps = scale.repeat_interleave(32, dim=1)
+    # half an int4 step, plus the bf16 checkpoint's own truncation of the same float32 weights
+    assert ((q.float() * steps - w).abs() <= 0.5 * steps + w.abs() * 2**-7).all()
+    assert {k for k in a if ".experts." not in k} == {k for k in b if ".experts." not in k}
+    assert all(torch.equal(a[k], b[k]) for k in a if ".experts." not in k)
+    model = load_model(packed)
+    assert model.decoder.spec.expert_group_size == 32
+    ids = model.encode("The expert cache holds the experts used most often.")
+    ours, theirs = score(model, ids), score(load_model(plain), ids)
+    assert np.mean(ours.argmax(-1) == theirs.argmax(-1)) >= 0.9
+
+
+def test_int4_sized_shape_fills_the_size(tmp_path):
+    size = 24 << 20
+    shape = sized_shape("deepseek_v3", size, "bf16", "int4", hidden_size=128, num_experts=64, moe_intermediate_size=64)
+    assert shape.num_layers > sized_shape("deepseek_v3", size, "bf16", hidden_size=128, num_experts=64,
+                                          moe_intermediate_size=64).num_layers  # fmt: skip
+    path = synthesize(tmp_path / "sized", shape, shard_bytes=16 << 20, experts="int4")
+    written = sum(p.stat().st_size for p in path.glob("*.safetensors"))
+    assert size - shape.layer_bytes(shape.num_layers - 1, "bf16", "int4") < written <= size + 256 * 1024
+
+
 def test_topic_stream_keeps_its_topic_at_the_locality_rate():
     knobs = RoutingKnobs(locality=0.8, topics=16)
     ids = np.array(topic_stream(knobs, 1024, frozenset({0}), 4000, seed=3))

@@ -9,6 +9,8 @@ from typing import Any
 import torch
 import transformers
 
+from engine.synth.archs import int4_quantization_config
+
 VOCAB = 96
 
 BASE: dict[str, dict[str, Any]] = {
@@ -167,36 +169,6 @@ def reference_greedy(model: torch.nn.Module, ids: list[int], new_tokens: int) ->
     tokens = out[0, len(ids) :].tolist()
     eos = model.config.eos_token_id
     return tokens[: tokens.index(eos) + 1] if eos in tokens else tokens
-
-
-# Kimi K2.5's quantization_config (its routed experts: int4, symmetric, groups of 32, bf16 scales).
-def int4_quantization_config(group_size: int) -> dict[str, Any]:
-    return {
-        "config_groups": {
-            "group_0": {
-                "input_activations": None,
-                "output_activations": None,
-                "targets": ["Linear"],
-                "weights": {
-                    "actorder": None,
-                    "block_structure": None,
-                    "dynamic": False,
-                    "group_size": group_size,
-                    "num_bits": 4,
-                    "observer": "minmax",
-                    "observer_kwargs": {},
-                    "strategy": "group",
-                    "symmetric": True,
-                    "type": "int",
-                },
-            }
-        },
-        "format": "pack-quantized",
-        "ignore": ["lm_head", "re:.*self_attn.*", "re:.*shared_experts.*", r"re:.*mlp\.(gate|up|gate_up|down)_proj.*"],
-        "kv_cache_scheme": None,
-        "quant_method": "compressed-tensors",
-        "quantization_status": "compressed",
-    }
 
 
 def compress_experts(model: torch.nn.Module, path: Path, group_size: int = 32) -> None:
