@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from engine import quant
 from engine.errors import CheckpointError
 from engine.safetensors_file import TensorInfo, read_header
 
@@ -111,12 +112,20 @@ class Checkpoint:
             )
         return info
 
-    def read(self, name: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
-        """Read one whole tensor as float32."""
-        info = self.info(name, shape)
+    def read(self, name: str, shape: tuple[int, ...] | None = None, fp8_block: int = 0) -> np.ndarray:
+        """Read one whole tensor as float32; with ``fp8_block`` (a block-fp8 checkpoint's), a float8 e4m3 tensor
+        too, scaled by its ``<name>_scale_inv`` per block."""
+        info = self.info(name, shape, ("F8_E4M3", *FLOAT_DTYPES) if fp8_block else FLOAT_DTYPES)
         raw = np.empty(info.nbytes, dtype=np.uint8)
         self.read_into(info.path, info.start, raw, name)
-        return to_float32(raw, info.dtype).reshape(info.shape)
+        if info.dtype != "F8_E4M3":
+            return to_float32(raw, info.dtype).reshape(info.shape)
+        if len(info.shape) != 2:
+            raise CheckpointError(info.path, f"float8 tensor of shape {list(info.shape)}, not a matrix", tensor=name)
+        rows, cols = info.shape
+        blocks = (-(-rows // fp8_block), -(-cols // fp8_block))
+        scales = self.read(f"{name}_scale_inv", blocks)
+        return quant.dequantize(quant.PackedMatrix("fp8", (rows, cols), fp8_block, raw.reshape(rows, cols), scales))
 
     def read_into(self, path: str, offset: int, buffer: np.ndarray, tensor: str) -> None:
         """Fill ``buffer`` with the bytes at ``offset`` of ``path``; a short read means the file shrank."""

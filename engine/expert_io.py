@@ -36,7 +36,7 @@ from engine.checkpoint import to_float32
 from engine.config import IO_MODES
 from engine.errors import CheckpointError
 from engine.expert_layout import ExpertData, ExpertLayout, ExpertWeights, PackedExpert
-from engine.quant import PackedMatrix, dequantize, scales_dtype
+from engine.quant import PackedMatrix, dequantize
 from engine.repack_manifest import unpack_expert
 from engine.safetensors_file import DTYPE_SIZES
 
@@ -374,10 +374,8 @@ class ExpertReader:
                     format, dtype = STORED_FORMATS[r.dtype]
                     data = next(raws).view(dtype).reshape(-1, columns)
                     parts[target].append(PackedMatrix(format, data.shape, 0, data, NO_SCALES))
-                else:  # int4 words: as bytes, two values each, low nibble first
-                    data = next(raws).reshape(-1, columns // 2)
-                    scales = next(raws).view(scales_dtype(r.format)).reshape(len(data), -1)
-                    parts[target].append(PackedMatrix(r.format, (len(data), columns), r.group_size, data, scales))
+                else:
+                    parts[target].append(r.packed(next(raws), next(raws), columns))
         return PackedExpert(tuple(parts[0]), parts[1][0], slot)
 
     def _check_mapped(self, piece: _Piece, end: int) -> None:

@@ -3,8 +3,9 @@
 An expert is a SwiGLU MLP: ``gate_up`` [2I, H] (gate rows, then up rows) and ``down`` [H, I].
 On disk it is either three per-expert tensors (gate, up, down) or one slice of each fused
 ``[E, 2I, H]`` / ``[E, H, I]`` tensor; in both layouts each piece is one contiguous byte range.
-A compressed-tensors checkpoint (Kimi K2.5) stores each per-expert matrix as int4 (``weight_packed``, int32
-words of eight values) with group scales (``weight_scale``): a range then has its scales' range beside it.
+A quantized checkpoint stores each per-expert matrix with scales: compressed-tensors' int4 (Kimi K2.5:
+``weight_packed``, int32 words of eight values, and ``weight_scale``) or block fp8 (DeepSeek-V3: ``weight`` in
+float8 e4m3 and ``weight_scale_inv``); a range then has its scales' range beside it.
 """
 
 from __future__ import annotations
@@ -15,15 +16,19 @@ from typing import NamedTuple
 import numpy as np
 
 from engine.buffers import Slot
-from engine.checkpoint import Checkpoint
+from engine.checkpoint import FLOAT_DTYPES, Checkpoint
 from engine.errors import CheckpointError
-from engine.quant import PackedMatrix
+from engine.models.spec import WeightQuantization
+from engine.quant import PackedMatrix, scales_dtype
 from engine.repack_manifest import ExpertEntry, RepackManifest
 from engine.safetensors_file import TensorInfo
 
 PACKED_PER_WORD = 8  # int4 values in one int32 word of a compressed-tensors checkpoint
-QUANTIZED_FORMATS = {"BF16": "int4_bf16", "F16": "int4"}  # a quantized matrix's format, by its scales' dtype
-QUANTIZED_SUFFIXES = ("weight_packed", "weight_scale", "weight_shape")  # a quantized matrix's tensors
+INT4_FORMATS = {"BF16": "int4_bf16", "F16": "int4"}  # an int4 matrix's packed format, by its scales' dtype
+QUANTIZED_SUFFIXES = {  # a quantized matrix's tensors, by the checkpoint's quantization
+    "int4": ("weight_packed", "weight_scale", "weight_shape"),
+    "fp8": ("weight", "weight_scale_inv"),
+}
 
 
 class ExpertWeights(NamedTuple):
@@ -61,14 +66,22 @@ class ByteRange:
     nbytes: int
     dtype: str
     tensor: str
-    scales: ByteRange | None = None  # a quantized matrix's group scales; its data is then int4 in int32 words
-    group_size: int = 0  # of the scales
+    scales: ByteRange | None = None  # a quantized matrix's scales: its data is int4 in int32 words, or fp8
+    group_size: int = 0  # of the scales: int4's group, fp8's block side
 
     @property
     def format(self) -> str:
-        """The packed format of a quantized matrix (``quant``): int4 with its scales' float type."""
+        """The packed format of a quantized matrix (``quant``)."""
         assert self.scales is not None
-        return QUANTIZED_FORMATS[self.scales.dtype]
+        return "fp8" if self.dtype == "F8_E4M3" else INT4_FORMATS[self.scales.dtype]
+
+    def packed(self, data: np.ndarray, scales: np.ndarray, columns: int) -> PackedMatrix:
+        """This quantized matrix of ``columns`` columns over ``data`` and ``scales``, its bytes (uint8) as read."""
+        format = self.format
+        rows = data.size // columns if format == "fp8" else data.size * 2 // columns
+        data = data.reshape(rows, -1)
+        scales = scales.view(scales_dtype(format)).reshape(-(-rows // self.group_size) if format == "fp8" else rows, -1)
+        return PackedMatrix(format, (rows, columns), self.group_size, data, scales)
 
 
 @dataclass(frozen=True)
@@ -129,13 +142,13 @@ def locate_experts(
     hidden_size: int,
     intermediate_size: int,
     names: tuple[str, str, str],
-    group_size: int = 0,
+    quantization: WeightQuantization | None = None,
 ) -> dict[int, ExpertLayout]:
     """Find each expert's byte ranges under ``prefix`` (e.g. ``model.layers.3.mlp.experts``).
 
     ``names`` are the per-expert projection names (gate, up, down): ``gate_proj/up_proj/down_proj``
     or Mixtral's ``w1/w3/w2``. Fused ``gate_up_proj`` / ``down_proj`` tensors are used when present.
-    ``group_size``: the experts are int4 with this group size (compressed-tensors), as the config says.
+    ``quantization``: how the config says the checkpoint is quantized (its experts are then per-expert tensors).
     """
     h, i, e_count = hidden_size, intermediate_size, num_experts
     fused_name = f"{prefix}.gate_up_proj"
@@ -145,8 +158,10 @@ def locate_experts(
         return {e: ExpertLayout((_slice(gate_up, e, e_count),), _slice(down, e, e_count)) for e in range(e_count)}
     gate, up, down_name = names
     shapes = ((gate, (i, h)), (up, (i, h)), (down_name, (h, i)))
-    if group_size:
-        return {e: _quantized(checkpoint, f"{prefix}.{e}", shapes, group_size) for e in range(e_count)}
+    if quantization is not None and quantization.format == "int4":
+        return {e: _int4(checkpoint, f"{prefix}.{e}", shapes, quantization.group_size) for e in range(e_count)}
+    if quantization is not None:
+        return {e: _fp8(checkpoint, f"{prefix}.{e}", shapes, quantization.group_size) for e in range(e_count)}
     layouts = {}
     for e in range(e_count):
         pieces = [checkpoint.info(f"{prefix}.{e}.{n}.weight", s) for n, s in shapes]
@@ -160,7 +175,7 @@ def locate_experts(
     return layouts
 
 
-def _quantized(
+def _int4(
     checkpoint: Checkpoint, prefix: str, shapes: tuple[tuple[str, tuple[int, int]], ...], group_size: int
 ) -> ExpertLayout:
     ranges = []
@@ -176,8 +191,24 @@ def _quantized(
                 checkpoint.path, "is stored as floats, but quantization_config says the routed experts are int4",
                 tensor=f"{prefix}.{name}.weight")  # fmt: skip
         data = checkpoint.info(f"{prefix}.{name}.weight_packed", (rows, cols // PACKED_PER_WORD), ("I32",))
-        scales = checkpoint.info(f"{prefix}.{name}.weight_scale", (rows, cols // group_size), tuple(QUANTIZED_FORMATS))
+        scales = checkpoint.info(f"{prefix}.{name}.weight_scale", (rows, cols // group_size), tuple(INT4_FORMATS))
         ranges.append(ByteRange(data.path, data.start, data.nbytes, data.dtype, data.name, _whole(scales), group_size))
+    return ExpertLayout(tuple(ranges[:2]), ranges[2])
+
+
+def _fp8(
+    checkpoint: Checkpoint, prefix: str, shapes: tuple[tuple[str, tuple[int, int]], ...], block: int
+) -> ExpertLayout:
+    """Block-fp8 matrices; one a checkpoint left in a float dtype (not converted) is read as such."""
+    ranges = []
+    for name, (rows, cols) in shapes:
+        data = checkpoint.info(f"{prefix}.{name}.weight", (rows, cols), ("F8_E4M3", *FLOAT_DTYPES))
+        if data.dtype != "F8_E4M3":
+            ranges.append(_whole(data))
+            continue
+        blocks = (-(-rows // block), -(-cols // block))
+        scales = checkpoint.info(f"{prefix}.{name}.weight_scale_inv", blocks, ("F32",))
+        ranges.append(ByteRange(data.path, data.start, data.nbytes, data.dtype, data.name, _whole(scales), block))
     return ExpertLayout(tuple(ranges[:2]), ranges[2])
 
 

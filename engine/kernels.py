@@ -36,7 +36,7 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
-from engine.quant import INT4_OFFSET, PackedMatrix
+from engine.quant import FP8_VALUES, INT4_OFFSET, PackedMatrix
 
 
 def _prefer_512_bit_vectors() -> None:
@@ -51,7 +51,7 @@ _prefer_512_bit_vectors()
 
 # From this many tokens on (measured crossovers on a 2-core Xeon), dequantizing into a scratch and multiplying
 # with BLAS beats the fused kernels, which decode every weight once per token.
-BLAS_TOKENS = {"bf16": 16, "fp16": 16, "int8": 16, "int4": 8, "int4_bf16": 8}
+BLAS_TOKENS = {"bf16": 16, "fp16": 16, "int8": 16, "int4": 8, "int4_bf16": 8, "fp8": 16}
 BLAS_ROWS = 256  # rows dequantized per BLAS call: the scratch stays in L2
 _FASTMATH = {"reassoc", "contract"}
 _ROW_BLOCK = 16
@@ -251,6 +251,20 @@ def _fused_int4(x, data, scales, group_size, y):
                 y[t, r] = lanes.sum()
 
 
+@njit(parallel=True, fastmath=_FASTMATH, cache=True)
+def _fused_fp8(x, data, scales, group_size, y):
+    cols = data.shape[1]
+    for r in prange(data.shape[0]):
+        for t in range(x.shape[0]):
+            acc = np.float32(0)
+            for block in range(scales.shape[1]):
+                part = np.float32(0)
+                for k in range(block * group_size, min(cols, (block + 1) * group_size)):
+                    part += x[t, k] * FP8_VALUES[data[r, k]]
+                acc += part * scales[r // group_size, block]
+            y[t, r] = acc
+
+
 @njit(cache=True)
 def _dequantize_bf16(data, scales, group_size, start, w):
     for i in range(w.shape[0]):
@@ -285,13 +299,28 @@ def _dequantize_int4(data, scales, group_size, start, w):
                 w[r, 2 * j + 1] = high * scale
 
 
-_FUSED = {"bf16": _fused_bf16, "fp16": _fused_fp16, "int8": _fused_int8, "int4": _fused_int4, "int4_bf16": _fused_int4}
+@njit(cache=True)
+def _dequantize_fp8(data, scales, group_size, start, w):
+    for i in range(w.shape[0]):
+        for k in range(w.shape[1]):
+            w[i, k] = FP8_VALUES[data[start + i, k]] * scales[(start + i) // group_size, k // group_size]
+
+
+_FUSED = {
+    "bf16": _fused_bf16,
+    "fp16": _fused_fp16,
+    "int8": _fused_int8,
+    "int4": _fused_int4,
+    "int4_bf16": _fused_int4,
+    "fp8": _fused_fp8,
+}
 _DEQUANTIZE = {
     "bf16": _dequantize_bf16,
     "fp16": _dequantize_fp16,
     "int8": _dequantize_int8,
     "int4": _dequantize_int4,
     "int4_bf16": _dequantize_int4,
+    "fp8": _dequantize_fp8,
 }
 
 

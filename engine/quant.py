@@ -8,6 +8,7 @@
 | ``int8`` | int8 [out, in] | float32 [out] | data * scale[row], scale = max|w_row| / 127 |
 | ``int4`` | uint8 [out, in / 2] | float16 [out, in / G] | (nibble - 8) * scale[row, k // G] |
 | ``int4_bf16`` | as ``int4`` | bfloat16 [out, in / G], as uint16 | as ``int4`` |
+| ``fp8`` | uint8 [out, in], e4m3fn | float32 [ceil(out / B), ceil(in / B)] | e4m3(data) * scale[r // B, k // B] |
 
 ``bf16`` quantizes with round-to-nearest-even; a checkpoint's bf16 bits are used as they are.
 ``int4`` is symmetric and group-wise along ``in`` (group size G even and dividing ``in``): element 2j of a
@@ -19,6 +20,12 @@ whose float16 scale falls below its normal range (max|w_group| < 4.3e-4) lose sc
 ``int4_bf16`` is how compressed-tensors' ``pack-quantized`` checkpoints (Kimi K2.5's experts) store symmetric
 int4: their int32 words hold eight values from the lowest bits up, each plus 8, which read as little-endian bytes
 is ``int4``'s nibble order, and their group scales are bfloat16.
+
+``fp8`` is DeepSeek-V3's block quantization (its checkpoints, Kimi K2's and Qwen's FP8 releases): float8 e4m3fn
+values (4 exponent bits with bias 7, 3 mantissa bits, no infinities, 0x7F/0xFF NaN, largest 448) with a float32
+scale (the checkpoint's ``weight_scale_inv``) per B x B block, the last blocks of a row or column partial. Its
+``group_size`` is B. quantize scales each block by max|w_block| / 448 and rounds to the nearest e4m3 value, ties to
+the even one.
 
 Byte layout (``to_bytes`` / ``from_bytes``), one contiguous range per matrix: the data array's bytes
 (C order, little-endian), zero-padded to a multiple of 16 bytes, then the scales' bytes. ``fp32``, ``bf16``
@@ -33,12 +40,26 @@ from dataclasses import dataclass
 import numpy as np
 
 FORMATS = ("fp32", "bf16", "fp16", "int8", "int4")  # what repack writes
-ALL_FORMATS = (*FORMATS, "int4_bf16")  # int4_bf16 only as quantized checkpoints store it
+ALL_FORMATS = (*FORMATS, "int4_bf16", "fp8")  # the last two only as quantized checkpoints store them
 INT4_FORMATS = ("int4", "int4_bf16")
+GROUPED_FORMATS = (*INT4_FORMATS, "fp8")  # the formats with a group (or block) size
 ALIGN = 16
 INT8_MAX = 127
 INT4_MAX = 7
 INT4_OFFSET = 8
+FP8_MAX = 448.0
+
+
+def _e4m3_values() -> np.ndarray:
+    """The float32 value of each float8 e4m3fn byte."""
+    bits = np.arange(256)
+    exponent, mantissa = (bits >> 3) & 0xF, (bits & 7).astype(np.float64)
+    magnitude = np.where(exponent == 0, mantissa / 8 * 2.0**-6, (1 + mantissa / 8) * 2.0 ** (exponent - 7))
+    magnitude[(exponent == 15) & (mantissa == 7)] = np.nan
+    return np.where(bits >> 7, -magnitude, magnitude).astype(np.float32)
+
+
+FP8_VALUES = _e4m3_values()
 
 _DTYPES = {  # format: (data, scales)
     "fp32": (np.dtype(np.float32), np.dtype(np.float32)),
@@ -47,12 +68,13 @@ _DTYPES = {  # format: (data, scales)
     "int8": (np.dtype(np.int8), np.dtype(np.float32)),
     "int4": (np.dtype(np.uint8), np.dtype(np.float16)),
     "int4_bf16": (np.dtype(np.uint8), np.dtype(np.uint16)),
+    "fp8": (np.dtype(np.uint8), np.dtype(np.float32)),
 }
 
 
 @dataclass(frozen=True, eq=False)
 class PackedMatrix:
-    """W [out, in] = ``shape`` in ``format``; ``group_size`` is 0 for every format but the int4 ones.
+    """W [out, in] = ``shape`` in ``format``; ``group_size`` is 0 for every format but the grouped ones.
 
     ``scales`` is empty (float32 [0]) for the formats without scales.
     """
@@ -70,7 +92,7 @@ class PackedMatrix:
 
 
 def quantize(w: np.ndarray, format: str, group_size: int = 64) -> PackedMatrix:
-    """Pack the finite float32 matrix ``w`` [out, in]; ``group_size`` matters only for the int4 formats."""
+    """Pack the finite float32 matrix ``w`` [out, in]; ``group_size`` matters only for the grouped formats."""
     if not isinstance(w, np.ndarray) or w.dtype != np.float32 or w.ndim != 2:
         raise ValueError(f"w must be a 2-D float32 array, got {_describe(w)}")
     group_size = _check(format, w.shape, group_size)
@@ -88,6 +110,8 @@ def quantize(w: np.ndarray, format: str, group_size: int = 64) -> PackedMatrix:
         scales = np.abs(w).max(axis=1) / np.float32(INT8_MAX)
         q = _round(w, scales[:, None], INT8_MAX)
         return PackedMatrix(format, w.shape, 0, q.astype(np.int8), scales)
+    if format == "fp8":
+        return _quantize_fp8(w, group_size)
     out, cols = w.shape
     groups = w.reshape(out, cols // group_size, group_size)
     exact = np.abs(groups).max(axis=2) / np.float32(INT4_MAX)
@@ -109,6 +133,8 @@ def dequantize(p: PackedMatrix) -> np.ndarray:
         return (p.data.astype(np.uint32) << 16).view(np.float32)
     if p.format == "int8":
         return p.data.astype(np.float32) * p.scales[:, None]
+    if p.format == "fp8":
+        return FP8_VALUES[p.data] * _block_scales(p.scales, p.shape, p.group_size)
     out, cols = p.shape
     q = np.empty(p.shape, np.float32)
     q[:, 0::2] = p.data & 0xF
@@ -160,13 +186,17 @@ def quantization_error(w: np.ndarray, p: PackedMatrix) -> dict[str, float]:
 
 
 def _check(format: str, shape: tuple[int, ...], group_size: int) -> int:
-    """The group size to record for this format (0 unless int4), after checking all three arguments."""
+    """The group size to record for this format (0 unless grouped), after checking all three arguments."""
     if format not in ALL_FORMATS:
         raise ValueError(f"format must be one of {ALL_FORMATS}, got {format!r}")
     if len(shape) != 2 or not all(isinstance(n, int | np.integer) and n > 0 for n in shape):
         raise ValueError(f"shape must be two positive sizes [out, in], got {shape}")
-    if format not in INT4_FORMATS:
+    if format not in GROUPED_FORMATS:
         return 0
+    if format == "fp8":
+        if not isinstance(group_size, int | np.integer) or group_size <= 0:
+            raise ValueError(f"group_size (the block's side) must be a positive integer for fp8, got {group_size!r}")
+        return int(group_size)
     if not isinstance(group_size, int | np.integer) or group_size <= 0 or group_size % 2:
         raise ValueError(f"group_size must be a positive even integer for {format}, got {group_size!r}")
     if shape[1] % group_size:
@@ -182,10 +212,33 @@ def _layout(format: str, shape: tuple[int, int], group_size: int) -> tuple[tuple
         scales_shape = (out,)
     elif format in INT4_FORMATS:
         data_shape, scales_shape = (out, cols // 2), (out, cols // group_size)
+    elif format == "fp8":
+        scales_shape = (-(-out // group_size), -(-cols // group_size))
     data_dtype, scales_dtype = _DTYPES[format]
     data_nbytes = data_shape[0] * data_shape[1] * data_dtype.itemsize
     scales_offset = data_nbytes + -data_nbytes % ALIGN
     return data_shape, scales_shape, scales_offset, scales_offset + int(np.prod(scales_shape)) * scales_dtype.itemsize
+
+
+def _quantize_fp8(w: np.ndarray, block: int) -> PackedMatrix:
+    scales = np.zeros((-(-w.shape[0] // block), -(-w.shape[1] // block)), np.float32)
+    for i in range(scales.shape[0]):
+        for j in range(scales.shape[1]):
+            scales[i, j] = np.abs(w[i * block : (i + 1) * block, j * block : (j + 1) * block]).max() / FP8_MAX
+    full = _block_scales(scales, w.shape, block)
+    scaled = np.divide(w, full, out=np.zeros_like(w), where=full > 0)
+    positive = FP8_VALUES[:127]  # bytes 0x00-0x7E: every finite non-negative value, increasing
+    above = np.clip(np.searchsorted(positive, np.abs(scaled)), 1, 126)
+    below = above - 1
+    gap_below, gap_above = np.abs(scaled) - positive[below], positive[above] - np.abs(scaled)
+    nearest = np.where((gap_below < gap_above) | ((gap_below == gap_above) & (below % 2 == 0)), below, above)
+    data = (nearest | np.where(scaled < 0, 0x80, 0)).astype(np.uint8)
+    return PackedMatrix("fp8", w.shape, block, data, scales)
+
+
+def _block_scales(scales: np.ndarray, shape: tuple[int, int], block: int) -> np.ndarray:
+    """fp8's block scales repeated to one per element of a [out, in] matrix."""
+    return np.repeat(np.repeat(scales, block, axis=0), block, axis=1)[: shape[0], : shape[1]]
 
 
 def _bf16_bits(w: np.ndarray) -> np.ndarray:

@@ -184,12 +184,12 @@ def _locate(checkpoint: Checkpoint, spec: DecoderSpec) -> tuple[dict[tuple[int, 
         if not spec.sparse_layers[layer]:
             continue
         prefix = f"{_moe_prefix(checkpoint, f'{model_prefix(checkpoint)}.layers.{layer}', spec)}.experts"
-        experts = locate_experts(checkpoint, prefix, spec.num_experts, h, i, spec.expert_names, spec.expert_group_size)
+        experts = locate_experts(checkpoint, prefix, spec.num_experts, h, i, spec.expert_names, spec.quantization)
         layouts.update({(layer, e): layout for e, layout in experts.items()})
         if f"{prefix}.gate_up_proj" in checkpoint.tensors:  # fused, as locate_experts decides
             tensors |= {f"{prefix}.gate_up_proj", f"{prefix}.down_proj"}
         else:
-            suffixes = QUANTIZED_SUFFIXES if spec.expert_group_size else ("weight",)
+            suffixes = QUANTIZED_SUFFIXES[spec.quantization.format] if spec.quantization else ("weight",)
             names = (f"{prefix}.{e}.{n}" for e in range(spec.num_experts) for n in spec.expert_names)
             tensors |= {f"{name}.{suffix}" for name in names for suffix in suffixes}
     return layouts, tensors
@@ -269,10 +269,7 @@ def _read_float32(checkpoint: Checkpoint, r: ByteRange, columns: int) -> np.ndar
         return to_float32(raw, r.dtype)
     scales = np.empty(r.scales.nbytes, np.uint8)
     checkpoint.read_into(r.scales.path, r.scales.offset, scales, r.scales.tensor)
-    rows = r.nbytes * 2 // columns
-    scales_shaped = scales.view(quant.scales_dtype(r.format)).reshape(rows, columns // r.group_size)
-    packed = quant.PackedMatrix(r.format, (rows, columns), r.group_size, raw.reshape(rows, columns // 2), scales_shaped)
-    return quant.dequantize(packed).reshape(-1)
+    return quant.dequantize(r.packed(raw, scales, columns)).reshape(-1)
 
 
 def _quantize(w: np.ndarray, format: str, group_size: int, ranges: tuple[ByteRange, ...]) -> quant.PackedMatrix:

@@ -10,7 +10,7 @@ from typing import Any
 from engine.errors import UnsupportedModelError
 from engine.models import deepseek_v3, mixtral, olmoe, qwen2_moe, qwen3_5_moe, qwen3_moe
 from engine.models.quantization import FIELD as QUANTIZATION_FIELD
-from engine.models.quantization import read_expert_group_size
+from engine.models.quantization import read_quantization
 from engine.models.spec import DecoderSpec
 
 ARCHITECTURES: dict[str, Callable[[dict[str, Any], Path], DecoderSpec]] = {
@@ -34,14 +34,14 @@ def parse_config(config: dict[str, Any], path: Path) -> DecoderSpec:
             f"unknown architecture {model_type!r}; the engine implements {sorted(ARCHITECTURES)}",
             field="model_type",
         )
-    architecture, quantization = _without_quantization(config, path)
+    architecture, quantization, where = _without_quantization(config, path)
     spec = ARCHITECTURES[model_type](architecture, path)
-    return replace(spec, expert_group_size=read_expert_group_size(quantization, path))
+    return replace(spec, quantization=read_quantization(quantization, path, where))
 
 
-def _without_quantization(config: dict[str, Any], path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The config without its ``quantization_config``, which may sit in ``text_config`` (Kimi K2.5), and that
-    field alone (an empty dict without one): how the weights are stored is not the architecture's business."""
+def _without_quantization(config: dict[str, Any], path: Path) -> tuple[dict[str, Any], dict[str, Any], str]:
+    """The config without its ``quantization_config``, which may sit in ``text_config`` (Kimi K2.5); that field
+    alone (an empty dict without one); and where it was: how weights are stored is not the architecture's business."""
     text = config.get("text_config")
     found = {where: part[QUANTIZATION_FIELD] for where, part in (("", config), ("text_config.", text))
              if isinstance(part, dict) and QUANTIZATION_FIELD in part}  # fmt: skip
@@ -50,4 +50,5 @@ def _without_quantization(config: dict[str, Any], path: Path) -> tuple[dict[str,
     rest = {key: value for key, value in config.items() if key != QUANTIZATION_FIELD}
     if "text_config." in found:
         rest["text_config"] = {key: value for key, value in text.items() if key != QUANTIZATION_FIELD}
-    return rest, {QUANTIZATION_FIELD: next(iter(found.values()))} if found else {}
+    where = next(iter(found), "")
+    return rest, {QUANTIZATION_FIELD: found[where]} if found else {}, where

@@ -364,7 +364,10 @@ def build_decoder(spec: DecoderSpec, ckpt: Checkpoint, config: EngineConfig) -> 
     q_out = 2 * q_dim if s.attention_output_gate else q_dim
     base = model_prefix(ckpt)
 
-    read = ckpt.read
+    fp8_block = s.quantization.group_size if s.quantization and s.quantization.format == "fp8" else 0
+
+    def read(name: str, shape: tuple[int, ...]) -> np.ndarray:
+        return ckpt.read(name, shape, fp8_block)
 
     def maybe(name: str, shape: tuple[int, ...], present: bool) -> np.ndarray | None:
         return read(name, shape) if present else None
@@ -412,7 +415,7 @@ def build_decoder(spec: DecoderSpec, ckpt: Checkpoint, config: EngineConfig) -> 
             if not repacked:
                 experts = locate_experts(
                     ckpt, f"{moe}.experts", s.num_experts, h, s.moe_intermediate_size, s.expert_names,
-                    s.expert_group_size,
+                    s.quantization,
                 )  # fmt: skip
                 layouts.update({(i, e): layout for e, layout in experts.items()})
             if s.shared_expert_intermediate_size:

@@ -126,6 +126,14 @@ class GatedDeltaNet:
 
 
 @dataclass(frozen=True)
+class WeightQuantization:
+    """How a quantized checkpoint stores its weights (read by ``models/quantization.py``)."""
+
+    format: str  # "int4": compressed-tensors' pack-quantized int4 (routed experts); "fp8": DeepSeek's block fp8
+    group_size: int  # int4's group along the input, fp8's block side
+
+
+@dataclass(frozen=True)
 class DecoderSpec:
     """Everything the shared decoder needs; weight names follow the Hugging Face checkpoint."""
 
@@ -162,7 +170,7 @@ class DecoderSpec:
     zero_centered_norms: bool = False  # Qwen3.5: the RMSNorms scale by 1 + weight
     moe_prefix: str = "mlp"  # Mixtral's original saves use "block_sparse_moe"
     expert_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")  # per-expert gate, up, down
-    expert_group_size: int = 0  # routed experts stored as int4 in groups of this size (compressed-tensors)
+    quantization: WeightQuantization | None = None  # None: every weight a float tensor
 
 
 def read_eos(fields: ConfigFields) -> tuple[int, ...]:

@@ -8,6 +8,7 @@ import pytest
 
 from engine.errors import UnsupportedModelError
 from engine.models import parse_config
+from engine.models.spec import WeightQuantization
 
 COMMON = {
     "attention_dropout": 0.0,
@@ -203,10 +204,17 @@ KIMI_K25 = {
 def test_kimi_k25_is_its_int4_text_model():
     spec = parse_config(KIMI_K25, Path("config.json"))
     assert (spec.num_layers, spec.num_experts, spec.top_k, spec.moe_intermediate_size) == (61, 384, 8, 2048)
-    assert spec.expert_group_size == 32 and spec.sparse_layers == (False,) + (True,) * 60
+    assert spec.quantization == WeightQuantization("int4", 32) and spec.sparse_layers == (False,) + (True,) * 60
 
 
 def test_quantization_config_given_twice_is_refused():
     config = dict(KIMI_K25, quantization_config=KIMI_K25_TEXT["quantization_config"])
     with pytest.raises(UnsupportedModelError, match="given twice"):
+        parse_config(config, Path("config.json"))
+
+
+def test_errors_in_kimi_k25s_quantization_config_name_its_place():
+    quantization = {**KIMI_K25_TEXT["quantization_config"], "quant_method": "gptq"}
+    config = {**KIMI_K25, "text_config": {**KIMI_K25_TEXT, "quantization_config": quantization}}
+    with pytest.raises(UnsupportedModelError, match=r"text_config\.quantization_config\.quant_method.*'gptq'"):
         parse_config(config, Path("config.json"))

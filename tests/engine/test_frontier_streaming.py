@@ -27,21 +27,23 @@ from tests.engine.tiny_models import build
 
 class Checkpoint(NamedTuple):
     path: Path
-    packed_entry: int  # an expert's bytes as stored
     moe_layers: list[int]
 
 
-@pytest.fixture(scope="module", params=["deepseek_v3", "qwen3_5_moe"])
+@pytest.fixture(scope="module", params=["deepseek_v3", "deepseek_v3-int4", "qwen3_5_moe"])
 def model(request, tmp_path_factory) -> Checkpoint:
     out = tmp_path_factory.mktemp(request.param) / "m"
-    if request.param == "deepseek_v3":
+    if request.param.startswith("deepseek_v3"):
         shape = SynthShape("deepseek_v3", 64, 4, 4, 4, 16, 16, 2, 32, 512, dense_layers=1, shared_experts=1)
-        return Checkpoint(synthesize(out, shape, dtype="bf16", shard_bytes=64 << 10), 3 * 64 * 32 * 2, [1, 2, 3])
+        if request.param == "deepseek_v3-int4":  # Kimi K2.5's experts: each matrix's nibbles, then its scales
+            path = synthesize(out, shape, dtype="bf16", shard_bytes=64 << 10, experts="int4")
+            return Checkpoint(path, [1, 2, 3])
+        return Checkpoint(synthesize(out, shape, dtype="bf16", shard_bytes=64 << 10), [1, 2, 3])
     _, path = build("qwen3_5_moe", out, fused=True, max_shard_size="40KB")
     # no tokenizer: the workloads draw their tokens from the synthetic topic stream, as for synthetic checkpoints
     (path / "synth.json").write_text(json.dumps({"version": 1, "seed": 0, "dtype": "fp32",
                                                  "knobs": RoutingKnobs().to_dict()}))  # fmt: skip
-    return Checkpoint(path, 3 * 64 * 32 * 4, [0, 1, 2, 3])
+    return Checkpoint(path, [0, 1, 2, 3])
 
 
 @pytest.fixture(scope="module")
@@ -57,9 +59,18 @@ STREAMING = [  # cache sizes in experts
 ]  # fmt: skip
 
 
+def packed_entry(path: Path, io_mode: str) -> int:
+    """An expert's bytes in the packed cache: as read, pieces page-aligned under direct I/O."""
+    model = load_model(path, EngineConfig(io_mode=io_mode, cache_format="packed"))
+    try:
+        return model.decoder.store.entry_bytes
+    finally:
+        model.close()
+
+
 @pytest.mark.parametrize("knobs", STREAMING, ids=lambda k: f"{k['io_mode']}-{k['cache_policy']}-{k['predictor']}")
 def test_streamed_logits_are_bit_identical(model, packed_reference, knobs) -> None:
-    knobs = {**knobs, "cache_bytes": knobs["cache_bytes"] * model.packed_entry}
+    knobs = {**knobs, "cache_bytes": knobs["cache_bytes"] * packed_entry(model.path, knobs["io_mode"])}
     config = EngineConfig(**knobs, cache_format="packed", io_threads=3, io_block_bytes=4096)
     logits, stats = run(model.path, config)
     assert np.array_equal(logits, packed_reference)

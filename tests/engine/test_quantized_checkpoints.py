@@ -13,10 +13,18 @@ from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 from engine import load_model, score
 from engine.config import EngineConfig
 from engine.errors import CheckpointError, UnsupportedModelError
-from engine.quant import INT4_OFFSET, dequantize, quantize
+from engine.models.spec import WeightQuantization
+from engine.quant import FP8_VALUES, INT4_OFFSET, dequantize, quantize
 from engine.repack import repack
 from tests.engine.test_parity import _prompt
-from tests.engine.tiny_models import build, compress_experts, int4_quantization_config, reference_logits
+from tests.engine.tiny_models import (
+    CLASSES,
+    build,
+    compress_experts,
+    fp8_blocks,
+    int4_quantization_config,
+    reference_logits,
+)
 
 GROUP = 16
 STREAMING = [
@@ -97,7 +105,7 @@ def _variant(source, tmp_path, edit_config=None, edit_tensors=None):
 @pytest.mark.parametrize(
     ("edit", "field"),
     [
-        (lambda q: q.update(quant_method="fp8"), "quantization_config.quant_method"),
+        (lambda q: q.update(quant_method="gptq"), "quantization_config.quant_method"),
         (lambda q: q.update(format="float-quantized"), "quantization_config.format"),
         (lambda q: q["config_groups"]["group_0"]["weights"].update(num_bits=8), "weights.num_bits"),
         (lambda q: q["config_groups"]["group_0"]["weights"].update(symmetric=False), "weights.symmetric"),
@@ -172,5 +180,53 @@ def test_kimi_k25_checkpoints_run_their_text_model(kimi, tmp_path):
     ids = _prompt(8, 40)
     model = load_model(path, EngineConfig(cache_format="packed", io_mode="direct"))
     spec = model.decoder.spec
-    assert spec.eos_token_ids == (outer["eos_token_id"],) and spec.expert_group_size == GROUP
+    assert spec.eos_token_ids == (outer["eos_token_id"],) and spec.quantization == WeightQuantization("int4", GROUP)
     np.testing.assert_allclose(score(model, ids), reference_logits(reference, ids), atol=1e-4, rtol=0)
+
+
+# --- block fp8 (DeepSeek-V3, Kimi K2 Instruct, Qwen's FP8 releases)
+
+FP8_BLOCK = 8  # 128 in the published checkpoints; 8 divides every dimension of the tiny models
+
+
+def test_fp8_decodes_as_torch_does():
+    values = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn).float().numpy()
+    np.testing.assert_array_equal(FP8_VALUES, values)
+    w = np.random.default_rng(1).standard_normal((20, 40)).astype(np.float32)
+    ours = quantize(w, "fp8", FP8_BLOCK)
+    theirs = torch.from_numpy(w) / torch.from_numpy(np.repeat(np.repeat(ours.scales, 8, 0), 8, 1)[:20, :40])
+    np.testing.assert_array_equal(ours.data, theirs.to(torch.float8_e4m3fn).view(torch.uint8).numpy())
+
+
+@pytest.fixture(scope="module", params=["deepseek_v3", "qwen3_5_moe"])
+def fp8_model(request, tmp_path_factory):
+    """A tiny FP8 checkpoint, and transformers running it (it dequantizes FP8 checkpoints on a CPU)."""
+    arch = request.param
+    _, path = build(arch, tmp_path_factory.mktemp(f"fp8-{arch}") / "ckpt")
+    fp8_blocks(path, FP8_BLOCK)
+    reference = CLASSES[arch][1].from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
+    return arch, path, reference
+
+
+@pytest.mark.parametrize("config", STREAMING[:3], ids=lambda c: f"{c.io_mode}-{c.cache_format}")
+def test_fp8_checkpoints_match_transformers(fp8_model, config):
+    arch, path, reference = fp8_model
+    ids = _prompt(9, 80 if arch == "qwen3_5_moe" else 40)
+    model = load_model(path, config)
+    assert model.decoder.spec.quantization == WeightQuantization("fp8", FP8_BLOCK)
+    np.testing.assert_allclose(score(model, ids), reference_logits(reference, ids), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("edit", "field"),
+    [
+        ({"fmt": "e5m2"}, "quantization_config.fmt"),
+        ({"weight_block_size": [128, 64]}, "quantization_config.weight_block_size"),
+        ({"activation_scheme": "static"}, "quantization_config.activation_scheme"),
+        ({"scale_fmt": "ue8m0"}, "quantization_config.scale_fmt"),
+    ],
+)
+def test_fp8_the_engine_does_not_implement_is_refused_by_name(fp8_model, tmp_path, edit, field):
+    path = _variant(fp8_model[1], tmp_path, edit_config=lambda q: q.update(edit))
+    with pytest.raises(UnsupportedModelError, match=field.replace(".", r"\.")):
+        load_model(path)

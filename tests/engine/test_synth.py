@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from engine import load_model, score
+from engine.models.spec import WeightQuantization
 from engine.routing_stats import REFERENCE_RANGES, RoutingRecorder, lru_hit_rate
 from engine.synth import RoutingKnobs, SynthShape, sized_shape, synthesize
 from engine.synth.weights import DEFAULT_KNOBS
@@ -107,7 +108,7 @@ def test_int4_experts_are_the_same_model_stored_as_kimi_k25_stores_them(tmp_path
     assert {k for k in a if ".experts." not in k} == {k for k in b if ".experts." not in k}
     assert all(torch.equal(a[k], b[k]) for k in a if ".experts." not in k)
     model = load_model(packed)
-    assert model.decoder.spec.expert_group_size == 32
+    assert model.decoder.spec.quantization == WeightQuantization("int4", 32)
     ids = model.encode("The expert cache holds the experts used most often.")
     ours, theirs = score(model, ids), score(load_model(plain), ids)
     assert np.mean(ours.argmax(-1) == theirs.argmax(-1)) >= 0.9

@@ -228,3 +228,38 @@ def _set_experts(model: torch.nn.Module, experts: dict[str, torch.Tensor]) -> No
                 rows = w.shape[0]
                 gate_up = params[f"{prefix}.gate_up_proj"][e]
                 (gate_up[:rows] if proj == "gate_proj" else gate_up[rows:]).copy_(w)
+
+
+def fp8_blocks(path: Path, block: int) -> None:
+    """Store ``path``'s linear weights as DeepSeek-V3's FP8 checkpoints do: float8 e4m3 with a float32
+    ``weight_scale_inv`` per ``block`` x ``block`` (the router, norms, embeddings and head stay as they are)."""
+    from safetensors.torch import load_file, save_file
+
+    for file in sorted(path.glob("*.safetensors")):
+        tensors = load_file(file)
+        for name in [n for n in tensors if _fp8_converted(n, tensors[n])]:
+            w = tensors.pop(name).float()
+            rows, cols = w.shape
+            padded = torch.zeros(-(-rows // block) * block, -(-cols // block) * block)
+            padded[:rows, :cols] = w
+            blocks = padded.reshape(padded.shape[0] // block, block, padded.shape[1] // block, block)
+            scale = blocks.abs().amax(dim=(1, 3)) / 448
+            full = scale.repeat_interleave(block, 0).repeat_interleave(block, 1)[:rows, :cols]
+            tensors[name] = torch.where(full > 0, w / full, 0).to(torch.float8_e4m3fn)
+            tensors[f"{name}_scale_inv"] = scale.contiguous()
+        save_file(tensors, file, metadata={"format": "pt"})
+    _rewrite_index(path)
+    config = json.loads((path / "config.json").read_text())
+    quantization = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                    "weight_block_size": [block, block], "modules_to_not_convert": FP8_NOT_CONVERTED}  # fmt: skip
+    (path / "config.json").write_text(json.dumps(config | {"quantization_config": quantization}))
+
+
+# As Qwen's FP8 releases, the small projections stay unconverted (here: those with fewer rows than a block).
+FP8_NOT_CONVERTED = ["lm_head", "mlp.gate", "shared_expert_gate", "in_proj_a", "in_proj_b"]
+
+
+def _fp8_converted(name: str, tensor: torch.Tensor) -> bool:
+    module = name.removesuffix(".weight")
+    kept = any(module.endswith(s) for s in FP8_NOT_CONVERTED) or "embed_tokens" in name or "norm" in name
+    return tensor.dim() == 2 and name.endswith(".weight") and not kept

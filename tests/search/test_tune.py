@@ -17,6 +17,7 @@ from mlflow import MlflowClient
 from optuna.trial import TrialState
 
 from engine.config import EngineConfig
+from engine.synth import SynthShape, synthesize
 from search.experiment import load_experiment
 from search.tracking import default_tracking_uri
 from search.tune import TuneOptions, tune
@@ -183,3 +184,25 @@ def test_ui_serves_the_runs_on_loopback(tuned) -> None:
     finally:
         ui.terminate()
         ui.wait(timeout=30)
+
+
+@pytest.mark.parametrize(
+    ("shape", "experts"),
+    [
+        (SynthShape("deepseek_v3", 64, 3, 4, 4, 16, 16, 4, 32, 512, dense_layers=1, shared_experts=1), "int4"),
+        (SynthShape("qwen3_5_moe", 64, 4, 4, 2, 16, 16, 4, 32, 512, shared_experts=1), "dtype"),
+    ],
+    ids=["kimi-k2.5-like-int4", "qwen3.5-like"],
+)
+def test_the_frontier_architectures_tune_as_the_others(tmp_path, shape, experts) -> None:
+    """Kimi K2.5's architecture with its int4 experts, and Qwen3.5's with its recurrent layers, through the same
+    loop: every trial measured, the best exported."""
+    model = synthesize(tmp_path / shape.arch, shape, dtype="bf16", experts=experts)
+    extra = '[budget]\ntrials = 3\n[measure]\nrepeats = 1\nwarmup = 0\nconfirm = 0\n[search]\nsampler = "random"\n'
+    experiment = load_experiment(write_experiment(tmp_path, model, shape.arch, extra))
+    outcome = tune(experiment, TuneOptions(runs=tmp_path / "runs", probe=False))
+    from search.study import open_study
+
+    study = open_study(experiment, outcome.results)
+    assert [trial.state for trial in study.trials] == [TrialState.COMPLETE] * 3
+    assert outcome.tuned is not None and outcome.tuned.exists()
