@@ -122,10 +122,9 @@ class Checkpoint:
             return to_float32(raw, info.dtype).reshape(info.shape)
         if len(info.shape) != 2:
             raise CheckpointError(info.path, f"float8 tensor of shape {list(info.shape)}, not a matrix", tensor=name)
-        rows, cols = info.shape
-        blocks = (-(-rows // fp8_block), -(-cols // fp8_block))
-        scales = self.read(f"{name}_scale_inv", blocks)
-        return quant.dequantize(quant.PackedMatrix("fp8", (rows, cols), fp8_block, raw.reshape(rows, cols), scales))
+        shape = (info.shape[0], info.shape[1])
+        scales = self.read(f"{name}_scale_inv", quant.scales_shape_of("fp8", shape, fp8_block))
+        return quant.dequantize(quant.PackedMatrix("fp8", shape, fp8_block, raw.reshape(shape), scales))
 
     def read_into(self, path: str, offset: int, buffer: np.ndarray, tensor: str) -> None:
         """Fill ``buffer`` with the bytes at ``offset`` of ``path``; a short read means the file shrank."""

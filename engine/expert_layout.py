@@ -19,7 +19,7 @@ from engine.buffers import Slot
 from engine.checkpoint import FLOAT_DTYPES, Checkpoint
 from engine.errors import CheckpointError
 from engine.models.spec import WeightQuantization
-from engine.quant import PackedMatrix, scales_dtype
+from engine.quant import PackedMatrix, scales_dtype, scales_shape_of
 from engine.repack_manifest import ExpertEntry, RepackManifest
 from engine.safetensors_file import TensorInfo
 
@@ -79,9 +79,9 @@ class ByteRange:
         """This quantized matrix of ``columns`` columns over ``data`` and ``scales``, its bytes (uint8) as read."""
         format = self.format
         rows = data.size // columns if format == "fp8" else data.size * 2 // columns
-        data = data.reshape(rows, -1)
-        scales = scales.view(scales_dtype(format)).reshape(-(-rows // self.group_size) if format == "fp8" else rows, -1)
-        return PackedMatrix(format, (rows, columns), self.group_size, data, scales)
+        scales_shape = scales_shape_of(format, (rows, columns), self.group_size)
+        scales = scales.view(scales_dtype(format)).reshape(scales_shape)
+        return PackedMatrix(format, (rows, columns), self.group_size, data.reshape(rows, -1), scales)
 
 
 @dataclass(frozen=True)
@@ -191,7 +191,8 @@ def _int4(
                 checkpoint.path, "is stored as floats, but quantization_config says the routed experts are int4",
                 tensor=f"{prefix}.{name}.weight")  # fmt: skip
         data = checkpoint.info(f"{prefix}.{name}.weight_packed", (rows, cols // PACKED_PER_WORD), ("I32",))
-        scales = checkpoint.info(f"{prefix}.{name}.weight_scale", (rows, cols // group_size), tuple(INT4_FORMATS))
+        scales_shape = scales_shape_of("int4", (rows, cols), group_size)
+        scales = checkpoint.info(f"{prefix}.{name}.weight_scale", scales_shape, tuple(INT4_FORMATS))
         ranges.append(ByteRange(data.path, data.start, data.nbytes, data.dtype, data.name, _whole(scales), group_size))
     return ExpertLayout(tuple(ranges[:2]), ranges[2])
 
@@ -206,7 +207,7 @@ def _fp8(
         if data.dtype != "F8_E4M3":
             ranges.append(_whole(data))
             continue
-        blocks = (-(-rows // block), -(-cols // block))
+        blocks = scales_shape_of("fp8", (rows, cols), block)
         scales = checkpoint.info(f"{prefix}.{name}.weight_scale_inv", blocks, ("F32",))
         ranges.append(ByteRange(data.path, data.start, data.nbytes, data.dtype, data.name, _whole(scales), block))
     return ExpertLayout(tuple(ranges[:2]), ranges[2])

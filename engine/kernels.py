@@ -152,25 +152,21 @@ def _kernel_views(p: PackedMatrix) -> tuple[np.ndarray, np.ndarray]:
     """numba has no float16 or bfloat16 arrays: float16 data and scales go in as their uint16 bits, bfloat16 scales
     as int16 bits (``_scale_to_f32`` tells them apart by type)."""
     data = p.data.view(np.uint16) if p.format == "fp16" else p.data
-    scales = {"int4": np.uint16, "int4_bf16": np.int16}.get(p.format)
+    scales = _SCALE_BITS.get(p.format)
     return data, p.scales if scales is None else p.scales.view(scales)
+
+
+_SCALE_BITS = {"int4": np.uint16, "int4_bf16": np.int16}  # see _kernel_views
 
 
 @intrinsic
 def _bf16_to_f32(typingctx, bits):
-    def codegen(context, builder, signature, args):
-        wide = builder.shl(builder.zext(args[0], ir.IntType(32)), ir.Constant(ir.IntType(32), 16))
-        return builder.bitcast(wide, ir.FloatType())
-
-    return types.float32(types.uint16), codegen
+    return types.float32(types.uint16), lambda context, builder, signature, args: _widen_bf16(builder, args[0])
 
 
 @intrinsic
 def _f16_to_f32(typingctx, bits):
-    def codegen(context, builder, signature, args):
-        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
-
-    return types.float32(types.uint16), codegen
+    return types.float32(types.uint16), lambda context, builder, signature, args: _widen_f16(builder, args[0])
 
 
 @intrinsic
@@ -178,14 +174,23 @@ def _scale_to_f32(typingctx, bits):
     """An int4 group scale as float32: float16 bits given as uint16, bfloat16 bits as int16."""
 
     def codegen(context, builder, signature, args):
-        if signature.args[0] == types.uint16:
-            return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
-        wide = builder.shl(builder.zext(args[0], ir.IntType(32)), ir.Constant(ir.IntType(32), 16))
-        return builder.bitcast(wide, ir.FloatType())
+        widen = _widen_f16 if signature.args[0] == types.uint16 else _widen_bf16
+        return widen(builder, args[0])
 
     if bits not in (types.uint16, types.int16):
         return None
     return types.float32(bits), codegen
+
+
+def _widen_bf16(builder: ir.IRBuilder, bits: ir.Value) -> ir.Value:
+    """bfloat16 bits (16-bit integer) to float32: the top half of its bits."""
+    wide = builder.shl(builder.zext(bits, ir.IntType(32)), ir.Constant(ir.IntType(32), 16))
+    return builder.bitcast(wide, ir.FloatType())
+
+
+def _widen_f16(builder: ir.IRBuilder, bits: ir.Value) -> ir.Value:
+    """float16 bits (16-bit integer) to float32."""
+    return builder.fpext(builder.bitcast(bits, ir.HalfType()), ir.FloatType())
 
 
 @njit(cache=True)

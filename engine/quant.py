@@ -149,6 +149,18 @@ def scales_dtype(format: str) -> np.dtype:
     return _DTYPES[format][1]
 
 
+def scales_shape_of(format: str, shape: tuple[int, int], group_size: int) -> tuple[int, ...]:
+    """The shape of the scales of a [out, in] = ``shape`` matrix in ``format``."""
+    out, cols = shape
+    if format == "int8":
+        return (out,)
+    if format in INT4_FORMATS:
+        return (out, cols // group_size)
+    if format == "fp8":
+        return (-(-out // group_size), -(-cols // group_size))
+    return (0,)
+
+
 def byte_size(format: str, shape: tuple[int, int], group_size: int = 64) -> int:
     """Length of the byte range ``to_bytes`` writes for a matrix of this format and shape."""
     return _layout(format, shape, _check(format, shape, group_size))[3]
@@ -207,13 +219,8 @@ def _check(format: str, shape: tuple[int, ...], group_size: int) -> int:
 def _layout(format: str, shape: tuple[int, int], group_size: int) -> tuple[tuple[int, int], tuple[int, ...], int, int]:
     """(data shape, scales shape, scales' byte offset, total bytes) of the ``to_bytes`` layout."""
     out, cols = shape
-    data_shape, scales_shape = (out, cols), (0,)
-    if format == "int8":
-        scales_shape = (out,)
-    elif format in INT4_FORMATS:
-        data_shape, scales_shape = (out, cols // 2), (out, cols // group_size)
-    elif format == "fp8":
-        scales_shape = (-(-out // group_size), -(-cols // group_size))
+    data_shape = (out, cols // 2) if format in INT4_FORMATS else (out, cols)
+    scales_shape = scales_shape_of(format, shape, group_size)
     data_dtype, scales_dtype = _DTYPES[format]
     data_nbytes = data_shape[0] * data_shape[1] * data_dtype.itemsize
     scales_offset = data_nbytes + -data_nbytes % ALIGN
@@ -221,7 +228,7 @@ def _layout(format: str, shape: tuple[int, int], group_size: int) -> tuple[tuple
 
 
 def _quantize_fp8(w: np.ndarray, block: int) -> PackedMatrix:
-    scales = np.zeros((-(-w.shape[0] // block), -(-w.shape[1] // block)), np.float32)
+    scales = np.zeros(scales_shape_of("fp8", w.shape, block), np.float32)
     for i in range(scales.shape[0]):
         for j in range(scales.shape[1]):
             scales[i, j] = np.abs(w[i * block : (i + 1) * block, j * block : (j + 1) * block]).max() / FP8_MAX

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from engine.expert_layout import PACKED_PER_WORD
 from engine.quant import quantize
 from engine.safetensors_file import DTYPE_SIZES, SafetensorsWriter
 from engine.synth import archs
@@ -101,7 +102,7 @@ Stored = list[tuple[str, str, tuple[int, ...]]]  # what a tensor spec is stored 
 def _stored(spec: archs.TensorSpec, dtype: str, experts: str) -> Stored:
     if experts == "int4" and archs.is_routed_expert(spec.name):
         (rows, cols), module = spec.dims, spec.name.removesuffix(".weight")
-        return [(f"{module}.weight_packed", "I32", (rows, cols // 8)),
+        return [(f"{module}.weight_packed", "I32", (rows, cols // PACKED_PER_WORD)),
                 (f"{module}.weight_scale", "BF16", (rows, cols // INT4_GROUP_SIZE)),
                 (f"{module}.weight_shape", "I32", (2,))]  # fmt: skip
     return [(spec.name, SAFETENSORS_DTYPES[dtype], spec.dims)]
@@ -121,6 +122,10 @@ def _write_shards(
     stored = [_stored(spec, dtype, experts) for spec in specs]
     weight_map = {}
     index = 0
+
+    def build(index: int, spec: archs.TensorSpec) -> list[np.ndarray]:
+        return _encode(builder.build(index, spec), spec, dtype, experts)
+
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         shards = _split(list(zip(specs, stored, strict=True)), shard_bytes)
         for n, shard in enumerate(shards):
@@ -128,7 +133,6 @@ def _write_shards(
             writer = SafetensorsWriter(out / file, [entry for _, entries in shard for entry in entries])
             pending: deque[Future[list[np.ndarray]]] = deque()
             for spec, _ in shard:
-                build = lambda i, s: _encode(builder.build(i, s), s, dtype, experts)  # noqa: E731
                 pending.append(pool.submit(build, index, spec))
                 index += 1
                 if len(pending) > 2 * (os.cpu_count() or 1):
