@@ -1,463 +1,410 @@
 """Which experts stay in RAM: replacement policies over (layer, expert) keys under a byte budget.
 
-A policy only tracks keys and their sizes, never weights, and does no I/O: the engine's expert cache
-asks it what to keep and what to evict, and the trace simulator replays recorded routing through the
-very same classes, so hot methods are kept lean (dicts and OrderedDicts, no per-call allocations).
+A policy only tracks keys and their sizes, never weights, and does no I/O: the expert ledger (``expert_ledger``)
+asks it what to keep and what to evict, for the engine's store and for the trace simulator's replay alike. So
+the whole policy is numba functions over a ``CacheState`` of int64 arrays, called from compiled code. Every
+operation is O(1) apart from its victims and allocates nothing.
+
+Keys are ids ``layer * num_experts + expert``. The cache has one partition (scope ``global``) or one per layer
+(``per_layer``, each with ``capacity_bytes // num_layers``; the remainder is never used). A partition keeps its
+resident keys in doubly linked lists, next victim first: one list, or for slru the probationary list then the
+protected one. Nodes ``0 .. K-1`` of ``links`` are the keys, the nodes after them the lists' sentinels.
+
+- lru: the list is in recency order.
+- lfu: the list is in (uses, recency) order: admission counts as one use and each hit as one more; misses are
+  not counted and a key's count is forgotten when it leaves. Keys with equal counts are contiguous and form a
+  bucket (its count, tail and size); a partition's buckets form a ring in increasing count from a sentinel
+  bucket of count 0, so a hit moves its key after the tail of the bucket one count up, or starts that bucket.
+- slru (Karedla, Love and Wherry 1994): new keys enter the probationary list; a hit there promotes the key to
+  the protected list, which holds at most ``protected_fraction`` of the partition's capacity and demotes its
+  least recent keys to the probationary list's most recent end. Victims are the probationary keys, least
+  recent first, then the protected ones: keys used once cannot push out keys used again.
+- static: the set ``cache_pin`` chose (e.g. from a profiling pass's counts), coldest first; admit never inserts.
+- none: holds nothing, whatever its capacity.
+
+The functions a replay calls per lookup are inlined into their callers (``inline="always"``, numba IR inlining):
+passing the state between compiled functions costs more than most operations.
 """
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
-from collections import OrderedDict
-from collections.abc import Iterable, Mapping
-from typing import Any, ClassVar
+from typing import NamedTuple
 
-Key = tuple[int, int]  # (layer, expert)
+import numpy as np
+from numba import njit
+
 SCOPES = ("global", "per_layer")
+POLICIES = ("lru", "lfu", "slru", "static", "none")
+LRU, LFU, SLRU, STATIC, NONE = range(len(POLICIES))  # a policy's code is its index in POLICIES
+MAX_BYTES = 1 << 62  # capacities up to this leave room for the int64 sums of sizes
+
+# meta: the cache's scalars
+POLICY, LISTS, CAPACITY, PROTECTED_CAPACITY, FREE_BUCKET, HITS, MISSES, USED, COUNT = range(9)
+META_FIELDS = 9
+# links: one row per node
+PREV, NEXT = 0, 1
+# entries: one row per key (its partition is looked up rather than divided out: a 64-bit division costs more
+# than the rest of an access)
+PARTITION, SIZE, LIST, BUCKET = range(4)
+ENTRY_FIELDS = 4
+ABSENT = -1  # the LIST of a key that is not resident
+PROBATION, PROTECTED = 0, 1  # slru's lists; the other policies have only list 0
+# partitions: one row per partition
+PART_USED, PART_PROTECTED, PART_HITS, PART_MISSES = range(4)
+PART_FIELDS = 4
+# buckets (lfu only): the first one per partition is its ring's sentinel, the others start on the free list
+B_COUNT, B_PREV, B_NEXT, B_TAIL, B_SIZE = range(5)
+BUCKET_FIELDS = 5
+NO_BUCKET = -1
 
 
-def _check_count(name: str, value: object, minimum: int) -> None:
+class CacheState(NamedTuple):
+    meta: np.ndarray  # [META_FIELDS]
+    links: np.ndarray  # [keys + partitions * lists, 2]
+    entries: np.ndarray  # [keys, ENTRY_FIELDS]
+    parts: np.ndarray  # [partitions, PART_FIELDS]
+    buckets: np.ndarray  # [partitions + keys, BUCKET_FIELDS] for lfu, else [0, BUCKET_FIELDS]
+    evicted: np.ndarray  # [keys]: cache_admit's victims, first victim first
+
+
+def _check_count(name: str, value: object, minimum: int, maximum: int | None = None) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} must be an int <= {maximum}, got {value!r}")
 
 
-class CachePolicy(ABC):
-    """Resident keys and their sizes; ``used_bytes`` never exceeds ``capacity_bytes``.
-
-    The engine's pattern is ``if not cache.access(key): cache.admit(key, nbytes)``; a prefetch admits
-    without an access. ``hits`` and ``misses`` count ``access`` calls.
-    """
-
-    name: ClassVar[str]
-
-    def __init__(self, capacity_bytes: int) -> None:
-        _check_count("capacity_bytes", capacity_bytes, 0)
-        self.capacity_bytes = capacity_bytes
-        self.used_bytes = 0
-        self.hits = 0
-        self.misses = 0
-
-    @abstractmethod
-    def __contains__(self, key: Key) -> bool: ...
-
-    @abstractmethod
-    def __len__(self) -> int: ...
-
-    @abstractmethod
-    def access(self, key: Key) -> bool:
-        """A demand access: True on a hit, which counts as a use; a miss changes only ``misses``."""
-
-    @abstractmethod
-    def admit(self, key: Key, nbytes: int) -> list[Key]:
-        """Make ``key`` resident, evicting as few keys as the policy's order allows; returns them, first victim first.
-
-        Nothing happens if ``key`` is resident, if ``nbytes > capacity_bytes`` or if the policy declines.
-        """
-
-    @abstractmethod
-    def discard(self, key: Key) -> None:
-        """Drop ``key`` if it is resident."""
-
-    @abstractmethod
-    def keys(self) -> list[Key]:
-        """The resident keys, next victim first."""
+def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
 
 
-def _negative_size(nbytes: int) -> ValueError:
-    return ValueError(f"nbytes must be >= 0, got {nbytes!r}")
+def new_cache_state(
+    policy: str,
+    scope: str,
+    capacity_bytes: int,
+    num_layers: int,
+    num_experts: int,
+    protected_fraction: float = 0.8,
+) -> CacheState:
+    """An empty cache; ``protected_fraction`` is slru's share of each partition for its protected list."""
+    _check_choice("policy", policy, POLICIES)
+    _check_choice("scope", scope, SCOPES)
+    _check_count("capacity_bytes", capacity_bytes, 0, MAX_BYTES)
+    _check_count("num_layers", num_layers, 1)
+    _check_count("num_experts", num_experts, 1)
+    fraction = protected_fraction
+    if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not 0 <= fraction <= 1:
+        raise ValueError(f"protected_fraction must be a number in [0, 1], got {fraction!r}")
+    code = POLICIES.index(policy)
+    num_keys = num_layers * num_experts
+    per_layer = scope == "per_layer"
+    partitions = num_layers if per_layer else 1
+    lists = 2 if code == SLRU else 1
+    capacity = capacity_bytes // num_layers if per_layer else capacity_bytes
+
+    meta = np.zeros(META_FIELDS, np.int64)
+    meta[POLICY] = code
+    meta[LISTS] = lists
+    meta[CAPACITY] = capacity
+    meta[PROTECTED_CAPACITY] = int(capacity * fraction)
+    meta[FREE_BUCKET] = NO_BUCKET
+
+    links = np.full((num_keys + partitions * lists, 2), -1, np.int64)
+    links[num_keys:, PREV] = links[num_keys:, NEXT] = np.arange(num_keys, len(links))  # empty lists
+    entries = np.zeros((num_keys, ENTRY_FIELDS), np.int64)
+    if per_layer:
+        entries[:, PARTITION] = np.arange(num_keys) // num_experts
+    entries[:, LIST] = ABSENT
+    entries[:, BUCKET] = NO_BUCKET
+
+    buckets = np.zeros((partitions + num_keys if code == LFU else 0, BUCKET_FIELDS), np.int64)
+    if code == LFU:
+        rings = np.arange(partitions)
+        buckets[rings, B_PREV] = buckets[rings, B_NEXT] = rings
+        buckets[partitions:, B_NEXT] = np.arange(partitions + 1, partitions + num_keys + 1)
+        buckets[-1, B_NEXT] = NO_BUCKET
+        meta[FREE_BUCKET] = partitions
+    return CacheState(
+        meta=meta,
+        links=links,
+        entries=entries,
+        parts=np.zeros((partitions, PART_FIELDS), np.int64),
+        buckets=buckets,
+        evicted=np.zeros(num_keys, np.int64),
+    )
 
 
-class LRUPolicy(CachePolicy):
-    """Evicts the least recently accessed or admitted key."""
+# --- lists ---------------------------------------------------------------------------------------------------
 
-    name = "lru"
 
-    def __init__(self, capacity_bytes: int) -> None:
-        super().__init__(capacity_bytes)
-        self._sizes: OrderedDict[Key, int] = OrderedDict()  # least recent first
+@njit(cache=True, inline="always")
+def _unlink(links: np.ndarray, node: int) -> None:
+    prev, after = links[node, PREV], links[node, NEXT]
+    links[prev, NEXT] = after
+    links[after, PREV] = prev
 
-    def __contains__(self, key: Key) -> bool:
-        return key in self._sizes
 
-    def __len__(self) -> int:
-        return len(self._sizes)
+@njit(cache=True, inline="always")
+def _link_after(links: np.ndarray, node: int, at: int) -> None:
+    after = links[at, NEXT]
+    links[node, PREV] = at
+    links[node, NEXT] = after
+    links[after, PREV] = node
+    links[at, NEXT] = node
 
-    def access(self, key: Key) -> bool:
-        sizes = self._sizes
-        if key in sizes:
-            sizes.move_to_end(key)
-            self.hits += 1
-            return True
-        self.misses += 1
+
+@njit(cache=True, inline="always")
+def _sentinel(state: CacheState, partition: int, list_: int) -> int:
+    return len(state.entries) + partition * state.meta[LISTS] + list_
+
+
+@njit(cache=True, inline="always")
+def _move_to_end(state: CacheState, key: int, list_: int) -> None:
+    """Unlink ``key`` and append it to list ``list_`` of its partition."""
+    links = state.links
+    sentinel = _sentinel(state, state.entries[key, PARTITION], list_)
+    _unlink(links, key)
+    _link_after(links, key, links[sentinel, PREV])
+    state.entries[key, LIST] = list_
+
+
+@njit(cache=True, inline="always")
+def _first_victim(state: CacheState, partition: int) -> int:
+    links = state.links
+    for list_ in range(state.meta[LISTS]):
+        sentinel = _sentinel(state, partition, list_)
+        if links[sentinel, NEXT] != sentinel:
+            return links[sentinel, NEXT]
+    return -1
+
+
+# --- lfu buckets ---------------------------------------------------------------------------------------------
+
+
+@njit(cache=True, inline="always")
+def _new_bucket(state: CacheState, after: int, count: int, key: int) -> None:
+    """Take a bucket off the free list, with ``count`` and its only key ``key``, and ring it after ``after``."""
+    buckets, meta = state.buckets, state.meta
+    bucket = meta[FREE_BUCKET]
+    meta[FREE_BUCKET] = buckets[bucket, B_NEXT]
+    following = buckets[after, B_NEXT]
+    buckets[bucket, B_PREV] = after
+    buckets[bucket, B_NEXT] = following
+    buckets[following, B_PREV] = bucket
+    buckets[after, B_NEXT] = bucket
+    buckets[bucket, B_COUNT] = count
+    buckets[bucket, B_TAIL] = key
+    buckets[bucket, B_SIZE] = 1
+    state.entries[key, BUCKET] = bucket
+
+
+@njit(cache=True, inline="always")
+def _join_bucket(state: CacheState, key: int, bucket: int) -> None:
+    """Link ``key`` after ``bucket``'s most recent key, as its new most recent key."""
+    buckets = state.buckets
+    _link_after(state.links, key, buckets[bucket, B_TAIL])
+    buckets[bucket, B_TAIL] = key
+    buckets[bucket, B_SIZE] += 1
+    state.entries[key, BUCKET] = bucket
+
+
+@njit(cache=True, inline="always")
+def _leave_bucket(state: CacheState, key: int) -> None:
+    """Take ``key`` out of its bucket, which goes back to the free list once empty; ``key`` stays linked."""
+    buckets = state.buckets
+    bucket = state.entries[key, BUCKET]
+    state.entries[key, BUCKET] = NO_BUCKET
+    buckets[bucket, B_SIZE] -= 1
+    if buckets[bucket, B_SIZE] == 0:
+        prev, following = buckets[bucket, B_PREV], buckets[bucket, B_NEXT]
+        buckets[prev, B_NEXT] = following
+        buckets[following, B_PREV] = prev
+        buckets[bucket, B_NEXT] = state.meta[FREE_BUCKET]
+        state.meta[FREE_BUCKET] = bucket
+    elif buckets[bucket, B_TAIL] == key:
+        buckets[bucket, B_TAIL] = state.links[key, PREV]
+
+
+@njit(cache=True, inline="always")
+def _lfu_enter(state: CacheState, key: int, partition: int) -> None:
+    """Link a new ``key`` as the most recent of the keys used once."""
+    ring = partition
+    ones = state.buckets[ring, B_NEXT]
+    if state.buckets[ones, B_COUNT] == 1:
+        _join_bucket(state, key, ones)
+    else:
+        _link_after(state.links, key, _sentinel(state, partition, 0))
+        _new_bucket(state, ring, 1, key)
+
+
+@njit(cache=True, inline="always")
+def _lfu_hit(state: CacheState, key: int) -> None:
+    buckets = state.buckets
+    bucket = state.entries[key, BUCKET]
+    count = buckets[bucket, B_COUNT] + 1
+    following = buckets[bucket, B_NEXT]
+    if buckets[following, B_COUNT] == count:
+        _leave_bucket(state, key)
+        _unlink(state.links, key)
+        _join_bucket(state, key, following)
+    elif buckets[bucket, B_SIZE] == 1:  # alone, and no key has the new count: the bucket can take it
+        buckets[bucket, B_COUNT] = count
+    else:
+        tail = buckets[bucket, B_TAIL]
+        _leave_bucket(state, key)
+        if tail != key:
+            _unlink(state.links, key)
+            _link_after(state.links, key, tail)
+        _new_bucket(state, bucket, count, key)
+
+
+# --- slru ----------------------------------------------------------------------------------------------------
+
+
+@njit(cache=True, inline="always")
+def _slru_hit(state: CacheState, key: int) -> None:
+    entries, links = state.entries, state.links
+    if entries[key, LIST] == PROTECTED:
+        _move_to_end(state, key, PROTECTED)
+        return
+    partition = entries[key, PARTITION]
+    parts = state.parts
+    _move_to_end(state, key, PROTECTED)
+    parts[partition, PART_PROTECTED] += entries[key, SIZE]
+    protected = _sentinel(state, partition, PROTECTED)
+    while parts[partition, PART_PROTECTED] > state.meta[PROTECTED_CAPACITY]:
+        demoted = links[protected, NEXT]
+        _move_to_end(state, demoted, PROBATION)
+        parts[partition, PART_PROTECTED] -= entries[demoted, SIZE]
+
+
+# --- the cache -----------------------------------------------------------------------------------------------
+
+
+@njit(cache=True, inline="always")
+def _insert(state: CacheState, key: int, nbytes: int, partition: int) -> None:
+    entries, meta = state.entries, state.meta
+    entries[key, SIZE] = nbytes
+    entries[key, LIST] = 0
+    if meta[POLICY] == LFU:
+        _lfu_enter(state, key, partition)
+    elif meta[POLICY] == STATIC:  # pinned hottest first: each pin is the coldest so far
+        _link_after(state.links, key, _sentinel(state, partition, 0))
+    else:
+        _link_after(state.links, key, state.links[_sentinel(state, partition, 0), PREV])
+    state.parts[partition, PART_USED] += nbytes
+    meta[USED] += nbytes
+    meta[COUNT] += 1
+
+
+@njit(cache=True, inline="always")
+def _remove(state: CacheState, key: int) -> None:
+    entries, meta = state.entries, state.meta
+    partition = entries[key, PARTITION]
+    size = entries[key, SIZE]
+    if meta[POLICY] == LFU:
+        _leave_bucket(state, key)
+    _unlink(state.links, key)
+    if entries[key, LIST] == PROTECTED:
+        state.parts[partition, PART_PROTECTED] -= size
+    entries[key, LIST] = ABSENT
+    state.parts[partition, PART_USED] -= size
+    meta[USED] -= size
+    meta[COUNT] -= 1
+
+
+@njit(cache=True, inline="always")
+def cache_contains(state: CacheState, key: int) -> bool:
+    return state.entries[key, LIST] != ABSENT
+
+
+@njit(cache=True, inline="always")
+def cache_access(state: CacheState, key: int) -> bool:
+    """A demand access: True on a hit, which counts as a use; a miss changes only the miss counts."""
+    meta = state.meta
+    partition = state.entries[key, PARTITION]
+    if state.entries[key, LIST] == ABSENT:
+        meta[MISSES] += 1
+        state.parts[partition, PART_MISSES] += 1
         return False
-
-    def admit(self, key: Key, nbytes: int) -> list[Key]:
-        if nbytes < 0:
-            raise _negative_size(nbytes)
-        sizes, capacity = self._sizes, self.capacity_bytes
-        if key in sizes or nbytes > capacity:
-            return []
-        evicted = []
-        used = self.used_bytes + nbytes
-        while used > capacity:
-            victim, size = sizes.popitem(last=False)
-            used -= size
-            evicted.append(victim)
-        sizes[key] = nbytes
-        self.used_bytes = used
-        return evicted
-
-    def discard(self, key: Key) -> None:
-        size = self._sizes.pop(key, None)
-        if size is not None:
-            self.used_bytes -= size
-
-    def keys(self) -> list[Key]:
-        return list(self._sizes)
+    meta[HITS] += 1
+    state.parts[partition, PART_HITS] += 1
+    policy = meta[POLICY]
+    if policy == LRU:
+        _move_to_end(state, key, 0)
+    elif policy == LFU:
+        _lfu_hit(state, key)
+    elif policy == SLRU:
+        _slru_hit(state, key)
+    return True
 
 
-class _Bucket:
-    """The resident keys used ``count`` times, least recent first; buckets form a ring in increasing count."""
+@njit(cache=True, inline="always")
+def cache_admit(state: CacheState, key: int, nbytes: int) -> int:
+    """Make ``key`` resident with ``nbytes >= 0``, evicting as few keys as the policy's order allows.
 
-    __slots__ = ("count", "next", "prev", "sizes")
-
-    def __init__(self, count: int) -> None:
-        self.count = count
-        self.sizes: OrderedDict[Key, int] = OrderedDict()
-        self.prev = self.next = self
-
-    def insert_after(self, count: int) -> _Bucket:
-        new = _Bucket(count)
-        new.prev, new.next = self, self.next
-        self.next.prev = new
-        self.next = new
-        return new
-
-    def unlink(self) -> None:
-        self.prev.next = self.next
-        self.next.prev = self.prev
-
-
-class LFUPolicy(CachePolicy):
-    """Evicts the key with the fewest uses since its admission, the least recent among equals.
-
-    Admission counts as one use and each hit as one more; misses are not counted, and a key's count is
-    forgotten when it leaves. O(1) per operation: keys sit in per-count buckets linked in count order.
+    The victims go to ``state.evicted[:n]``, first victim first; returns n. Nothing happens if ``key`` is
+    resident, if ``nbytes`` exceeds the partition's capacity, or under the static and none policies.
     """
-
-    name = "lfu"
-
-    def __init__(self, capacity_bytes: int) -> None:
-        super().__init__(capacity_bytes)
-        self._ring = _Bucket(0)  # sentinel: ring.next holds the least used keys
-        self._bucket_of: dict[Key, _Bucket] = {}
-
-    def __contains__(self, key: Key) -> bool:
-        return key in self._bucket_of
-
-    def __len__(self) -> int:
-        return len(self._bucket_of)
-
-    def access(self, key: Key) -> bool:
-        bucket = self._bucket_of.get(key)
-        if bucket is None:
-            self.misses += 1
-            return False
-        self.hits += 1
-        count = bucket.count + 1
-        target = bucket.next
-        if target.count != count:
-            if len(bucket.sizes) == 1:  # alone, and no key has the new count: the bucket can take it
-                bucket.count = count
-                return True
-            target = bucket.insert_after(count)
-        target.sizes[key] = bucket.sizes.pop(key)
-        self._bucket_of[key] = target
-        if not bucket.sizes:
-            bucket.unlink()
-        return True
-
-    def admit(self, key: Key, nbytes: int) -> list[Key]:
-        if nbytes < 0:
-            raise _negative_size(nbytes)
-        bucket_of, capacity = self._bucket_of, self.capacity_bytes
-        if key in bucket_of or nbytes > capacity:
-            return []
-        evicted = []
-        ring = self._ring
-        used = self.used_bytes + nbytes
-        while used > capacity:
-            bucket = ring.next
-            victim, size = bucket.sizes.popitem(last=False)
-            if not bucket.sizes:
-                bucket.unlink()
-            del bucket_of[victim]
-            used -= size
-            evicted.append(victim)
-        ones = ring.next
-        if ones.count != 1:
-            ones = ring.insert_after(1)
-        ones.sizes[key] = nbytes
-        bucket_of[key] = ones
-        self.used_bytes = used
-        return evicted
-
-    def discard(self, key: Key) -> None:
-        bucket = self._bucket_of.pop(key, None)
-        if bucket is not None:
-            self.used_bytes -= bucket.sizes.pop(key)
-            if not bucket.sizes:
-                bucket.unlink()
-
-    def keys(self) -> list[Key]:
-        keys: list[Key] = []
-        bucket = self._ring.next
-        while bucket is not self._ring:
-            keys.extend(bucket.sizes)
-            bucket = bucket.next
-        return keys
-
-
-class SLRUPolicy(CachePolicy):
-    """Segmented LRU (Karedla, Love and Wherry 1994): keys used once cannot push out keys used again.
-
-    New keys enter the probationary segment; a hit there promotes the key to the protected segment, which
-    holds at most ``protected_fraction`` of the capacity and demotes its least recent keys back to the
-    probationary segment's most recent end. Victims are the probationary segment's least recent keys, then,
-    once it is empty, the protected segment's.
-    """
-
-    name = "slru"
-
-    def __init__(self, capacity_bytes: int, protected_fraction: float = 0.8) -> None:
-        super().__init__(capacity_bytes)
-        fraction = protected_fraction
-        if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not 0 <= fraction <= 1:
-            raise ValueError(f"protected_fraction must be a number in [0, 1], got {fraction!r}")
-        self.protected_fraction = protected_fraction
-        self.protected_capacity_bytes = int(capacity_bytes * protected_fraction)
-        self.protected_bytes = 0
-        self._probation: OrderedDict[Key, int] = OrderedDict()  # least recent first
-        self._protected: OrderedDict[Key, int] = OrderedDict()
-
-    def __contains__(self, key: Key) -> bool:
-        return key in self._probation or key in self._protected
-
-    def __len__(self) -> int:
-        return len(self._probation) + len(self._protected)
-
-    def access(self, key: Key) -> bool:
-        protected = self._protected
-        if key in protected:
-            protected.move_to_end(key)
-            self.hits += 1
-            return True
-        probation = self._probation
-        if key not in probation:
-            self.misses += 1
-            return False
-        self.hits += 1
-        size = probation.pop(key)
-        protected[key] = size
-        self.protected_bytes += size
-        while self.protected_bytes > self.protected_capacity_bytes:
-            demoted, size = protected.popitem(last=False)
-            probation[demoted] = size
-            self.protected_bytes -= size
-        return True
-
-    def admit(self, key: Key, nbytes: int) -> list[Key]:
-        if nbytes < 0:
-            raise _negative_size(nbytes)
-        probation, protected, capacity = self._probation, self._protected, self.capacity_bytes
-        if key in probation or key in protected or nbytes > capacity:
-            return []
-        evicted = []
-        used = self.used_bytes + nbytes
-        while used > capacity:
-            if probation:
-                victim, size = probation.popitem(last=False)
-            else:
-                victim, size = protected.popitem(last=False)
-                self.protected_bytes -= size
-            used -= size
-            evicted.append(victim)
-        probation[key] = nbytes
-        self.used_bytes = used
-        return evicted
-
-    def discard(self, key: Key) -> None:
-        size = self._probation.pop(key, None)
-        if size is None:
-            size = self._protected.pop(key, None)
-            if size is None:
-                return
-            self.protected_bytes -= size
-        self.used_bytes -= size
-
-    def keys(self) -> list[Key]:
-        return [*self._probation, *self._protected]
-
-
-class StaticPolicy(CachePolicy):
-    """A fixed set chosen by ``pin`` (e.g. from a profiling pass's counts); ``admit`` never inserts.
-
-    ``keys()`` lists the pinned keys coldest first, though nothing is ever evicted.
-    """
-
-    name = "static"
-
-    def __init__(self, capacity_bytes: int) -> None:
-        super().__init__(capacity_bytes)
-        self._sizes: dict[Key, int] = {}  # hottest first
-
-    @staticmethod
-    def rank(counts: Mapping[Key, int]) -> list[Key]:
-        """Keys by decreasing count, ties by key."""
-        return sorted(counts, key=lambda key: (-counts[key], key))
-
-    def pin(self, ranked: Iterable[tuple[Key, int]]) -> None:
-        """Replace the pinned set with every key, hottest first, that still fits; the others are skipped."""
-        sizes: dict[Key, int] = {}
-        used = 0
-        for key, nbytes in ranked:
-            if nbytes < 0:
-                raise _negative_size(nbytes)
-            if key not in sizes and used + nbytes <= self.capacity_bytes:
-                sizes[key] = nbytes
-                used += nbytes
-        self._sizes = sizes
-        self.used_bytes = used
-
-    def __contains__(self, key: Key) -> bool:
-        return key in self._sizes
-
-    def __len__(self) -> int:
-        return len(self._sizes)
-
-    def access(self, key: Key) -> bool:
-        if key in self._sizes:
-            self.hits += 1
-            return True
-        self.misses += 1
-        return False
-
-    def admit(self, key: Key, nbytes: int) -> list[Key]:
-        if nbytes < 0:
-            raise _negative_size(nbytes)
-        return []
-
-    def discard(self, key: Key) -> None:
-        self.used_bytes -= self._sizes.pop(key, 0)
-
-    def keys(self) -> list[Key]:
-        return list(reversed(self._sizes))
-
-
-class NoCache(CachePolicy):
-    """Holds nothing, whatever its capacity: every access misses."""
-
-    name = "none"
-
-    def __contains__(self, key: Key) -> bool:
-        return False
-
-    def __len__(self) -> int:
+    meta = state.meta
+    policy, capacity = meta[POLICY], meta[CAPACITY]
+    if policy in (STATIC, NONE) or state.entries[key, LIST] != ABSENT or nbytes > capacity:
         return 0
-
-    def access(self, key: Key) -> bool:
-        self.misses += 1
-        return False
-
-    def admit(self, key: Key, nbytes: int) -> list[Key]:
-        if nbytes < 0:
-            raise _negative_size(nbytes)
-        return []
-
-    def discard(self, key: Key) -> None:
-        pass
-
-    def keys(self) -> list[Key]:
-        return []
+    partition = state.entries[key, PARTITION]
+    room = capacity - nbytes
+    evicted = 0
+    while state.parts[partition, PART_USED] > room:
+        victim = _first_victim(state, partition)
+        _remove(state, victim)
+        state.evicted[evicted] = victim
+        evicted += 1
+    _insert(state, key, nbytes, partition)
+    return evicted
 
 
-POLICIES: dict[str, type[CachePolicy]] = {
-    cls.name: cls for cls in (LRUPolicy, LFUPolicy, SLRUPolicy, StaticPolicy, NoCache)
-}
+@njit(cache=True)
+def cache_discard(state: CacheState, key: int) -> None:
+    """Drop ``key`` if it is resident."""
+    if state.entries[key, LIST] != ABSENT:
+        _remove(state, key)
 
 
-def make_policy(name: str, capacity_bytes: int, **kw: Any) -> CachePolicy:
-    """The policy called ``name``; ``kw`` are its options (``protected_fraction`` for slru)."""
-    if name not in POLICIES:
-        raise ValueError(f"policy must be one of {', '.join(POLICIES)}; got {name!r}")
-    return POLICIES[name](capacity_bytes, **kw)
+@njit(cache=True)
+def cache_keys(state: CacheState) -> np.ndarray:
+    """The resident keys, next victim first; partition by partition."""
+    links = state.links
+    keys = np.empty(state.meta[COUNT], np.int64)
+    n = 0
+    for sentinel in range(len(state.entries), len(links)):
+        node = links[sentinel, NEXT]
+        while node != sentinel:
+            keys[n] = node
+            n += 1
+            node = links[node, NEXT]
+    return keys
 
 
-class PerLayerCache(CachePolicy):
-    """One policy per layer, routed by ``key[0]``, each with ``capacity_bytes // num_layers``.
-
-    The remainder of that division is never used. ``keys()`` lists layer 0's keys in its eviction order,
-    then layer 1's, and so on; ``hits`` and ``misses`` are totals over the layers.
-    """
-
-    name = "per_layer"
-
-    def __init__(self, policy_name: str, capacity_bytes: int, num_layers: int, **kw: Any) -> None:
-        super().__init__(capacity_bytes)
-        _check_count("num_layers", num_layers, 1)
-        self.policy_name = policy_name
-        self.layer_capacity_bytes = capacity_bytes // num_layers
-        self.layers = [make_policy(policy_name, self.layer_capacity_bytes, **kw) for _ in range(num_layers)]
-
-    def __contains__(self, key: Key) -> bool:
-        return key in self.layers[key[0]]
-
-    def __len__(self) -> int:
-        return sum(len(layer) for layer in self.layers)
-
-    def access(self, key: Key) -> bool:
-        if self.layers[key[0]].access(key):
-            self.hits += 1
-            return True
-        self.misses += 1
-        return False
-
-    def admit(self, key: Key, nbytes: int) -> list[Key]:
-        layer = self.layers[key[0]]
-        before = layer.used_bytes
-        evicted = layer.admit(key, nbytes)
-        self.used_bytes += layer.used_bytes - before
-        return evicted
-
-    def discard(self, key: Key) -> None:
-        layer = self.layers[key[0]]
-        before = layer.used_bytes
-        layer.discard(key)
-        self.used_bytes += layer.used_bytes - before
-
-    def keys(self) -> list[Key]:
-        keys: list[Key] = []
-        for layer in self.layers:
-            keys += layer.keys()
-        return keys
-
-    def pin(self, ranked: Iterable[tuple[Key, int]]) -> None:
-        """For the static policy: each layer pins, within its share, its own keys in rank order."""
-        layers = [layer for layer in self.layers if isinstance(layer, StaticPolicy)]
-        if len(layers) != len(self.layers):
-            raise TypeError(f"pin needs the static policy, not {self.policy_name!r}")
-        per_layer: list[list[tuple[Key, int]]] = [[] for _ in layers]
-        for key, nbytes in ranked:
-            per_layer[key[0]].append((key, nbytes))
-        for layer, items in zip(layers, per_layer, strict=True):
-            layer.pin(items)
-        self.used_bytes = sum(layer.used_bytes for layer in layers)
+@njit(cache=True)
+def cache_pin(state: CacheState, ranked: np.ndarray, sizes: np.ndarray) -> None:
+    """Static only (a no-op otherwise): replace the resident set with every key of ``ranked`` (hottest first,
+    ``sizes[i] >= 0`` the size of ``ranked[i]``) that still fits its partition, in rank order; the others, and
+    repeats of a key already pinned, are skipped."""
+    meta = state.meta
+    if meta[POLICY] != STATIC:
+        return
+    for key in cache_keys(state):
+        _remove(state, key)
+    capacity = meta[CAPACITY]
+    for i in range(len(ranked)):
+        key, nbytes = ranked[i], sizes[i]
+        partition = state.entries[key, PARTITION]
+        if state.entries[key, LIST] == ABSENT and nbytes <= capacity - state.parts[partition, PART_USED]:
+            _insert(state, key, nbytes, partition)
 
 
-def make_cache(policy: str, scope: str, capacity_bytes: int, num_layers: int, **kw: Any) -> CachePolicy:
-    """A ``policy`` over the whole budget (scope ``global``) or one per layer (``per_layer``)."""
-    if scope == "global":
-        return make_policy(policy, capacity_bytes, **kw)
-    if scope == "per_layer":
-        return PerLayerCache(policy, capacity_bytes, num_layers, **kw)
-    raise ValueError(f"scope must be one of {', '.join(SCOPES)}; got {scope!r}")
+@njit(cache=True)
+def rank_keys(counts: np.ndarray) -> np.ndarray:
+    """The key ids with a count above 0, by decreasing count, ties by smaller id first."""
+    ids = np.flatnonzero(counts > 0)
+    return ids[np.argsort(-counts[ids], kind="mergesort")]

@@ -42,11 +42,25 @@ class Predictor(ABC):
         the predictor cannot tell yet."""
 
 
-def merge_ranks(best: np.ndarray) -> list[int]:
+@njit(cache=True)
+def merge_ranks(best: np.ndarray) -> np.ndarray:
     """Per-token rankings [T, count] merged rank by rank into one list without repeats."""
-    if best.shape[0] == 1:
-        return best[0].tolist()
-    return list(dict.fromkeys(best.T.reshape(-1).tolist()))
+    tokens, count = best.shape
+    if tokens == 1:  # a ranking has no repeats
+        return best[0]
+    merged = np.empty(tokens * count, np.int64)
+    if count == 0:
+        return merged
+    seen = np.zeros(best.max() + 1, np.bool_)
+    n = 0
+    for rank in range(count):
+        for t in range(tokens):
+            expert = best[t, rank]
+            if not seen[expert]:
+                seen[expert] = True
+                merged[n] = expert
+                n += 1
+    return merged[:n]
 
 
 class PreviousToken(Predictor):
@@ -78,7 +92,7 @@ class GateLookahead(Predictor):
         if count <= 0:
             return []
         scores = self.router_scores(target, h)
-        return merge_ranks(np.argsort(-scores, axis=1, kind="stable")[:, :count])
+        return merge_ranks(np.argsort(-scores, axis=1, kind="stable")[:, :count]).tolist()
 
 
 class Coactivation(Predictor):
@@ -91,21 +105,81 @@ class Coactivation(Predictor):
         self.counts = np.zeros((max(len(moe_layers) - 1, 0), num_experts, num_experts))
         self.totals = np.zeros(self.counts.shape[:2])
         self._previous: tuple[int, np.ndarray] | None = None  # the last observed MoE position and its choice
+        # the scores of the last proposals, see coactivation_propose
+        self._chain, self._chained, self._memo = np.empty((0, num_experts)), np.empty((0, 0), np.int64), np.full(2, -1)
 
     def observe(self, layer: int, h: np.ndarray, experts: np.ndarray, probs: np.ndarray) -> None:
         position = self._position[layer]
+        chosen = np.ascontiguousarray(experts, dtype=np.int64)
         if self._previous is not None:
-            before, chosen = self._previous
-            if before + 1 == position and len(chosen) == len(experts):
-                _count_pairs(self.counts[before], self.totals[before], chosen, experts)
-        self._previous = (position, np.ascontiguousarray(experts, dtype=np.intp))
+            coactivation_observe(self.counts, self.totals, *self._previous, position, chosen)
+        self._previous = (position, chosen)
+        self._memo[0] = -1  # the counts changed
 
     def propose(self, layer: int, h: np.ndarray, experts: np.ndarray, target: int, count: int) -> list[int]:
+        chosen = np.ascontiguousarray(experts, dtype=np.int64)
         start, stop = self._position[layer], self._position[target]
-        if count <= 0 or not self.totals[start:stop].any(axis=1).all():
-            return []
-        chosen = np.ascontiguousarray(experts, dtype=np.intp)
-        return merge_ranks(_chained_best(self.counts, self.totals, chosen, start, stop, min(count, self.num_experts)))
+        if self._chained.shape != chosen.shape:
+            self._chain, self._chained = np.empty((len(chosen), self.num_experts)), np.empty_like(chosen)
+            self._memo[0] = -1
+        chain, chained, memo = self._chain, self._chained, self._memo
+        return coactivation_propose(self.counts, self.totals, chosen, start, stop, count, chain, chained, memo).tolist()
+
+
+@njit(cache=True)
+def coactivation_observe(
+    counts: np.ndarray, totals: np.ndarray, before: int, chosen: np.ndarray, position: int, experts: np.ndarray
+) -> None:
+    """Count the pairs of the choices ``chosen`` at MoE position ``before`` and ``experts`` at ``position``, if
+    they are of the same tokens at adjacent positions."""
+    if before + 1 == position and len(chosen) == len(experts):
+        _count_pairs(counts[before], totals[before], chosen, experts)
+
+
+@njit(cache=True)
+def coactivation_propose(
+    counts: np.ndarray,
+    totals: np.ndarray,
+    chosen: np.ndarray,
+    start: int,
+    stop: int,
+    count: int,
+    chain: np.ndarray,
+    chained: np.ndarray,
+    memo: np.ndarray,
+) -> np.ndarray:
+    """The ``count`` best experts at MoE position ``stop`` given the choices ``chosen`` [T, k] at ``start``, merged
+    over tokens; empty until every position between has been seen.
+
+    Each token's scores are its choice (one-hot) times the row-normalised counts of positions start .. stop - 1.
+    They are kept between calls: ``chain`` [T, E] at position ``memo[1]`` from the choices ``chained`` [T, k] at
+    position ``memo[0]``, so a layer's proposals for its next targets, asked in increasing order, each go one
+    position further. The caller sets ``memo[0] = -1`` when the counts change.
+    """
+    if count <= 0:
+        return np.empty(0, np.int64)
+    for n in range(start, stop):
+        if not totals[n].any():
+            return np.empty(0, np.int64)
+    if not (memo[0] == start and memo[1] <= stop and np.array_equal(chained, chosen)):
+        chain[:] = 0.0
+        for t in range(len(chosen)):
+            for i in chosen[t]:
+                chain[t, i] = 1.0
+        chained[:] = chosen
+        memo[0] = memo[1] = start
+    following = np.empty(chain.shape[1])
+    for n in range(memo[1], stop):
+        for t in range(len(chain)):
+            following[:] = 0.0
+            for i in range(chain.shape[1]):
+                if chain[t, i] != 0.0 and totals[n, i] > 0.0:
+                    share = chain[t, i] / totals[n, i]
+                    for j in range(chain.shape[1]):
+                        following[j] += share * counts[n, i, j]
+            chain[t] = following
+    memo[1] = stop
+    return merge_ranks(_best(chain, min(count, chain.shape[1])))
 
 
 @njit(cache=True)
@@ -118,26 +192,20 @@ def _count_pairs(counts: np.ndarray, totals: np.ndarray, chosen: np.ndarray, exp
 
 
 @njit(cache=True)
-def _chained_best(
-    counts: np.ndarray, totals: np.ndarray, chosen: np.ndarray, start: int, stop: int, count: int
-) -> np.ndarray:
-    """Each token's ``count`` best experts at MoE position ``stop``: its choice at ``start`` (one-hot) times the
-    row-normalised counts of positions start .. stop - 1, ranked (stable: ties by expert id)."""
-    tokens, experts = chosen.shape[0], counts.shape[1]
-    best = np.empty((tokens, count), np.intp)
+def _best(scores: np.ndarray, count: int) -> np.ndarray:
+    """Each row's ``count`` best columns, best first, the lowest id among equals (a stable sort's first ``count``)."""
+    tokens, experts = scores.shape
+    best = np.empty((tokens, count), np.int64)
+    taken = np.empty(experts, np.bool_)
     for t in range(tokens):
-        scores = np.zeros(experts)
-        for i in chosen[t]:
-            scores[i] = 1.0
-        for n in range(start, stop):
-            following = np.zeros(experts)
-            for i in range(experts):
-                if scores[i] != 0.0 and totals[n, i] > 0.0:
-                    share = scores[i] / totals[n, i]
-                    for j in range(experts):
-                        following[j] += share * counts[n, i, j]
-            scores = following
-        best[t] = np.argsort(-scores, kind="mergesort")[:count]
+        taken[:] = False
+        for rank in range(count):
+            top = -1
+            for j in range(experts):
+                if not taken[j] and (top < 0 or scores[t, j] > scores[t, top]):
+                    top = j
+            best[t, rank] = top
+            taken[top] = True
     return best
 
 

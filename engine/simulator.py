@@ -1,15 +1,19 @@
-"""Trace-driven simulation: replay a routing trace through the engine's own expert store, without weights.
+"""Trace-driven simulation: replay a routing trace through the engine's own expert ledger, without weights.
 
-The replay drives the real ``ExpertStore`` (its cache policies, staging, cancellation and counters; the real
-predictors) exactly as the decoder does, call by call and layer by layer, but gives it a ``SimulatedReader``
-that reads nothing: each fetch only takes its time on a model disk. So hit rate, bytes per token and the
-prefetch counters are the engine's own, and a predicted decode speed comes from a small timing model:
+The replay is one compiled loop that makes the decoder's calls into the store, call by call and layer by layer,
+on the very ledger the engine's ``ExpertStore`` runs on (``expert_ledger``: its cache policies, staging,
+cancellation, read windows and counters) with the engine's own predictors (``gate_lookahead`` and
+``previous_token`` as recorded, ``coactivation`` learning as it goes) and cache-aware routing. Where the store
+reads, the replay queues the read on a model disk. So hit rate, bytes per token and the prefetch counters are
+the engine's own, and a predicted decode speed comes from a small timing model:
 
-- the disk serves fetches one after another, in the order issued, at the probe's bandwidth for the config's
-  request size and queue depth; a cancelled fetch gives back the time it had not used yet;
+- the disk serves reads one after another, in the order issued, at the probe's bandwidth for the config's
+  request size and queue depth; a cancelled read gives back the time it had not used yet;
 - each MoE layer's compute takes the recorded compute time per token spread evenly over the MoE layers, half
   before the layer's experts are requested (attention, routing), half on its experts, shared among them: an
-  expert's part starts once it has arrived, while the later ones are still being read.
+  expert's part starts once it has arrived, while the later ones are still being read;
+- under ``mmap`` nothing is read ahead: an expert's bytes come by page faults when the compute first touches
+  it, so its disk time is waited for then, in full.
 
 With an infinite bandwidth every read completes at once: the synchronous engine, whose counters the
 simulator reproduces exactly. Not modelled: the page cache (``pread`` and ``mmap`` re-reads are counted as
@@ -20,213 +24,34 @@ conversions), which competes with the compute on a machine with few cores.
 from __future__ import annotations
 
 import time
-from collections import deque
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
+from numba import njit
 
+from engine import expert_ledger as ledger
 from engine.bench.probe import ProbeResult
 from engine.bench.streaming import stream_throughput
+from engine.cache_policy import CAPACITY
 from engine.config import EngineConfig
-from engine.expert_io import Fetch, IoStats, issues_reads, plan_pieces
-from engine.expert_layout import ExpertLayout, PackedExpert
-from engine.expert_store import ExpertStore
+from engine.expert_io import issues_reads, plan_pieces
+from engine.expert_ledger import LedgerState
+from engine.expert_store import cache_entry_bytes
 from engine.models.decoder import prefer_resident
 from engine.optimal_cache import optimal_hits
-from engine.predictors import GateLookahead, Predictor, PreviousToken, make_predictor, merge_ranks
+from engine.predictors import coactivation_observe, coactivation_propose, merge_ranks
 from engine.trace import Trace
 from engine.units import format_bytes
 from engine.weights import DEFAULT_GROUP_SIZE
 
-NO_DATA = PackedExpert((), None, None)  # type: ignore[arg-type]  # what a simulated fetch delivers
-
-
-class Clock:
-    """Simulated seconds, and those the compute spent waiting for reads."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-        self.stalled = 0.0
-
-
-class SimulatedFetch(Fetch):
-    """A read that only takes time: done once the clock passes its end."""
-
-    weights, result, error = None, NO_DATA, None
-
-    def __init__(self, reader: SimulatedReader, nbytes: int, start: float, end: float) -> None:
-        # Not Fetch.__init__: its lock and event are for reader threads, which a simulation has none of.
-        self.reader, self.nbytes, self.bytes_read, self.start, self.end = reader, nbytes, nbytes, start, end
-        self.cancelled = False
-
-    @property
-    def done(self) -> bool:
-        return self.end <= self.reader.clock.now
-
-    def wait(self) -> PackedExpert:
-        clock = self.reader.clock
-        if self.end > clock.now:
-            clock.stalled += self.end - clock.now
-            clock.now = self.end
-        return NO_DATA
-
-    def cancel(self) -> None:
-        self.cancelled = True
-        self.reader.cancel(self)
-
-
-class InstantFetch(Fetch):
-    """A read that is done when asked for (infinite bandwidth): one per expert, made up front and reused."""
-
-    done = True
-
-    def __init__(self, nbytes: int) -> None:  # not Fetch.__init__: no reader threads, no lock or event
-        self.nbytes = self.bytes_read = nbytes
-        self.weights, self.result, self.error, self.cancelled = None, NO_DATA, None, False
-
-    def wait(self) -> PackedExpert:
-        return NO_DATA
-
-    def cancel(self) -> None:
-        pass
-
-
-class MappedFetch(Fetch):
-    """An expert under ``mmap`` as the engine has it: done at once (views of the mapping), its bytes read by page
-    faults when the compute first touches it, so the disk time is waited for then, in full."""
-
-    done = True
-
-    def __init__(self, reader: SimulatedReader, seconds: float) -> None:  # not Fetch.__init__: no threads here
-        self.reader, self.seconds, self.charged = reader, seconds, False
-        self.nbytes = self.bytes_read = 0
-        self.weights, self.result, self.error, self.cancelled = None, NO_DATA, None, False
-
-    def wait(self) -> PackedExpert:
-        if not self.charged:
-            self.charged = True
-            reader, clock = self.reader, self.reader.clock
-            end = max(clock.now, reader.disk_free) + self.seconds
-            clock.stalled += end - clock.now
-            clock.now = reader.disk_free = end
-        return NO_DATA
-
-    def cancel(self) -> None:
-        pass
-
-
-class _Slots:
-    def __init__(self, slot_bytes: int) -> None:
-        self.slot_bytes = slot_bytes
-
-
-class SimulatedReader:
-    """Stands in for ``ExpertReader``: the bytes each fetch would read in ``mode``, served by one model disk.
-
-    With an infinite bandwidth every read is done as soon as it is asked for: each expert's fetch is an
-    ``InstantFetch`` made up front (the store only reads its counts), which keeps a counters-only replay fast.
-    """
-
-    def __init__(
-        self, layouts: list[ExpertLayout], mode: str, packed: bool, repacked: bool, bandwidth: float, clock: Clock
-    ) -> None:
-        if not bandwidth > 0:
-            raise ValueError(f"bandwidth must be positive bytes/s, got {bandwidth!r}")
-        self.clock, self.bandwidth = clock, bandwidth
-        self.counts = issues_reads(mode, repacked=repacked, packed=packed)
-        self.nbytes = {id(layout): sum(p.nbytes for p in plan_pieces(layout, mode)) for layout in layouts}
-        self.seconds = {key: nbytes / bandwidth for key, nbytes in self.nbytes.items()}
-        self.slots = _Slots(max(self.nbytes.values()))
-        self.stats = IoStats()
-        self.disk_free = 0.0
-        self.queue: deque[SimulatedFetch] = deque()  # issued and not finished, in disk order
-        self.instant: dict[int, InstantFetch] | None = None
-        if bandwidth == float("inf"):
-            self.instant = {key: InstantFetch(nbytes) for key, nbytes in self.nbytes.items()}
-
-    def fetch(self, layout: ExpertLayout, weights: object) -> SimulatedFetch | InstantFetch | MappedFetch:
-        """Queue a read of ``layout``; under ``mmap`` (nothing read, nothing counted) the page faults come when the
-        compute first touches the expert, and take their disk time then."""
-        key = id(layout)  # by identity: hashing a layout's ranges costs more than the rest
-        stats = self.stats
-        fetch: SimulatedFetch | InstantFetch | MappedFetch
-        if not self.counts:
-            return MappedFetch(self, self.seconds[key])
-        if self.instant is not None:
-            fetch = self.instant[key]
-        else:
-            now, queue = self.clock.now, self.queue
-            while queue and queue[0].end <= now:
-                queue.popleft()
-            start = self.disk_free if self.disk_free > now else now
-            self.disk_free = end = start + self.seconds[key]
-            fetch = SimulatedFetch(self, self.nbytes[key], start, end)
-            queue.append(fetch)
-        if fetch.nbytes:
-            stats.reads += 1
-            stats.bytes_read += fetch.nbytes
-        return fetch
-
-    def cancel(self, fetch: SimulatedFetch) -> None:
-        """Stop ``fetch`` now: the disk time it had not used yet goes to the reads queued after it."""
-        now = self.clock.now
-        if fetch.end <= now or fetch not in self.queue:
-            return
-        cut = max(now, fetch.start)
-        freed = fetch.end - cut
-        unread = round(fetch.nbytes * freed / (fetch.end - fetch.start))
-        fetch.bytes_read -= unread
-        self.stats.bytes_read -= unread
-        fetch.end = cut
-        position = self.queue.index(fetch)
-        for n in range(position + 1, len(self.queue)):
-            self.queue[n].start -= freed
-            self.queue[n].end -= freed
-        del self.queue[position]
-        self.disk_free -= freed
-
-    def give_slot(self, slot: object) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-class _SimulatedStore(ExpertStore):
-    def _take(self) -> None:  # no arrays: nothing is ever converted
-        return None
-
-
-class _RecordedLookahead(Predictor):
-    """``gate_lookahead`` as recorded: ``h`` is the trace's proposals for the layer's next D layers, per token
-    [T][D][R] (nested lists)."""
-
-    name = GateLookahead.name
-
-    def __init__(self, moe_layers: list[int], num_experts: int) -> None:
-        super().__init__(moe_layers, num_experts)
-        self._position = {layer: i for i, layer in enumerate(moe_layers)}
-
-    def propose(self, layer: int, h: np.ndarray, experts: np.ndarray, target: int, count: int) -> list[int]:
-        ahead = self._position[target] - self._position[layer] - 1
-        if count <= 0:
-            return []
-        if len(h) == 1:
-            return h[0][ahead][:count]
-        return merge_ranks(np.array([token[ahead][:count] for token in h]))
-
-
-class _RecordedPreviousToken(PreviousToken):
-    """``previous_token`` as recorded: ``probs`` is the layer's recorded candidates per token, best first [T][R]
-    (nested lists). Only the first R of a ranking are known, which ``_check`` makes sure is enough."""
-
-    def observe(self, layer: int, h: np.ndarray, experts: np.ndarray, probs: np.ndarray) -> None:
-        self._ranked[layer] = probs[-1]
-
-
-def _no_router(layer: int, h: np.ndarray) -> np.ndarray:
-    raise AssertionError("a replay has no router: gate_lookahead replays the recorded proposals")
+PREDICTOR_KINDS = {"none": 0, "previous_token": 1, "gate_lookahead": 2, "coactivation": 3}
+# the disk model's reads: served in order by the model disk, done at once (infinite bandwidth), or page faults
+QUEUED, INSTANT, MAPPED = range(3)
+# what the replay keeps beside the ledger's counters, as StoreStats names them
+WASTED_BYTES, BYTES_READ, READS = range(3)
+EXTRA = ("wasted_bytes", "bytes_read", "reads")
 
 
 @dataclass
@@ -268,62 +93,48 @@ def simulate(
     warmup: int = 1,
     repeats: int = 1,
 ) -> SimResult:
-    """Replay ``trace`` ``warmup + repeats`` times through a store for ``config``; figures are the repeats'.
+    """Replay ``trace`` ``warmup + repeats`` times through a ledger for ``config``; figures are the repeats'.
 
     Compute times per token default to those measured when the trace was recorded.
     """
     k = _check(trace, config)
+    if not bandwidth > 0:
+        raise ValueError(f"bandwidth must be positive bytes/s, got {bandwidth!r}")
     meta = trace.meta
     decode_compute = meta["decode_seconds_per_token"] if decode_seconds_per_token is None else decode_seconds_per_token
     prefill_compute = (
         meta["prefill_seconds_per_token"] if prefill_seconds_per_token is None else prefill_seconds_per_token
     )
     decode_compute, prefill_compute = decode_compute or 0.0, prefill_compute or 0.0
-    moe_layers = trace.moe_layers
-    layouts = trace.layouts()
-    clock = Clock()
-    reader = SimulatedReader(
-        list(layouts.values()), config.io_mode, config.cache_format == "packed", meta["repacked"], bandwidth, clock
-    )
-    predictor: Predictor | None
-    if config.predictor == "gate_lookahead":
-        predictor = _RecordedLookahead(moe_layers, trace.num_experts)
-    elif config.predictor == "previous_token":
-        predictor = _RecordedPreviousToken(moe_layers, trace.num_experts)
-    else:
-        predictor = make_predictor(config.predictor, moe_layers, trace.num_experts, _no_router)
-    store = _SimulatedStore(
-        layouts,
-        meta["hidden_size"],
-        meta["intermediate_size"],
-        config,
-        meta["num_layers"],
-        k,
-        predictor,
-        reader=reader,
-    )
-    replay = _Replay(trace, config, store, clock, k, prefill_compute, decode_compute)
+    recorded = _Recorded.of(trace, k, config.cache_routing_tolerance > 0, prefill_compute, decode_compute)
+    disk, entry_bytes = _model_disk(trace, config, bandwidth, warmup + repeats, recorded)
+    moe_layers, num_layers, num_experts = trace.moe_layers, meta["num_layers"], trace.num_experts
+    state = ledger.new_ledger(config, num_layers, num_experts, moe_layers, entry_bytes, k)
+    replay = _Batches.for_passes(recorded, warmup + repeats, num_experts)
+    totals = np.zeros(len(ledger.COUNTERS) + len(EXTRA), np.int64)
+    timing = np.zeros(4, np.float64)  # decode tokens, their seconds, their stall, lookups
     began = time.perf_counter()
-    for n in range(warmup + repeats):
-        replay.run_pass(measured=n >= warmup)
+    _replay(
+        recorded,
+        state,
+        disk,
+        replay,
+        PREDICTOR_KINDS[config.predictor],
+        config.prefetch_extra,
+        config.cache_routing_tolerance,
+        warmup,
+        repeats,
+        totals,
+        timing,
+    )
     replay_seconds = time.perf_counter() - began
-    counters, tokens, seconds = replay.counters, replay.decode_tokens, replay.decode_seconds
-    counters["stall_seconds"] = replay.decode_stall  # the simulated wait, not the replay's own wall time
-    counters.pop("read_seconds")
+    tokens, seconds, stall, lookups = int(timing[0]), *timing[1:3], int(timing[3])
+    counters: dict = dict(zip(ledger.COUNTERS + EXTRA, totals.tolist(), strict=True))
+    counters["stall_seconds"] = stall  # the simulated wait, not the replay's own wall time
     accesses = counters["hits"] + counters["misses"]
-    entry = store.entry_bytes
-    if config.cache_scope == "per_layer":
-        per_layer = store.cache.layer_capacity_bytes // entry if config.cache_bytes else 0
-        optimal = 0
-        for layer in moe_layers:  # each layer's own lookups, its share of the budget
-            mine = [chosen if owner == layer else [] for owner, chosen in replay.batches]
-            optimal += optimal_hits(mine, per_layer, replay.counted)
-    else:
-        keyed = [[(layer, expert) for expert in chosen] for layer, chosen in replay.batches]
-        optimal = optimal_hits(keyed, config.cache_bytes // entry, replay.counted)
+    optimal = _optimal_hits(replay, config, int(state.cache.meta[CAPACITY]), entry_bytes, moe_layers)
     issued, used = counters["prefetch_issued"], counters["prefetch_used"]
     per_token = max(tokens, 1)
-    store.close()
     return SimResult(
         config=config.to_dict(),
         passes=warmup + repeats,
@@ -345,10 +156,396 @@ def simulate(
         bandwidth=bandwidth,
         decode_seconds_per_token_compute=decode_compute,
         predicted_decode_tok_s=tokens / seconds if seconds else None,
-        io_stall_frac=replay.decode_stall / seconds if seconds else None,
+        io_stall_frac=stall / seconds if seconds else None,
         replay_seconds=replay_seconds,
-        accesses_per_second=replay.lookups / replay_seconds if replay_seconds else 0.0,
+        accesses_per_second=lookups / replay_seconds if replay_seconds else 0.0,
     )
+
+
+def _optimal_hits(
+    batches: _Batches, config: EngineConfig, partition_bytes: int, entry_bytes: int, moe_layers: list[int]
+) -> int:
+    """Belady's bound on the replayed lookups, for the same budget (``partition_bytes`` per layer or in all) in the
+    same scope."""
+    experts = batches.experts.tolist()
+    at = batches.at.tolist()
+    layers = batches.layer.tolist()
+    chosen = [experts[at[n] : at[n + 1]] for n in range(len(layers))]
+    counted = batches.counted.astype(bool).tolist()
+    if config.cache_scope == "per_layer":
+        per_layer = partition_bytes // entry_bytes
+        optimal = 0
+        for layer in moe_layers:  # each layer's own lookups, its share of the budget
+            mine = [batch if owner == layer else [] for owner, batch in zip(layers, chosen, strict=True)]
+            optimal += optimal_hits(mine, per_layer, counted)
+        return optimal
+    keyed = [[(layer, expert) for expert in batch] for layer, batch in zip(layers, chosen, strict=True)]
+    return optimal_hits(keyed, config.cache_bytes // entry_bytes, counted)
+
+
+class _Recorded(NamedTuple):
+    """The trace as the replay reads it."""
+
+    bounds: np.ndarray  # int64 [C, 2]: each forward call's first token and end
+    compute: np.ndarray  # float64 [C]: half a MoE layer's compute in each call
+    top_ids: np.ndarray  # int64 [N, L, R]: the router's best experts, best first
+    top_probs: np.ndarray  # float32 [N, L, R]: their probabilities
+    lookahead: np.ndarray  # int64 [N, L, D, R]: gate_lookahead's proposals for the next D MoE layers
+    moe_layers: np.ndarray  # int64 [L]
+    k: int  # experts per token
+    chosen: np.ndarray  # int64: per call and MoE layer, its distinct experts (without cache-aware routing)
+    chosen_at: np.ndarray  # int64 [C * L + 1]: where each call and layer's experts start in ``chosen``
+
+    @classmethod
+    def of(cls, trace: Trace, k: int, routed: bool, prefill_compute: float, decode_compute: float) -> _Recorded:
+        bounds = np.asarray(trace.call_bounds(), np.int64).reshape(-1, 2)
+        tokens = trace.call_tokens.astype(np.float64)
+        half = 0.5 / len(trace.moe_layers)
+        compute = half * tokens * np.where(tokens > 1, prefill_compute, decode_compute)
+        top_ids = trace.top_ids.astype(np.int64)
+        chosen, chosen_at = [], [0]
+        if not routed:  # without cache-aware routing a layer's experts do not depend on the cache
+            for a, b in bounds.tolist():
+                for li in range(len(trace.moe_layers)):
+                    distinct = np.unique(top_ids[a:b, li, :k])
+                    chosen.append(distinct)
+                    chosen_at.append(chosen_at[-1] + len(distinct))
+        return cls(
+            bounds,
+            compute,
+            top_ids,
+            trace.top_probs.astype(np.float32),
+            trace.lookahead_ids.astype(np.int64),
+            np.asarray(trace.moe_layers, np.int64),
+            k,
+            np.concatenate(chosen) if chosen else np.zeros(0, np.int64),
+            np.asarray(chosen_at, np.int64),
+        )
+
+
+class _Batches(NamedTuple):
+    """Every layer's lookups as replayed, for the optimal bound."""
+
+    experts: np.ndarray  # int64: the distinct experts of each batch, one batch after another
+    at: np.ndarray  # int64 [batches + 1]: where each batch starts in ``experts``
+    layer: np.ndarray  # int64 [batches]
+    counted: np.ndarray  # int64 [batches]: 1 if it is of a measured decode step
+    filled: np.ndarray  # int64 [1]: batches recorded so far
+
+    @classmethod
+    def for_passes(cls, recorded: _Recorded, passes: int, num_experts: int) -> _Batches:
+        layers = len(recorded.moe_layers)
+        tokens = np.diff(recorded.bounds, axis=1).ravel()
+        most = int(np.minimum(tokens * recorded.k, num_experts).sum()) * layers
+        count = passes * len(tokens) * layers
+        return cls(
+            np.zeros(passes * most, np.int64),
+            np.zeros(count + 1, np.int64),
+            np.zeros(count, np.int64),
+            np.zeros(count, np.int64),
+            np.zeros(1, np.int64),
+        )
+
+
+class _Disk(NamedTuple):
+    """The model disk and the reads it serves (each read an index into the per-read arrays)."""
+
+    kind: int  # QUEUED, INSTANT or MAPPED
+    seconds: np.ndarray  # float64 [keys]: an expert's disk time
+    nbytes: np.ndarray  # int64 [keys]: the bytes its read takes
+    clock: np.ndarray  # float64 [3]: NOW, STALLED (compute waiting for reads), DISK_FREE
+    index: np.ndarray  # int64 [4]: FETCHES made, HEAD and TAIL of the disk queue, CANCELLED reads to sweep
+    key: np.ndarray  # int64 [reads]
+    start: np.ndarray  # float64 [reads]
+    end: np.ndarray  # float64 [reads]: done once NOW reaches it
+    size: np.ndarray  # int64 [reads]: bytes asked for
+    read_bytes: np.ndarray  # int64 [reads]: bytes read, less once cancelled
+    charged: np.ndarray  # int64 [reads]: under MAPPED, whether the page faults were waited for
+    queue: np.ndarray  # int64 [reads]: issued reads not yet finished, in disk order, from HEAD to TAIL
+    cancelled: np.ndarray  # int64 [reads]: cancelled reads whose bytes are not yet counted as wasted
+    staged: np.ndarray  # int64 [keys]: the read of each staged key
+    current: np.ndarray  # int64 [experts]: the read of each expert of the current layer
+    extra: np.ndarray  # int64 [3]: WASTED_BYTES, BYTES_READ, READS
+
+
+NOW, STALLED, DISK_FREE = range(3)
+FETCHES, HEAD, TAIL, CANCELLED = range(4)
+
+
+def _model_disk(
+    trace: Trace, config: EngineConfig, bandwidth: float, passes: int, recorded: _Recorded
+) -> tuple[_Disk, int]:
+    """The disk for ``config``'s reads at ``bandwidth``, room for every read of ``passes``, and the bytes the
+    store charges the cache per expert."""
+    meta = trace.meta
+    packed = config.cache_format == "packed"
+    layouts = trace.layouts()
+    num_keys = meta["num_layers"] * trace.num_experts
+    nbytes = np.zeros(num_keys, np.int64)
+    for (layer, expert), layout in layouts.items():
+        nbytes[layer * trace.num_experts + expert] = sum(p.nbytes for p in plan_pieces(layout, config.io_mode))
+    slot_bytes = int(nbytes.max())
+    entry_bytes = cache_entry_bytes(packed, slot_bytes, meta["hidden_size"], meta["intermediate_size"])
+    if not issues_reads(config.io_mode, repacked=meta["repacked"], packed=packed):
+        kind = MAPPED
+    else:
+        kind = INSTANT if bandwidth == float("inf") else QUEUED
+    limit = config.prefetch_depth * (recorded.k + config.prefetch_extra)
+    calls, layers = len(recorded.bounds), len(recorded.moe_layers)
+    tokens = np.diff(recorded.bounds, axis=1).ravel()
+    lookups = int(np.minimum(tokens * recorded.k, trace.num_experts).sum()) * layers
+    reads = passes * (lookups + calls * layers * limit) + num_keys
+    disk = _Disk(
+        kind,
+        nbytes / bandwidth,
+        nbytes,
+        np.zeros(3, np.float64),
+        np.zeros(4, np.int64),
+        np.zeros(reads, np.int64),
+        np.zeros(reads, np.float64),
+        np.zeros(reads, np.float64),
+        np.zeros(reads, np.int64),
+        np.zeros(reads, np.int64),
+        np.zeros(reads, np.int64),
+        np.zeros(reads, np.int64),
+        np.zeros(reads, np.int64),
+        np.zeros(num_keys, np.int64),
+        np.zeros(trace.num_experts, np.int64),
+        np.zeros(len(EXTRA), np.int64),
+    )
+    return disk, entry_bytes
+
+
+@njit(cache=True)
+def _fetch(d: _Disk, key: int) -> int:
+    """Issue a read of ``key``; returns the read."""
+    f = d.index[FETCHES]
+    d.index[FETCHES] += 1
+    now = d.clock[NOW]
+    d.key[f], d.charged[f] = key, 0
+    if d.kind == MAPPED:  # nothing read ahead, nothing counted: the page faults come when the compute touches it
+        d.start[f] = d.end[f] = now
+        d.size[f] = d.read_bytes[f] = 0
+        return f
+    d.size[f] = d.read_bytes[f] = d.nbytes[key]
+    if d.kind == INSTANT:
+        d.start[f] = d.end[f] = -np.inf
+    else:
+        while d.index[HEAD] < d.index[TAIL] and d.end[d.queue[d.index[HEAD]]] <= now:
+            d.index[HEAD] += 1
+        start = max(d.clock[DISK_FREE], now)
+        d.start[f], d.end[f] = start, start + d.seconds[key]
+        d.clock[DISK_FREE] = d.end[f]
+        d.queue[d.index[TAIL]] = f
+        d.index[TAIL] += 1
+    if d.size[f]:
+        d.extra[READS] += 1
+        d.extra[BYTES_READ] += d.size[f]
+    return f
+
+
+@njit(cache=True)
+def _done(d: _Disk, f: int) -> bool:
+    return d.end[f] <= d.clock[NOW]
+
+
+@njit(cache=True)
+def _wait(d: _Disk, f: int) -> None:
+    """The compute needs the read: the clock moves on to its end (under MAPPED, to the end of its page faults)."""
+    now = d.clock[NOW]
+    if d.kind == MAPPED:
+        if d.charged[f]:
+            return
+        d.charged[f] = 1
+        d.end[f] = max(now, d.clock[DISK_FREE]) + d.seconds[d.key[f]]
+        d.clock[DISK_FREE] = d.end[f]
+    if d.end[f] > now:
+        d.clock[STALLED] += d.end[f] - now
+        d.clock[NOW] = d.end[f]
+
+
+@njit(cache=True)
+def _cancel(d: _Disk, f: int) -> None:
+    """Stop a queued read now: the disk time it had not used yet goes to the reads queued after it."""
+    now = d.clock[NOW]
+    if d.kind != QUEUED or d.end[f] <= now:
+        return
+    head, tail = d.index[HEAD], d.index[TAIL]
+    position = head
+    while position < tail and d.queue[position] != f:
+        position += 1
+    if position == tail:
+        return
+    cut = max(now, d.start[f])
+    freed = d.end[f] - cut
+    unread = int(np.rint(d.size[f] * freed / (d.end[f] - d.start[f])))
+    d.read_bytes[f] -= unread
+    d.extra[BYTES_READ] -= unread
+    d.end[f] = cut
+    for n in range(position + 1, tail):
+        later = d.queue[n]
+        d.start[later] -= freed
+        d.end[later] -= freed
+        d.queue[n - 1] = later
+    d.index[TAIL] = tail - 1
+    d.clock[DISK_FREE] -= freed
+
+
+@njit(cache=True)
+def _sweep_cancelled(d: _Disk) -> None:
+    """The cancelled reads that have finished count their bytes as wasted."""
+    kept = 0
+    for n in range(d.index[CANCELLED]):
+        f = d.cancelled[n]
+        if _done(d, f):
+            d.extra[WASTED_BYTES] += d.read_bytes[f]
+        else:
+            d.cancelled[kept] = f
+            kept += 1
+    d.index[CANCELLED] = kept
+
+
+@njit(cache=True)
+def _replay(
+    r: _Recorded,
+    s: LedgerState,
+    d: _Disk,
+    batches: _Batches,
+    predictor: int,
+    prefetch_extra: int,
+    tolerance: float,
+    warmup: int,
+    repeats: int,
+    totals: np.ndarray,
+    timing: np.ndarray,
+) -> None:
+    """The decoder's calls into the store for every call of the trace, ``warmup + repeats`` times; the repeats'
+    decode steps add their counters to ``totals`` and their tokens, seconds, stall to ``timing`` (with lookups)."""
+    layers, num_experts, k = len(r.moe_layers), s.meta[ledger.EXPERTS], r.k
+    count = k + prefetch_extra
+    last_token = np.full(layers, -1, np.int64)  # previous_token: each layer's last routed token
+    pairs = np.zeros((max(layers - 1, 0), num_experts, num_experts))  # coactivation's counts and their row sums
+    pair_totals = np.zeros(pairs.shape[:2])
+    previous, previous_position = np.zeros((0, k), np.int64), -2  # coactivation: the last layer's choice
+    most = (r.bounds[:, 1] - r.bounds[:, 0]).max()
+    chain, chained, memo = np.empty((most, num_experts)), np.empty((most, k), np.int64), np.full(2, -1)  # its scores
+    before = np.zeros(len(totals), np.int64)
+    resident = np.zeros(num_experts, np.bool_)
+    for n in range(warmup + repeats):
+        for c in range(len(r.bounds)):
+            a, b = r.bounds[c]
+            scored = n >= warmup and c > 0 and b - a == 1
+            began, stalled = d.clock[NOW], d.clock[STALLED]
+            before[: len(s.counters)] = s.counters
+            before[len(s.counters) :] = d.extra
+            pinned = ledger.begin_forward(s)
+            reads = np.empty(pinned, np.int64)
+            for p in range(pinned):
+                reads[p] = _fetch(d, s.out[p])
+            for p in range(pinned):
+                _wait(d, reads[p])
+            step = r.compute[c]
+            for li in range(layers):
+                layer = r.moe_layers[li]
+                d.clock[NOW] += step
+                if tolerance > 0:
+                    ledger.cached_experts(s, layer, resident)
+                    for m in range(s.meta[ledger.STAGED]):
+                        key = s.staged[m]
+                        if key // num_experts == layer and _done(d, d.staged[key]):
+                            resident[key % num_experts] = True
+                    experts = _route(r, a, b, li, tolerance, resident)
+                    chosen = np.unique(experts)
+                else:
+                    experts = r.top_ids[a:b, li, :k]
+                    chosen = r.chosen[r.chosen_at[c * layers + li] : r.chosen_at[c * layers + li + 1]]
+                _record(batches, layer, chosen, scored)
+                timing[3] += len(chosen)
+                if d.index[CANCELLED]:
+                    _sweep_cancelled(d)
+                cancelled, starts = ledger.request(s, layer, chosen)
+                for m in range(cancelled):
+                    f = d.staged[s.cancelled[m]]
+                    _cancel(d, f)
+                    d.cancelled[d.index[CANCELLED]] = f
+                    d.index[CANCELLED] += 1
+                base = layer * num_experts
+                for expert in chosen:
+                    if s.current[expert] == ledger.STAGED_READ:
+                        d.current[expert] = d.staged[base + expert]
+                        s.counters[ledger.PREFETCH_TIMELY] += _done(d, d.current[expert])
+                for m in range(starts):
+                    d.current[s.out[m]] = _fetch(d, base + s.out[m])
+                ledger.count_routing(s, layer, experts)
+                if predictor == 3:
+                    coactivation_observe(pairs, pair_totals, previous_position, previous, li, experts)
+                    previous, previous_position = experts, li
+                    memo[0] = -1
+                last_token[li] = b - 1
+                for ahead in range(s.ahead.shape[1]):
+                    target = s.ahead[layer, ahead]
+                    if target < 0 or predictor == 0:
+                        break
+                    ti = li + 1 + ahead
+                    if predictor == 1:
+                        if last_token[ti] < 0:
+                            continue
+                        proposals = r.top_ids[last_token[ti], ti, :count]
+                    elif predictor == 2:
+                        proposals = merge_ranks(r.lookahead[a:b, li, ahead, :count])
+                    else:
+                        tokens = len(experts)
+                        proposals = coactivation_propose(
+                            pairs, pair_totals, experts, li, ti, count, chain[:tokens], chained[:tokens], memo
+                        )
+                    staged, full = ledger.stage(s, target, proposals)
+                    for m in range(staged):
+                        d.staged[s.out[m]] = _fetch(d, s.out[m])
+                    if full:
+                        break
+                share = step / len(chosen)
+                for expert in chosen:
+                    if s.current[expert] == ledger.CACHED:
+                        d.clock[NOW] += share
+                        continue
+                    was, starts = ledger.take(s, layer, expert)
+                    if was == ledger.WAITING:
+                        d.current[expert] = _fetch(d, base + expert)
+                    for m in range(starts):
+                        d.current[s.out[m]] = _fetch(d, base + s.out[m])
+                    _wait(d, d.current[expert])
+                    ledger.admit(s, layer, expert)
+                    d.clock[NOW] += share
+            if scored:
+                totals[: len(s.counters)] += s.counters - before[: len(s.counters)]
+                totals[len(s.counters) :] += d.extra - before[len(s.counters) :]
+                timing[0] += 1
+                timing[1] += d.clock[NOW] - began
+                timing[2] += d.clock[STALLED] - stalled
+
+
+@njit(cache=True)
+def _route(r: _Recorded, a: int, b: int, li: int, tolerance: float, resident: np.ndarray) -> np.ndarray:
+    """The experts [T, k] the decoder picks with cache-aware routing, given what is ``resident``; only the best R
+    of each token's probabilities are known (the rest are zero)."""
+    experts = np.empty((b - a, r.k), np.int64)
+    probs = np.zeros(len(resident), np.float32)
+    for t in range(a, b):
+        order = r.top_ids[t, li]
+        probs[:] = 0.0
+        probs[order] = r.top_probs[t, li]
+        experts[t - a] = prefer_resident(probs, order, r.k, tolerance, resident)
+    return experts
+
+
+@njit(cache=True)
+def _record(batches: _Batches, layer: int, chosen: np.ndarray, scored: bool) -> None:
+    n = batches.filled[0]
+    start = batches.at[n]
+    batches.experts[start : start + len(chosen)] = chosen
+    batches.at[n + 1] = start + len(chosen)
+    batches.layer[n], batches.counted[n] = layer, scored
+    batches.filled[0] = n + 1
 
 
 MMAP_READAHEAD = 128 << 10  # Linux's default readahead window: what one page fault reads
@@ -424,99 +621,3 @@ def _check(trace: Trace, config: EngineConfig) -> int:
 
 def _stored_format(weights: str, group_size: int | None) -> str:
     return f"int4-g{group_size or DEFAULT_GROUP_SIZE}" if weights == "int4" else repr(weights)
-
-
-class _Replay:
-    """The decoder's calls into the store, from the trace; keeps every lookup batch for the optimal bound."""
-
-    def __init__(
-        self,
-        trace: Trace,
-        config: EngineConfig,
-        store: ExpertStore,
-        clock: Clock,
-        k: int,
-        prefill_compute: float,
-        decode_compute: float,
-    ) -> None:
-        self.trace, self.store, self.clock, self.k = trace, store, clock, k
-        self.tolerance = config.cache_routing_tolerance
-        self.calls = trace.call_bounds()
-        self.moe_layers = trace.moe_layers
-        half = 0.5 / len(self.moe_layers)
-        self.compute = [half * (t * (prefill_compute if t > 1 else decode_compute)) for t in trace.call_tokens.tolist()]
-        by_layer = np.ascontiguousarray(trace.top_ids[:, :, :k].transpose(1, 0, 2), dtype=np.intp)  # [L, N, k]
-        # What the store is given per call and layer: the chosen experts [T, k], and what the predictor reads.
-        self.experts = [[by_layer[li, a:b] for li in range(len(self.moe_layers))] for a, b in self.calls]
-        self.inputs = self._predictor_inputs(trace, config.predictor)
-        # Without cache-aware routing a layer's experts do not depend on the cache: work them out once.
-        self.fixed = None
-        if not self.tolerance:
-            self.fixed = [[np.unique(experts).tolist() for experts in call] for call in self.experts]
-        self.batches: list[tuple[int, list[int]]] = []  # every layer's lookups, for the optimal bound
-        self.counted: list[bool] = []  # whether each batch is of a measured decode step
-        self.lookups = 0
-        self.counters = dict.fromkeys(store.stats.snapshot(), 0)
-        self.decode_tokens = 0
-        self.decode_seconds = self.decode_stall = 0.0
-
-    def _predictor_inputs(self, trace: Trace, predictor: str) -> list[list[tuple]]:
-        """Per call and layer, the (h, probs) the store passes the predictor: the recorded lookahead proposals
-        for ``gate_lookahead``, the recorded candidates for ``previous_token``, nothing for the others."""
-        layers = range(len(self.moe_layers))
-        if predictor == "gate_lookahead":
-            return [[(trace.lookahead_ids[a:b, li].tolist(), None) for li in layers] for a, b in self.calls]
-        if predictor == "previous_token":
-            return [[(None, trace.top_ids[a:b, li].tolist()) for li in layers] for a, b in self.calls]
-        return [[(None, None)] * len(self.moe_layers) for _ in self.calls]
-
-    def run_pass(self, measured: bool) -> None:
-        """One pass over the trace's calls; a measured one adds its decode steps to the figures."""
-        store, clock, stats = self.store, self.clock, self.store.stats
-        request, route_done, get = store.request, store.route_done, store.get
-        batches, moe_layers = self.batches, self.moe_layers
-        for c, (a, b) in enumerate(self.calls):
-            scored = measured and c > 0 and b - a == 1
-            began, stalled, before = clock.now, clock.stalled, stats.snapshot() if scored else None
-            store.begin_forward()
-            step = self.compute[c]
-            calls_experts, inputs = self.experts[c], self.inputs[c]
-            fixed = self.fixed[c] if self.fixed is not None else None
-            for li, layer in enumerate(moe_layers):
-                clock.now += step
-                experts = calls_experts[li]
-                if fixed is not None:
-                    chosen = fixed[li]
-                else:
-                    experts = self._route(a, b, li, layer)
-                    chosen = np.unique(experts).tolist()
-                batches.append((layer, chosen))
-                self.lookups += len(chosen)
-                request(layer, chosen)
-                h, probs = inputs[li]
-                route_done(layer, h, experts, probs)  # type: ignore[arg-type]
-                share = step / len(chosen)
-                for expert in chosen:  # each expert's compute runs while the later ones are still arriving
-                    get(layer, expert)
-                    clock.now += share
-            self.counted += [scored] * len(moe_layers)
-            if before is not None:
-                for name, value in stats.snapshot().items():
-                    self.counters[name] += value - before[name]
-                self.decode_tokens += 1
-                self.decode_seconds += clock.now - began
-                self.decode_stall += clock.stalled - stalled
-
-    def _route(self, a: int, b: int, li: int, layer: int) -> np.ndarray:
-        """The experts [T, k] the decoder picks with cache-aware routing, given what is resident now."""
-        trace = self.trace
-        probs = np.zeros((b - a, trace.num_experts), np.float32)
-        order = trace.top_ids[a:b, li].astype(np.intp)
-        np.put_along_axis(probs, order, trace.top_probs[a:b, li], axis=1)  # the best R as recorded, zero elsewhere
-        resident = self.store.is_resident
-        return np.stack(
-            [
-                prefer_resident(p, o, self.k, self.tolerance, lambda e: resident(layer, e))
-                for p, o in zip(probs, order, strict=True)
-            ]
-        )

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+from numba import njit
 
 from engine.checkpoint import Checkpoint
 from engine.config import EngineConfig
@@ -319,12 +320,9 @@ class Decoder:
         order = np.argsort(-probs, axis=-1, kind="stable")
         experts = order[:, :k]  # [T, k]
         if self.config.cache_routing_tolerance > 0:
-            tolerance, resident = self.config.cache_routing_tolerance, self.store.is_resident
+            tolerance, resident = self.config.cache_routing_tolerance, self.store.resident(layer)
             experts = np.stack(
-                [
-                    prefer_resident(p, o, k, tolerance, lambda e: resident(layer, e))
-                    for p, o in zip(probs, order, strict=True)
-                ]
+                [prefer_resident(p, o, k, tolerance, resident) for p, o in zip(probs, order, strict=True)]
             )
         weights = np.take_along_axis(probs, experts, axis=-1)
         if grouped is not None:  # the bias steers the choice only
@@ -336,19 +334,27 @@ class Decoder:
         return Routing(experts, weights, probs)
 
 
-def prefer_resident(
-    probs: np.ndarray, order: np.ndarray, k: int, tolerance: float, is_resident: Callable[[int], bool]
-) -> np.ndarray:
+@njit(cache=True)
+def prefer_resident(probs: np.ndarray, order: np.ndarray, k: int, tolerance: float, resident: np.ndarray) -> np.ndarray:
     """Cache-aware routing of one token: its k experts, best first, given its router probabilities [E] (or the
     best few of them, the rest zero) in ``order`` (best first); experts within ``tolerance`` of the k-th best
-    compete for the places not taken by clearly better ones, those ``is_resident`` first."""
+    compete for the places not taken by clearly better ones, those ``resident`` ([E] bool) first."""
+    margin = np.float32(tolerance)  # as numpy compares float32 scores with a Python float
     kth = probs[order[k - 1]]
-    sure = [e for e in order[:k] if probs[e] > kth + tolerance]
-    close = [e for e in order if abs(probs[e] - kth) <= tolerance]
-    resident = [e for e in close if is_resident(int(e))]
-    others = [e for e in close if e not in resident]
-    chosen = sure + (resident + others)[: k - len(sure)]
-    return np.asarray(sorted(chosen, key=lambda e: -probs[e]))
+    chosen = np.empty(k, np.int64)
+    sure = 0
+    for e in order[:k]:
+        if probs[e] > kth + margin:
+            chosen[sure] = e
+            sure += 1
+    taken = sure
+    for wanted in (True, False):  # the close ones, resident first
+        for e in order:
+            if taken < k and abs(probs[e] - kth) <= margin and resident[e] == wanted:
+                chosen[taken] = e
+                taken += 1
+    chosen = chosen[:taken]
+    return chosen[np.argsort(-probs[chosen], kind="mergesort")]
 
 
 def _linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None) -> np.ndarray:

@@ -8,8 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.cache_policy import POLICIES, make_policy
+from engine.cache_policy import POLICIES
 from engine.optimal_cache import optimal_hits
+from tests.engine.expert_cache import make_cache
 
 batches_strategy = st.lists(st.lists(st.integers(0, 5), min_size=1, max_size=3), min_size=1, max_size=9)
 
@@ -33,7 +34,7 @@ def brute_force(batches: list[list[int]], capacity: int, counted: list[bool]) ->
 def store_hits(policy: str, batches: list[list[int]], capacity: int, counted: list[bool]) -> int:
     """Hits as the expert store scores them: a batch's lookups first, then its misses admitted in order; the
     static policy pins what the first batch looked up (the store's profiling pass)."""
-    cache = make_policy(policy, capacity)
+    cache = make_cache(policy, "global", capacity, 1, 6)
     total = 0
     for n, (batch, scored) in enumerate(zip(batches, counted, strict=True)):
         keys = list(dict.fromkeys(batch))

@@ -11,8 +11,8 @@ E = 8
 
 
 def test_merge_takes_every_tokens_first_choice_before_any_second() -> None:
-    assert merge_ranks(np.array([[3, 1, 2], [3, 5, 1]])) == [3, 1, 5, 2]
-    assert merge_ranks(np.array([[4, 0]])) == [4, 0]
+    assert merge_ranks(np.array([[3, 1, 2], [3, 5, 1]])).tolist() == [3, 1, 5, 2]
+    assert merge_ranks(np.array([[4, 0]])).tolist() == [4, 0]
 
 
 def test_previous_token_ranks_by_the_last_tokens_probabilities() -> None:
@@ -62,7 +62,7 @@ def test_coactivation_chains_the_row_normalised_follow_counts() -> None:
     np.testing.assert_array_equal(predictor.counts, np.stack(seen))
     chosen = np.array([[0, 3], [5, 6]])
     for target, steps in ((2, 1), (4, 2), (5, 3)):
-        expected = merge_ranks(_dense_reference(seen[:steps], chosen, 3))
+        expected = merge_ranks(_dense_reference(seen[:steps], chosen, 3)).tolist()
         assert predictor.propose(1, None, chosen, target, 3) == expected  # type: ignore[arg-type]
 
 
