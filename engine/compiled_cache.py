@@ -19,10 +19,11 @@ import numba
 ENGINE = Path(__file__).parent
 
 
-def source_hash() -> str:
+def source_hash(root: Path = ENGINE) -> str:
+    """A hash of the names and contents of every Python file under ``root``."""
     digest = hashlib.sha1()
-    for path in sorted(ENGINE.rglob("*.py")):
-        digest.update(str(path.relative_to(ENGINE)).encode())
+    for path in sorted(root.rglob("*.py")):
+        digest.update(str(path.relative_to(root)).encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()[:16]
 

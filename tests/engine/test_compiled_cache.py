@@ -1,0 +1,32 @@
+"""numba's cache per version of the engine's source: a change in any module gives a directory of its own."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numba
+import pytest
+
+from engine.compiled_cache import ENGINE, source_hash
+
+
+def test_the_hash_follows_every_source_file(tmp_path: Path) -> None:
+    copy = tmp_path / "engine"
+    shutil.copytree(ENGINE, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    before = source_hash(copy)
+    assert before == source_hash(ENGINE)
+    callee = copy / "cache_policy.py"
+    callee.write_text(callee.read_text() + "\n# changed\n")
+    changed = source_hash(copy)
+    assert changed != before
+    (copy / "models" / "new_module.py").write_text("")
+    assert source_hash(copy) not in (before, changed)
+
+
+@pytest.mark.skipif("NUMBA_CACHE_DIR" in os.environ, reason="the user chose numba's cache directory")
+def test_compiled_functions_are_cached_in_this_source_versions_directory() -> None:
+    cache = Path(numba.config.CACHE_DIR)
+    assert cache == ENGINE / "__pycache__" / f"numba-{source_hash()}"
+    assert [path.name for path in cache.parent.glob("numba-*")] == [cache.name]  # older versions removed
