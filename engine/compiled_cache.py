@@ -43,6 +43,8 @@ def use_versioned_cache() -> None:
     for old in root.glob("numba-*"):
         if old != target:
             shutil.rmtree(old, ignore_errors=True)
+    # Not exported to the environment: numba would see a NUMBA_ variable change and reload its whole configuration,
+    # dropping what the engine set in it (kernels.py's CPU features).
     numba.config.CACHE_DIR = str(target)
 
 

@@ -33,8 +33,9 @@ from engine.cache_policy import (
 from engine.config import EngineConfig
 
 # meta: the ledger's scalars
+META_FIELDS = 11
 LAYER, EXPERTS, ENTRY_BYTES, WINDOW, STAGED_LIMIT, STAGED, WAITING_HEAD, WAITING_END, IN_FLIGHT, PASSES, PROFILING = (
-    range(11)
+    range(META_FIELDS)
 )
 # counters, as StoreStats names them
 HITS, MISSES, EXPERTS_LOADED, PREFETCH_ISSUED, PREFETCH_USED, PREFETCH_TIMELY, PREFETCH_WASTED = range(7)
@@ -48,13 +49,13 @@ COUNTERS = (
     "prefetch_wasted",
 )
 # what each expert of the current layer is: not requested (or taken), cached, prefetched, waiting for its read
-# to start, being read
+# to start, being read; REQUESTED only while a request sorts out the staged keys
 ABSENT, CACHED, STAGED_READ, WAITING, READING, REQUESTED = range(6)
 
 
 class LedgerState(NamedTuple):
     cache: CacheState
-    meta: np.ndarray  # int64 [11], indexed by LAYER ... PROFILING
+    meta: np.ndarray  # int64 [META_FIELDS], indexed by LAYER ... PROFILING
     counters: np.ndarray  # int64 [7], indexed by HITS ... PREFETCH_WASTED
     staged: np.ndarray  # int64 [STAGED_LIMIT]: staged keys, in the order their reads were issued
     is_staged: np.ndarray  # int64 [keys]: 1 while staged
@@ -76,7 +77,7 @@ def new_ledger(
     keys = num_layers * num_experts
     depth = config.prefetch_depth
     limit = depth * (top_k + config.prefetch_extra)
-    meta = np.zeros(11, np.int64)
+    meta = np.zeros(META_FIELDS, np.int64)
     meta[[LAYER, EXPERTS, ENTRY_BYTES, WINDOW, STAGED_LIMIT]] = (-1, num_experts, entry_bytes, top_k, limit)
     meta[PROFILING] = policy == "static"
     ahead = np.full((num_layers, depth), -1, np.int64)
@@ -101,7 +102,8 @@ def new_ledger(
 class Ledger:
     """A ledger for Python callers (the engine's store): each function compiled for this state's types and bound
     to it. Calling a compiled entry point skips numba's typing of the arguments, which for a namedtuple of
-    arrays costs more than the work: 3 µs a call against under 1. Arrays must be int64 (``resident``: bool)."""
+    arrays costs more than the work: 3 µs a call against under 1. Nothing checks the arguments then: arrays must
+    be int64 (``resident``: bool) with the dimensions declared below, as the store makes them."""
 
     def __init__(self, state: LedgerState) -> None:
         self.state = state
@@ -136,9 +138,10 @@ def begin_forward(s: LedgerState) -> int:
 
 @njit(cache=True, inline="always")
 def request(s: LedgerState, layer: int, experts: np.ndarray) -> tuple[int, int]:
-    """Record ``layer``'s accesses to ``experts`` (ascending, distinct); cancel the staged prefetches it did not ask
-    for. Returns how many were cancelled (keys in ``s.cancelled``) and how many reads to start now (experts in
-    ``s.out``, in order): each expert is then ``s.current[expert]``, CACHED, STAGED_READ, WAITING or READING."""
+    """Record ``layer``'s accesses to ``experts`` (distinct: ``waiting`` has room for each expert once); cancel the
+    staged prefetches it did not ask for. Returns how many were cancelled (keys in ``s.cancelled``) and how many
+    reads to start now (experts in ``s.out``, in order): each expert is then ``s.current[expert]``, CACHED,
+    STAGED_READ, WAITING or READING."""
     num_experts, current, counters = s.meta[EXPERTS], s.current, s.counters
     current[:] = ABSENT
     for expert in experts:

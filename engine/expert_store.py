@@ -101,14 +101,12 @@ class ExpertStore:
         num_layers: int,
         top_k: int,
         predictor: Predictor | None = None,
-        reader: ExpertReader | None = None,
     ) -> None:
-        """``reader``: where reads go; by default an ``ExpertReader`` for ``config``."""
         self.layouts = layouts
         self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
         self.config = config
         self.num_experts = max(expert for _, expert in layouts) + 1
-        self.reader = reader or ExpertReader(
+        self.reader = ExpertReader(
             list(layouts.values()),
             config.io_mode,
             config.io_block_bytes,

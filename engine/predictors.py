@@ -2,8 +2,8 @@
 
 ``propose`` gives, for a call of T tokens, each token's ``count`` best experts of the target layer merged into
 one list, rank by rank (every token's first choice before any token's second). They are plain logic over router
-outputs (no I/O), so the trace simulator runs them unchanged, and cheap per call, since it calls them once per
-layer for every replayed token.
+outputs (no I/O), and their compiled parts (``merge_ranks``, coactivation's counting and chaining) are what the
+trace simulator's replay runs, once per layer for every replayed token.
 
 - ``previous_token``: the target layer's experts ranked by the previous token's router probabilities (routing
   is sticky: adjacent tokens share experts 1.3-1.7x more often than chance).

@@ -58,6 +58,8 @@ QUEUED, INSTANT, MAPPED = range(3)
 # what the replay keeps beside the ledger's counters, as StoreStats names them
 WASTED_BYTES, BYTES_READ, READS = range(3)
 EXTRA = ("wasted_bytes", "bytes_read", "reads")
+# the replay's timing: the measured decode tokens, their simulated seconds and stall; lookups in every pass
+TOKENS, SECONDS, STALL, LOOKUPS = range(4)
 
 
 @dataclass
@@ -113,12 +115,15 @@ def simulate(
     )
     decode_compute, prefill_compute = decode_compute or 0.0, prefill_compute or 0.0
     recorded = _Recorded.of(trace, k, config.cache_routing_tolerance > 0, prefill_compute, decode_compute)
-    disk, entry_bytes = _model_disk(trace, config, bandwidth, warmup + repeats, recorded)
     moe_layers, num_layers, num_experts = trace.moe_layers, meta["num_layers"], trace.num_experts
+    nbytes, entry_bytes = _expert_bytes(trace, config)
     state = ledger.new_ledger(config, num_layers, num_experts, moe_layers, entry_bytes, k)
+    # reads needed at once: the pinned ones; a layer's own and those staged, cancelled ones until their bytes count
+    reads = len(nbytes) + num_experts + 4 * int(state.meta[ledger.STAGED_LIMIT]) + 64
+    disk = _model_disk(trace, config, nbytes, bandwidth, reads)
     replay = _Batches.for_passes(recorded, warmup + repeats, num_experts)
     totals = np.zeros(len(ledger.COUNTERS) + len(EXTRA), np.int64)
-    timing = np.zeros(4, np.float64)  # decode tokens, their seconds, their stall, lookups
+    timing = np.zeros(4, np.float64)  # indexed by TOKENS, SECONDS, STALL, LOOKUPS
     began = time.perf_counter()
     _replay(
         recorded,
@@ -134,7 +139,7 @@ def simulate(
         timing,
     )
     replay_seconds = time.perf_counter() - began
-    tokens, seconds, stall, lookups = int(timing[0]), *timing[1:3], int(timing[3])
+    tokens, seconds, stall, lookups = int(timing[TOKENS]), timing[SECONDS], timing[STALL], int(timing[LOOKUPS])
     counters: dict = dict(zip(ledger.COUNTERS + EXTRA, totals.tolist(), strict=True))
     counters["stall_seconds"] = stall  # the simulated wait, not the replay's own wall time
     accesses = counters["hits"] + counters["misses"]
@@ -207,7 +212,7 @@ class _Recorded(NamedTuple):
         bounds = np.asarray(trace.call_bounds(), np.int64).reshape(-1, 2)
         tokens = trace.call_tokens.astype(np.float64)
         half = 0.5 / len(trace.moe_layers)
-        compute = half * tokens * np.where(tokens > 1, prefill_compute, decode_compute)
+        compute = half * (tokens * np.where(tokens > 1, prefill_compute, decode_compute))
         top_ids = trace.top_ids.astype(np.int64)
         chosen, chosen_at = [], [0]
         if not routed:  # without cache-aware routing a layer's experts do not depend on the cache
@@ -228,6 +233,11 @@ class _Recorded(NamedTuple):
             np.asarray(chosen_at, np.int64),
         )
 
+    def most_lookups(self, num_experts: int) -> int:
+        """A bound on one pass's lookups: each call's layers look up at most T x k experts, and E."""
+        tokens = np.diff(self.bounds, axis=1).ravel()
+        return int(np.minimum(tokens * self.k, num_experts).sum()) * len(self.moe_layers)
+
 
 class _Batches(NamedTuple):
     """Every layer's lookups as replayed, for the optimal bound."""
@@ -240,12 +250,9 @@ class _Batches(NamedTuple):
 
     @classmethod
     def for_passes(cls, recorded: _Recorded, passes: int, num_experts: int) -> _Batches:
-        layers = len(recorded.moe_layers)
-        tokens = np.diff(recorded.bounds, axis=1).ravel()
-        most = int(np.minimum(tokens * recorded.k, num_experts).sum()) * layers
-        count = passes * len(tokens) * layers
+        count = passes * len(recorded.bounds) * len(recorded.moe_layers)
         return cls(
-            np.zeros(passes * most, np.int64),
+            np.zeros(passes * recorded.most_lookups(num_experts), np.int64),
             np.zeros(count + 1, np.int64),
             np.zeros(count, np.int64),
             np.zeros(count, np.int64),
@@ -254,13 +261,15 @@ class _Batches(NamedTuple):
 
 
 class _Disk(NamedTuple):
-    """The model disk and the reads it serves (each read an index into the per-read arrays)."""
+    """The model disk and the reads it serves: each read a slot of the per-read arrays, free again once the compute
+    has waited for it or its cancelled bytes are counted."""
 
     kind: int  # QUEUED, INSTANT or MAPPED
     seconds: np.ndarray  # float64 [keys]: an expert's disk time
     nbytes: np.ndarray  # int64 [keys]: the bytes its read takes
     clock: np.ndarray  # float64 [3]: NOW, STALLED (compute waiting for reads), DISK_FREE
-    index: np.ndarray  # int64 [4]: FETCHES made, HEAD and TAIL of the disk queue, CANCELLED reads to sweep
+    index: np.ndarray  # int64 [4]: NEXT slot to try, HEAD and TAIL of the disk queue, CANCELLED reads to sweep
+    live: np.ndarray  # int64 [reads]: 1 while a slot's read is needed
     key: np.ndarray  # int64 [reads]
     start: np.ndarray  # float64 [reads]
     end: np.ndarray  # float64 [reads]: done once NOW reaches it
@@ -275,38 +284,33 @@ class _Disk(NamedTuple):
 
 
 NOW, STALLED, DISK_FREE = range(3)
-FETCHES, HEAD, TAIL, CANCELLED = range(4)
+NEXT, HEAD, TAIL, CANCELLED = range(4)
 
 
-def _model_disk(
-    trace: Trace, config: EngineConfig, bandwidth: float, passes: int, recorded: _Recorded
-) -> tuple[_Disk, int]:
-    """The disk for ``config``'s reads at ``bandwidth``, room for every read of ``passes``, and the bytes the
-    store charges the cache per expert."""
+def _expert_bytes(trace: Trace, config: EngineConfig) -> tuple[np.ndarray, int]:
+    """The bytes each expert's read takes in ``config``'s mode (by key), and those the store charges the cache."""
     meta = trace.meta
-    packed = config.cache_format == "packed"
-    layouts = trace.layouts()
-    num_keys = meta["num_layers"] * trace.num_experts
-    nbytes = np.zeros(num_keys, np.int64)
-    for (layer, expert), layout in layouts.items():
+    nbytes = np.zeros(meta["num_layers"] * trace.num_experts, np.int64)
+    for (layer, expert), layout in trace.layouts().items():
         nbytes[layer * trace.num_experts + expert] = sum(p.nbytes for p in plan_pieces(layout, config.io_mode))
-    slot_bytes = int(nbytes.max())
-    entry_bytes = cache_entry_bytes(packed, slot_bytes, meta["hidden_size"], meta["intermediate_size"])
-    if not issues_reads(config.io_mode, repacked=meta["repacked"], packed=packed):
+    packed = config.cache_format == "packed"
+    return nbytes, cache_entry_bytes(packed, int(nbytes.max()), meta["hidden_size"], meta["intermediate_size"])
+
+
+def _model_disk(trace: Trace, config: EngineConfig, nbytes: np.ndarray, bandwidth: float, reads: int) -> _Disk:
+    """The disk for ``config``'s reads of ``nbytes`` at ``bandwidth``, with room for ``reads``."""
+    if not issues_reads(config.io_mode, repacked=trace.meta["repacked"], packed=config.cache_format == "packed"):
         kind = MAPPED
     else:
         kind = INSTANT if bandwidth == float("inf") else QUEUED
-    limit = config.prefetch_depth * (recorded.k + config.prefetch_extra)
-    calls, layers = len(recorded.bounds), len(recorded.moe_layers)
-    tokens = np.diff(recorded.bounds, axis=1).ravel()
-    lookups = int(np.minimum(tokens * recorded.k, trace.num_experts).sum()) * layers
-    reads = passes * (lookups + calls * layers * limit) + num_keys
-    disk = _Disk(
+    num_keys = len(nbytes)
+    return _Disk(
         kind,
         nbytes / bandwidth,
         nbytes,
         np.zeros(3, np.float64),
         np.zeros(4, np.int64),
+        np.zeros(reads, np.int64),
         np.zeros(reads, np.int64),
         np.zeros(reads, np.float64),
         np.zeros(reads, np.float64),
@@ -319,15 +323,15 @@ def _model_disk(
         np.zeros(trace.num_experts, np.int64),
         np.zeros(len(EXTRA), np.int64),
     )
-    return disk, entry_bytes
 
 
 @njit(cache=True)
 def _fetch(d: _Disk, key: int) -> int:
     """Issue a read of ``key``; returns the read."""
-    f = d.index[FETCHES]
-    d.index[FETCHES] += 1
     now = d.clock[NOW]
+    while d.index[HEAD] < d.index[TAIL] and d.end[d.queue[d.index[HEAD]]] <= now:  # finished: off the queue
+        d.index[HEAD] += 1
+    f = _free_slot(d)
     d.key[f], d.charged[f] = key, 0
     if d.kind == MAPPED:  # nothing read ahead, nothing counted: the page faults come when the compute touches it
         d.start[f] = d.end[f] = now
@@ -337,17 +341,33 @@ def _fetch(d: _Disk, key: int) -> int:
     if d.kind == INSTANT:
         d.start[f] = d.end[f] = -np.inf
     else:
-        while d.index[HEAD] < d.index[TAIL] and d.end[d.queue[d.index[HEAD]]] <= now:
-            d.index[HEAD] += 1
         start = max(d.clock[DISK_FREE], now)
         d.start[f], d.end[f] = start, start + d.seconds[key]
         d.clock[DISK_FREE] = d.end[f]
+        if d.index[TAIL] == len(d.queue):  # move the queue back to the front
+            queued = d.index[TAIL] - d.index[HEAD]
+            d.queue[:queued] = d.queue[d.index[HEAD] : d.index[TAIL]].copy()
+            d.index[HEAD], d.index[TAIL] = 0, queued
         d.queue[d.index[TAIL]] = f
         d.index[TAIL] += 1
     if d.size[f]:
         d.extra[READS] += 1
         d.extra[BYTES_READ] += d.size[f]
     return f
+
+
+@njit(cache=True)
+def _free_slot(d: _Disk) -> int:
+    """A slot no read needs (finished ones are off the queue by now), taken."""
+    slots = len(d.live)
+    f = d.index[NEXT]
+    for _ in range(slots):
+        if not d.live[f]:
+            d.live[f] = 1
+            d.index[NEXT] = (f + 1) % slots
+            return f
+        f = (f + 1) % slots
+    raise RuntimeError("the model disk has no free read slot: more reads in flight than the replay allowed for")
 
 
 @njit(cache=True)
@@ -405,6 +425,7 @@ def _sweep_cancelled(d: _Disk) -> None:
         f = d.cancelled[n]
         if _done(d, f):
             d.extra[WASTED_BYTES] += d.read_bytes[f]
+            d.live[f] = 0
         else:
             d.cancelled[kept] = f
             kept += 1
@@ -453,6 +474,7 @@ def _replay(
                 reads[p] = _fetch(d, s.out[p])
             for p in range(pinned):
                 _wait(d, reads[p])
+                d.live[reads[p]] = 0
             step = r.compute[c]
             for li in range(layers):
                 layer = r.moe_layers[li]
@@ -469,7 +491,7 @@ def _replay(
                     experts = r.top_ids[a:b, li, :k]
                     chosen = r.chosen[r.chosen_at[c * layers + li] : r.chosen_at[c * layers + li + 1]]
                 _record(batches, layer, chosen, scored)
-                timing[3] += len(chosen)
+                timing[LOOKUPS] += len(chosen)
                 if d.index[CANCELLED]:
                     _sweep_cancelled(d)
                 cancelled, starts = ledger.request(s, layer, chosen)
@@ -523,14 +545,15 @@ def _replay(
                     for m in range(starts):
                         d.current[s.out[m]] = _fetch(d, base + s.out[m])
                     _wait(d, d.current[expert])
+                    d.live[d.current[expert]] = 0
                     ledger.admit(s, layer, expert)
                     d.clock[NOW] += share
             if scored:
                 totals[: len(s.counters)] += s.counters - before[: len(s.counters)]
                 totals[len(s.counters) :] += d.extra - before[len(s.counters) :]
-                timing[0] += 1
-                timing[1] += d.clock[NOW] - began
-                timing[2] += d.clock[STALLED] - stalled
+                timing[TOKENS] += 1
+                timing[SECONDS] += d.clock[NOW] - began
+                timing[STALL] += d.clock[STALLED] - stalled
 
 
 @njit(cache=True)

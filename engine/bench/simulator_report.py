@@ -229,7 +229,7 @@ def _predictions(
             f"`autoresearch bench` cold under an enforced {format_bytes(limit)} limit, {rounds} rounds, each "
             "running every configuration once (a warm-up pass, then one measured), so that the shared disk's drift "
             "reaches all alike; median over the rounds and its 95% CI. Predicted: the trace replayed (one warm-up "
-            f"pass, one counted) through the engine's own store, compute {1e3 * meta['decode_seconds_per_token']:.1f} "
+            f"pass, one counted) through the engine's own ledger, compute {1e3 * meta['decode_seconds_per_token']:.1f} "
             "ms per decode token as measured while recording the trace (direct, packed), reads served one after "
             "another at the disk probe's bandwidth for the configuration's request size and queue depth, or at the "
             "bandwidth the engine's reader alone reached on the model's files with those reads (a layer's experts "
