@@ -258,7 +258,8 @@ def _unstage(s: LedgerState, key: int) -> None:
     n = 0
     while s.staged[n] != key:
         n += 1
-    s.staged[n : count - 1] = s.staged[n + 1 : count].copy()
+    for m in range(n, count - 1):
+        s.staged[m] = s.staged[m + 1]
     s.meta[STAGED] = count - 1
     s.is_staged[key] = 0
 
@@ -269,7 +270,8 @@ def _unwait(s: LedgerState, expert: int) -> None:
     n = head
     while s.waiting[n] != expert:
         n += 1
-    s.waiting[n : end - 1] = s.waiting[n + 1 : end].copy()
+    for m in range(n, end - 1):
+        s.waiting[m] = s.waiting[m + 1]
     s.meta[WAITING_END] = end - 1
 
 

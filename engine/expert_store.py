@@ -153,7 +153,7 @@ class ExpertStore:
             self._sweep_cancelled()
         state = self.ledger.state
         cancelled, starts = self.ledger.request(layer, np.asarray(experts, np.int64))
-        for key in state.cancelled[:cancelled].tolist():
+        for key in state.cancelled[:cancelled].tolist() if cancelled else ():
             fetch = self._staged.pop(self._key(key))
             fetch.cancel()
             self._cancelled.append(fetch)
@@ -194,7 +194,7 @@ class ExpertStore:
             data = fetch.wait()
             self.stats.stall_seconds += time.perf_counter() - began
         evicted, cached = self.ledger.admit(layer, expert)
-        for victim in self.ledger.state.cache.evicted[:evicted].tolist():
+        for victim in self.ledger.state.cache.evicted[:evicted].tolist() if evicted else ():
             key = self._key(victim)  # one this layer has yet to compute stays until the next layer
             still_needed = key[0] == layer and key[1] in self._current
             (self._retiring if still_needed else self._done).append(self._cached.pop(key))
@@ -244,7 +244,7 @@ class ExpertStore:
 
     def _start(self, layer: int, starts: int) -> None:
         """Start the reads the ledger asked for: the current layer's experts in ``ledger.out``."""
-        for expert in self.ledger.state.out[:starts].tolist():
+        for expert in self.ledger.state.out[:starts].tolist() if starts else ():
             self._current[expert] = self.reader.fetch(self.layouts[layer, expert], self._take())
 
     def _free_done(self) -> None:

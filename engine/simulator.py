@@ -560,14 +560,11 @@ def _replay(
 def _route(r: _Recorded, a: int, b: int, li: int, tolerance: float, resident: np.ndarray) -> np.ndarray:
     """The experts [T, k] the decoder picks with cache-aware routing, given what is ``resident``; only the best R
     of each token's probabilities are known (the rest are zero)."""
-    experts = np.empty((b - a, r.k), np.int64)
-    probs = np.zeros(len(resident), np.float32)
-    for t in range(a, b):
-        order = r.top_ids[t, li]
-        probs[:] = 0.0
-        probs[order] = r.top_probs[t, li]
-        experts[t - a] = prefer_resident(probs, order, r.k, tolerance, resident)
-    return experts
+    order = r.top_ids[a:b, li]
+    probs = np.zeros((b - a, len(resident)), np.float32)
+    for t in range(b - a):
+        probs[t, order[t]] = r.top_probs[a + t, li]
+    return prefer_resident(probs, order, r.k, tolerance, resident)
 
 
 @njit(cache=True)

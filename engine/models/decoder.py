@@ -321,9 +321,7 @@ class Decoder:
         experts = order[:, :k]  # [T, k]
         if self.config.cache_routing_tolerance > 0:
             tolerance, resident = self.config.cache_routing_tolerance, self.store.resident(layer)
-            experts = np.stack(
-                [prefer_resident(p, o, k, tolerance, resident) for p, o in zip(probs, order, strict=True)]
-            )
+            experts = prefer_resident(probs, order, k, tolerance, resident)
         weights = np.take_along_axis(probs, experts, axis=-1)
         if grouped is not None:  # the bias steers the choice only
             weights = weights - self.layers[layer].router_bias[experts]
@@ -336,25 +334,26 @@ class Decoder:
 
 @njit(cache=True)
 def prefer_resident(probs: np.ndarray, order: np.ndarray, k: int, tolerance: float, resident: np.ndarray) -> np.ndarray:
-    """Cache-aware routing of one token: its k experts, best first, given its router probabilities [E] (or the
-    best few of them, the rest zero) in ``order`` (best first); experts within ``tolerance`` of the k-th best
-    compete for the places not taken by clearly better ones, those ``resident`` ([E] bool) first."""
+    """Cache-aware routing: each token's k experts [T, k], best first, given its router probabilities [T, E] (or
+    the best few of them, the rest zero) in ``order`` [T, R] (best first); experts within ``tolerance`` of the
+    k-th best compete for the places not taken by clearly better ones, those ``resident`` ([E] bool) first."""
     margin = np.float32(tolerance)  # as numpy compares float32 scores with a Python float
-    kth = probs[order[k - 1]]
-    chosen = np.empty(k, np.int64)
-    sure = 0
-    for e in order[:k]:
-        if probs[e] > kth + margin:
-            chosen[sure] = e
-            sure += 1
-    taken = sure
-    for wanted in (True, False):  # the close ones, resident first
-        for e in order:
-            if taken < k and abs(probs[e] - kth) <= margin and resident[e] == wanted:
+    experts = np.empty((len(order), k), np.int64)
+    for t in range(len(order)):
+        p, o, chosen = probs[t], order[t], experts[t]
+        kth = p[o[k - 1]]
+        taken = 0
+        for e in o[:k]:
+            if p[e] > kth + margin:
                 chosen[taken] = e
                 taken += 1
-    chosen = chosen[:taken]
-    return chosen[np.argsort(-probs[chosen], kind="mergesort")]
+        for wanted in (True, False):  # the close ones, resident first; with the k-th itself, k in all
+            for e in o:
+                if taken < k and abs(p[e] - kth) <= margin and resident[e] == wanted:
+                    chosen[taken] = e
+                    taken += 1
+        chosen[:] = chosen[np.argsort(-p[chosen], kind="mergesort")]
+    return experts
 
 
 def _linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None) -> np.ndarray:

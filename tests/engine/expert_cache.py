@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from operator import index
-from typing import Any
 
 import numpy as np
 
@@ -111,11 +110,3 @@ class ExpertCache:
                 raise ValueError(f"nbytes must be >= 0, got {size!r}")
             sizes.append(min(size, self.layer_capacity_bytes + 1))  # no larger size could fit either
         cache_pin(self.state, np.array(ids, np.int64), np.array(sizes, np.int64))
-
-
-def make_cache(
-    policy: str, scope: str, capacity_bytes: int, num_layers: int, num_experts: int, **kw: Any
-) -> ExpertCache:
-    """A ``policy`` over the whole budget (scope ``global``) or one per layer (``per_layer``); ``kw`` are its
-    options (``protected_fraction`` for slru)."""
-    return ExpertCache(policy, scope, capacity_bytes, num_layers, num_experts, **kw)

@@ -40,7 +40,7 @@ from engine.cache_policy import (
     new_cache_state,
     rank_keys,
 )
-from tests.engine.expert_cache import ExpertCache, Key, make_cache
+from tests.engine.expert_cache import ExpertCache, Key
 
 NUM_LAYERS = 3
 NUM_EXPERTS = 6
@@ -52,7 +52,7 @@ SETTINGS = settings(max_examples=200, deadline=None)
 
 def make_policy(policy: str, capacity: int, **kw: Any) -> ExpertCache:
     """One policy over the whole budget, with room for the behaviour tests' keys."""
-    return make_cache(policy, "global", capacity, NUM_LAYERS, 100, **kw)
+    return ExpertCache(policy, "global", capacity, NUM_LAYERS, 100, **kw)
 
 
 class RefLRU:
@@ -289,7 +289,7 @@ def test_matches_reference_model(
     ops: list[tuple[str, Key]],
 ) -> None:
     kw = {"protected_fraction": fraction} if policy == "slru" else {}
-    cache = make_cache(policy, scope, capacity, NUM_LAYERS, NUM_EXPERTS, **kw)
+    cache = ExpertCache(policy, scope, capacity, NUM_LAYERS, NUM_EXPERTS, **kw)
     model = REFERENCES[policy]
     ref = model(capacity, **kw) if scope == "global" else RefPerLayer(model, capacity, NUM_LAYERS, **kw)
     if policy == "static":
@@ -344,7 +344,7 @@ def test_byte_accounting_holds_under_any_operations(
     ops: list[tuple[str, Key, int]],
 ) -> None:
     kw = {"protected_fraction": fraction} if policy == "slru" else {}
-    cache = make_cache(policy, scope, capacity, NUM_LAYERS, NUM_EXPERTS, **kw)
+    cache = ExpertCache(policy, scope, capacity, NUM_LAYERS, NUM_EXPERTS, **kw)
     sizes = dict(pins)
     if policy == "static":
         cache.pin(pins)
@@ -415,7 +415,7 @@ def replay(state: CacheState, ops: np.ndarray) -> np.ndarray:
 def test_njit_functions_called_from_njit_code_agree_with_the_wrapper(
     policy: str, scope: str, capacity: int, pins: list[tuple[Key, int]], ops: list[tuple[str, Key, int]]
 ) -> None:
-    cache = make_cache(policy, scope, capacity, NUM_LAYERS, NUM_EXPERTS)
+    cache = ExpertCache(policy, scope, capacity, NUM_LAYERS, NUM_EXPERTS)
     state = new_cache_state(policy, scope, capacity, NUM_LAYERS, NUM_EXPERTS)
     ids = {(layer, expert): layer * NUM_EXPERTS + expert for layer, expert in KEYS}
     if policy == "static":
@@ -619,7 +619,7 @@ def test_none_holds_nothing() -> None:
 
 
 def test_per_layer_splits_the_budget_and_routes_by_layer() -> None:
-    cache = make_cache("lru", "per_layer", 10, 3, 6)
+    cache = ExpertCache("lru", "per_layer", 10, 3, 6)
     assert cache.layer_capacity_bytes == 3  # the remaining byte is never used
     assert cache.admit((0, 0), 3) == []
     assert cache.admit((2, 5), 2) == []
@@ -634,19 +634,19 @@ def test_per_layer_splits_the_budget_and_routes_by_layer() -> None:
 
 
 def test_per_layer_static_pins_each_layer_within_its_share() -> None:
-    cache = make_cache("static", "per_layer", 8, 2, 3)
+    cache = ExpertCache("static", "per_layer", 8, 2, 3)
     cache.pin([((0, 0), 3), ((1, 0), 4), ((0, 1), 2), ((0, 2), 1)])
     assert cache.keys() == [(0, 2), (0, 0), (1, 0)]
     assert cache.used_bytes == 8
     for scope in SCOPES:
         with pytest.raises(TypeError, match="static"):
-            make_cache("lru", scope, 8, 2, 3).pin([])
+            ExpertCache("lru", scope, 8, 2, 3).pin([])
 
 
 @pytest.mark.parametrize("policy", POLICIES)
 def test_make_cache_builds_the_named_policy_in_either_scope(policy: str) -> None:
     for scope, partitions, share in (("global", 1, 100), ("per_layer", 4, 25)):
-        cache = make_cache(policy, scope, 100, 4, 8)
+        cache = ExpertCache(policy, scope, 100, 4, 8)
         assert (cache.policy, cache.scope, cache.capacity_bytes) == (policy, scope, 100)
         assert (cache.num_layers, cache.num_experts, cache.layer_capacity_bytes) == (4, 8, share)
         assert POLICIES[cache.state.meta[POLICY]] == policy
@@ -655,7 +655,7 @@ def test_make_cache_builds_the_named_policy_in_either_scope(policy: str) -> None
 
 
 def test_per_layer_passes_policy_options_on() -> None:
-    cache = make_cache("slru", "per_layer", 100, 4, 8, protected_fraction=0.5)
+    cache = ExpertCache("slru", "per_layer", 100, 4, 8, protected_fraction=0.5)
     assert cache.protected_fraction == 0.5
     assert cache.state.meta[PROTECTED_CAPACITY] == 12
 
@@ -667,12 +667,12 @@ def test_per_layer_passes_policy_options_on() -> None:
         (lambda: make_policy("lfu", 1.5), "capacity_bytes"),
         (lambda: make_policy("slru", True), "capacity_bytes"),
         (lambda: make_policy("slru", 1 << 63), "capacity_bytes"),
-        (lambda: make_cache("lru", "per_layer", -1, 2, 2), "capacity_bytes"),
+        (lambda: ExpertCache("lru", "per_layer", -1, 2, 2), "capacity_bytes"),
         (lambda: make_policy("arc", 1), "policy must be one of lru, lfu, slru, static, none"),
-        (lambda: make_cache("arc", "per_layer", 1, 2, 2), "policy"),
-        (lambda: make_cache("lru", "everywhere", 1, 2, 2), "scope"),
-        (lambda: make_cache("lru", "per_layer", 1, 0, 2), "num_layers"),
-        (lambda: make_cache("lru", "global", 1, 2, 0), "num_experts"),
+        (lambda: ExpertCache("arc", "per_layer", 1, 2, 2), "policy"),
+        (lambda: ExpertCache("lru", "everywhere", 1, 2, 2), "scope"),
+        (lambda: ExpertCache("lru", "per_layer", 1, 0, 2), "num_layers"),
+        (lambda: ExpertCache("lru", "global", 1, 2, 0), "num_experts"),
         (lambda: new_cache_state("lru", "global", 1, 2, 2.0), "num_experts"),
         (lambda: make_policy("slru", 10, protected_fraction=1.5), "protected_fraction"),
         (lambda: make_policy("slru", 10, protected_fraction=-0.1), "protected_fraction"),
@@ -700,7 +700,7 @@ def test_negative_sizes_are_refused(policy: str) -> None:
 @pytest.mark.parametrize("scope", SCOPES)
 @pytest.mark.parametrize("key", [(3, 0), (0, 6), (-1, 0), (0, -1)])
 def test_keys_outside_the_cache_are_named(scope: str, key: Key) -> None:
-    cache = make_cache("static", scope, 10, NUM_LAYERS, NUM_EXPERTS)
+    cache = ExpertCache("static", scope, 10, NUM_LAYERS, NUM_EXPERTS)
     calls = [
         lambda: cache.access(key),
         lambda: cache.admit(key, 1),

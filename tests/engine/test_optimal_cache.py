@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from engine.cache_policy import POLICIES
 from engine.optimal_cache import optimal_hits
-from tests.engine.expert_cache import make_cache
+from tests.engine.expert_cache import ExpertCache
 
 batches_strategy = st.lists(st.lists(st.integers(0, 5), min_size=1, max_size=3), min_size=1, max_size=9)
 
@@ -34,7 +34,7 @@ def brute_force(batches: list[list[int]], capacity: int, counted: list[bool]) ->
 def store_hits(policy: str, batches: list[list[int]], capacity: int, counted: list[bool]) -> int:
     """Hits as the expert store scores them: a batch's lookups first, then its misses admitted in order; the
     static policy pins what the first batch looked up (the store's profiling pass)."""
-    cache = make_cache(policy, "global", capacity, 1, 6)
+    cache = ExpertCache(policy, "global", capacity, 1, 6)
     total = 0
     for n, (batch, scored) in enumerate(zip(batches, counted, strict=True)):
         keys = list(dict.fromkeys(batch))
