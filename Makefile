@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test lint clean bench-protocol bench-engine bench-simulator
+.PHONY: run test lint clean bench-protocol bench-engine bench-simulator bench-search
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,11 @@ bench-engine: $(VENV)/.runtime
 # A benchmark, not a test: writes docs/benchmarks/simulator.md and .json (about 25 minutes here; needs root).
 bench-simulator: $(VENV)/.runtime
 	$(BIN)/python -m engine.bench.simulator_report --data data --out docs/benchmarks/simulator.md
+
+# A benchmark, not a test: writes docs/benchmarks/search.md and .json (samplers on the trace simulator, then a short
+# real tune for the overhead per trial; fixtures are made once under data/).
+bench-search: $(VENV)/.runtime
+	$(BIN)/python -m search.bench_search --data data --out docs/benchmarks/search.md
 
 lint: $(VENV)/.test
 	$(BIN)/ruff check .

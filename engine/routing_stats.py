@@ -129,17 +129,19 @@ def lru_hit_rate(experts: np.ndarray, capacity: int) -> float:
     return hits / experts.size
 
 
-def measure(model: Model, workload: Workload) -> RoutingStats:
-    """Routing statistics of ``model`` over a workload's tokens (a generate workload's generated ones too)."""
+def measure(model: Model, workload: Workload) -> tuple[RoutingStats, np.ndarray]:
+    """Routing statistics of ``model`` over a workload's tokens (a generate workload's generated ones too), and
+    the next-token logits [T, V] at those tokens, teacher-forced."""
     from engine.generate import generate, score
 
     tokens = workload.tokens(model)
     with RoutingRecorder(model.decoder) as recorder:
         if workload.kind == "score":
-            score(model, tokens)
+            logits = score(model, tokens)
         else:
-            generate(model, tokens, workload.new_tokens, workload.sampler(model), stop_at_eos=False)
-    return recorder.stats(model.decoder.spec.num_experts)
+            tokens += generate(model, tokens, workload.new_tokens, workload.sampler(model), stop_at_eos=False).tokens
+    stats = recorder.stats(model.decoder.spec.num_experts)
+    return stats, logits if workload.kind == "score" else score(model, tokens)
 
 
 def format_table(stats: RoutingStats) -> str:

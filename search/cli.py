@@ -293,16 +293,22 @@ def _probe(args: argparse.Namespace) -> int:
 
 def _routing_stats(args: argparse.Namespace) -> int:
     from engine import load_model
+    from engine.output_stats import format_table as output_table
+    from engine.output_stats import output_stats
     from engine.routing_stats import format_table, measure
     from engine.workloads import get_workload
 
     workload = get_workload(args.workload)
     model = load_model(args.model)
     try:
-        stats = measure(model, workload)
+        stats, logits = measure(model, workload)
     finally:
         model.close()
-    print(json.dumps(stats.to_dict()) if args.json else format_table(stats))
+    outputs = output_stats(logits)
+    if args.json:
+        print(json.dumps({"routing": stats.to_dict(), "output": outputs.to_dict()}))
+    else:
+        print(f"{format_table(stats)}\n\n{output_table(outputs)}")
     return 0
 
 
@@ -387,12 +393,15 @@ def _tune(args: argparse.Namespace) -> int:
     print("\n" + report[start : report.find("## Plots") if "## Plots" in report else None].strip() + "\n")
     print(f"study and log:  {outcome.results}/ (study.journal, tune.log)")
     print(f"report:         {outcome.report}")
-    print(f"tuned config:   {outcome.tuned or 'none: no trial met the constraints'}")
+    print(f"tuned config:   {outcome.tuned or 'none (nothing exported; why below)'}")
     store = f"--tracking-uri {args.tracking_uri}" if args.tracking_uri else f"--runs {args.runs}"
     print(f"MLflow UI:      {sys.argv[0]} ui {store}   (then http://127.0.0.1:5000)")
     if outcome.interrupted:
         print("interrupted: run the same command again to continue the study", file=sys.stderr)
         return 130
+    if outcome.tuned is None:  # no trial meets every constraint (or none was measured to the end)
+        print(f"autoresearch tune: {outcome.unmet}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -418,13 +427,13 @@ def _open_study(experiment: str, runs: str):
 def _export(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from search.export import export, parse_pick, pick
+    from search.export import export, no_choice, parse_pick, pick
 
     parse_pick(args.pick)
     study = _open_study(args.experiment, args.runs)
     choice = pick(study, study.user_attrs["objectives"], args.pick)
-    if choice is None:
-        print(f"autoresearch export: no feasible complete trial matches --pick {args.pick}", file=sys.stderr)
+    if choice is None:  # nothing written: no trial meets every constraint (and the pick's bound)
+        print(f"autoresearch export: {no_choice(study, args.pick)}", file=sys.stderr)
         return 1
     out = export(study, choice, Path(args.out))
     print(f"wrote {out}: trial {choice.trial.number} ({args.pick})")

@@ -34,6 +34,7 @@
     pruner = "wilcoxon"               # wilcoxon (stops trials clearly slower than the best, repeat by repeat) | none
     prune_p = 0.1                     # the pruner's significance threshold
     warm_start = []                   # exported configs (paths or globs, relative to this file), measured first
+    recipes = true                    # the engine's best recipes (search/study.py) measured first too
 
     [executor]
     ray_address = "local"             # a local Ray instance started for the run, or an existing cluster's address
@@ -63,6 +64,7 @@ from engine.workloads import Workload, get_workload
 from search.space import Space, load_space
 
 SAMPLERS = ("tpe", "gp", "cmaes", "random", "grid", "nsga2")
+DEFAULT_SAMPLER = "tpe"  # the fewest trials to 95% of the best on docs/benchmarks/search.md's objective
 METRICS = {  # BenchResult fields an objective may name, and the direction that is better
     "decode_tok_s": "maximize",
     "prefill_tok_s": "maximize",
@@ -78,7 +80,7 @@ TABLES = {
     "constraints": set(CONSTRAINTS),
     "budget": {"trials", "time"},
     "measure": {"repeats", "warmup", "timeout", "confirm", "confirm_repeats"},
-    "search": {"sampler", "seed", "pruner", "prune_p", "warm_start"},
+    "search": {"sampler", "seed", "pruner", "prune_p", "warm_start", "recipes"},
     "executor": {"ray_address"},
     "fidelity": {"trace", "screen_ratio", "max_screened", "bandwidth"},
 }
@@ -120,6 +122,7 @@ class Experiment:
     screen_ratio: float = 0.8
     max_screened: int | None = None
     sim_bandwidth: float | None = None  # None: the probe's
+    recipes: bool = True  # the engine's best recipes queued beside its default config (study.engine_recipes)
 
     @property
     def multi_objective(self) -> bool:
@@ -169,7 +172,7 @@ def load_experiment(path: str | Path) -> Experiment:
         raise ExperimentError(path, "give trials, time, or both", field="budget")
     measure = get.table("measure")
     search = get.table("search")
-    sampler = search.get("sampler", "tpe")
+    sampler = search.get("sampler", DEFAULT_SAMPLER)
     if sampler not in SAMPLERS:
         raise ExperimentError(path, f"must be one of {', '.join(SAMPLERS)}, got {sampler!r}", field="search.sampler")
     if len(objectives) > 1 and sampler not in ("nsga2", "random", "tpe", "gp"):
@@ -203,9 +206,17 @@ def load_experiment(path: str | Path) -> Experiment:
         pruner=pruner,
         prune_p=prune_p,
         warm_start=_warm_start(path, search.get("warm_start", [])),
+        recipes=_flag(path, search, "search.recipes", True),
         ray_address=get.optional(executor, "executor.ray_address", str) or "local",
         **fidelity,
     )
+
+
+def _flag(path: Path, table: dict[str, Any], key: str, default: bool) -> bool:
+    value = table.get(key.split(".", 1)[1], default)
+    if not isinstance(value, bool):
+        raise ExperimentError(path, f"must be true or false, got {value!r}", field=key)
+    return value
 
 
 def _objectives(path: Path, table: dict[str, Any]) -> tuple[tuple[str, str], ...]:

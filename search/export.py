@@ -6,11 +6,14 @@ interval, the speedup over the engine's default config from the confirmation pha
 
 Picks: ``fastest`` (the best first objective among feasible trials, confirmed figures first), ``knee`` (the
 bend of the speed / KL Pareto front: the most speed for the least quality lost), ``min-quality=X`` (the
-fastest whose top-1 agreement with the original weights is at least X).
+fastest whose top-1 agreement with the original weights is at least X). Only trials that meet every constraint
+are candidates, their quality judged against the study's latest [constraints]; when none is, nothing is exported
+and ``no_choice`` says why: the constraints broken, and the closest trial with its figures.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -18,11 +21,12 @@ from typing import Any
 
 import numpy as np
 import optuna
-from optuna.trial import FrozenTrial
+from optuna.trial import FrozenTrial, TrialState
 
 from engine.config import EngineConfig, toml_key, toml_value
+from engine.units import format_bytes
 from search import trials as figures
-from search.trials import ATTR_CONFIG, ATTR_SUMMARY
+from search.trials import ATTR_BOUNDS, ATTR_CONFIG, ATTR_SUMMARY
 
 
 @dataclass(frozen=True)
@@ -68,6 +72,79 @@ def pick(study: optuna.Study, objectives: list | tuple, how: str) -> Choice | No
         chosen = max(candidates, key=score)
     config = EngineConfig.from_dict(chosen.user_attrs[ATTR_CONFIG])
     return Choice(chosen, config, how, confirmation.get(f"trial {chosen.number}"))
+
+
+def no_choice(study: optuna.Study, how: str) -> str:
+    """Why ``pick(study, ..., how)`` found nothing, for a person: with ``min-quality=``, the best quality the
+    feasible trials reach; else the constraints broken (by how many trials) and the closest trial (the one
+    whose relative excess over its bounds is least) with its figures; or, with no trial measured to the end,
+    what became of the trials."""
+    kind, bound = parse_pick(how)
+    feasible = figures.measured_feasible(study)
+    if kind == "min-quality" and feasible:
+        best = max(feasible, key=lambda t: t.user_attrs[ATTR_SUMMARY].get("quality_top1") or 0.0)
+        top1 = best.user_attrs[ATTR_SUMMARY].get("quality_top1")
+        return (
+            f"no feasible trial has quality_top1 >= {bound:g}, so nothing was exported: the highest among the "
+            f"{len(feasible)} feasible trials is {_num(top1)} (trial {best.number}); pick a lower bound"
+        )
+    if feasible:  # pick finds one whenever a trial is feasible and the pick is not min-quality
+        raise AssertionError(f"{how} picks nothing among {len(feasible)} feasible trials")
+    measured = figures.measured(study)
+    if not measured:
+        return f"no trial was measured to the end, so nothing was exported: {_outcomes(study)}"
+    bounds = study.user_attrs.get(ATTR_BOUNDS)
+    budget = study.user_attrs.get("memory_budget")
+    broken = {t.number: figures.violations(t, figures.judged(t, bounds), budget) for t in measured}
+    counts = Counter(v.key for found in broken.values() for v in found)
+    named = " and ".join(f"{n} broke {_setting(key, bounds, budget)}" for key, n in counts.most_common())
+    closest = min(measured, key=lambda t: (sum(v.excess for v in broken[t.number]), t.number))
+    what = " and ".join(v.text for v in broken[closest.number])
+    objectives = study.user_attrs.get("objectives") or [("value", "")]
+    values = ", ".join(f"{m} {v:.4g}" for (m, _), v in zip(objectives, closest.values or [], strict=False))
+    settings_text = figures.describe(closest.user_attrs[ATTR_CONFIG], study.user_attrs.get("context", {}))
+    which = "constraint" if len(counts) == 1 else "constraints"
+    return (
+        f"no trial met the constraints, so nothing was exported: of the {len(measured)} trials measured to the end, "
+        f"{named}. The closest, trial {closest.number} ({values}; {settings_text}), has {what}. Loosen the "
+        f"{which}, or search settings that can meet {'it' if len(counts) == 1 else 'them'}; the report lists every "
+        "trial."
+    )
+
+
+def _setting(key: str, bounds: dict[str, float] | None, budget: int | None) -> str:
+    """A constraint as the experiment file sets it: ``max_quality_kl = 0.0001``, ``memory_budget = "1 GiB"``."""
+    if key == "memory_budget" and budget:
+        return f'memory_budget = "{format_bytes(budget)}"'
+    if bounds and key in bounds:
+        return f"{key} = {bounds[key]:g}"
+    return key
+
+
+def _outcomes(study: optuna.Study) -> str:
+    """What became of a study's trials: "3 failed (out_of_memory 2, crashed 1), 1 pruned"."""
+    trials = study.get_trials(deepcopy=False)
+    failed = Counter(
+        str(t.user_attrs.get("failure", "unknown")).split(":", 1)[0] for t in trials if t.state == TrialState.FAIL
+    )
+    parts = []
+    if failed:
+        kinds = ", ".join(f"{kind} {n}" for kind, n in failed.most_common())
+        parts.append(f"{sum(failed.values())} failed ({kinds})")
+    pruned = sum(t.state == TrialState.PRUNED for t in trials)
+    if pruned:
+        parts.append(f"{pruned} pruned")
+    if not parts:
+        return "the study has no finished trial"
+    text = ", ".join(parts) + "; the report lists each failure"
+    budget = study.user_attrs.get("memory_budget")
+    if failed.get("out_of_memory") and budget:
+        text += f'. memory_budget = "{format_bytes(budget)}" may leave too little for the process and its experts'
+    return text
+
+
+def _num(value: float | None) -> str:
+    return "not measured" if value is None else f"{value:.4g}"
 
 
 def _knee(trials: list[FrozenTrial]) -> FrozenTrial:

@@ -1,6 +1,7 @@
 """``autoresearch report``: a study as a markdown page a person reads the next morning, with four plots.
 
-The page gives the machine, model and budget; the trials by outcome (failures with their reasons); the
+The page gives the machine, model and budget; when no trial meets the constraints, that nothing was exported
+and why (the constraints broken, the closest trial); the trials by outcome (failures with their reasons); the
 confirmation phase (each finalist's speed and its ratio to the default config, with intervals); the best
 trials with the settings that differ from the defaults. Plots, as PNGs beside the page: optimisation
 history, parameter importances, the speed / quality Pareto front, and speed against cache size.
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import warnings
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 
 import matplotlib
@@ -21,12 +23,14 @@ from optuna.trial import FrozenTrial, TrialState
 
 from engine.units import format_bytes
 from search import trials as figures
-from search.trials import ATTR_CONFIG, ATTR_SUMMARY
+from search.export import no_choice
+from search.trials import ATTR_BOUNDS, ATTR_CONFIG, ATTR_SUMMARY
 
 TOP_TRIALS = 10
 
 
-def write_report(study: optuna.Study, objectives: list | tuple, out: Path) -> Path:
+def write_report(study: optuna.Study, objectives: list | tuple, out: Path, notes: Sequence[str] = ()) -> Path:
+    """The page; ``notes``: lines for its "Nothing exported" section (written when no trial is feasible)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     attrs = study.user_attrs
     trials = study.get_trials(deepcopy=False)
@@ -43,6 +47,10 @@ def write_report(study: optuna.Study, objectives: list | tuple, out: Path) -> Pa
         f"- search time: {attrs.get('search_seconds', 0) / 60:.1f} min over {len(trials)} trials",
         "",
     ]
+    if not figures.measured_feasible(study):
+        why = no_choice(study, "fastest")
+        lines += ["## Nothing exported", "", why[0].upper() + why[1:]]
+        lines += ["", *notes, ""] if notes else [""]
     states = Counter(t.state.name for t in trials)
     lines += ["## Trials", "", " ".join(f"{n} {s.lower()};" for s, n in sorted(states.items())), ""]
     failures = [t for t in trials if t.state == TrialState.FAIL]
@@ -61,7 +69,12 @@ def write_report(study: optuna.Study, objectives: list | tuple, out: Path) -> Pa
         lines.append("")
     complete = [t for t in trials if t.state == TrialState.COMPLETE and ATTR_SUMMARY in t.user_attrs]
     sign = -1 if direction == "maximize" else 1
-    best = sorted(complete, key=lambda t: (not figures.feasible(t.constraints), sign * t.values[0]))[:TOP_TRIALS]
+    bounds = attrs.get(ATTR_BOUNDS)
+
+    def feasible(t: FrozenTrial) -> bool:
+        return figures.feasible(figures.judged(t, bounds))
+
+    best = sorted(complete, key=lambda t: (not feasible(t), sign * t.values[0]))[:TOP_TRIALS]
     if best:
         lines += [f"## Best trials (by {metric})", ""]
         lines += ["| trial | feasible | decode tok/s [95% CI] | top-1 | KL | memory peak | settings |"]
@@ -73,7 +86,7 @@ def write_report(study: optuna.Study, objectives: list | tuple, out: Path) -> Pa
                 ci = f" [{s['decode_tok_s_ci_low']:.2f}, {s['decode_tok_s_ci_high']:.2f}]"
             peak = figures.memory_peak(s)
             lines.append(
-                f"| {t.number} | {'yes' if figures.feasible(t.constraints) else 'no'} | "
+                f"| {t.number} | {'yes' if feasible(t) else 'no'} | "
                 f"{s.get('decode_tok_s', float('nan')):.2f}{ci} | {_num(s.get('quality_top1'))} | "
                 f"{_num(s.get('quality_kl'), 5)} | {format_bytes(peak) if peak else 'n/a'} | "
                 f"{_cell(figures.describe(t.user_attrs.get(ATTR_CONFIG, {}), attrs.get('context', {})))} |"
@@ -94,8 +107,9 @@ def _plots(study: optuna.Study, trials: list[FrozenTrial], objectives, folder: P
     plots = []
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    feasible = [t for t in complete if figures.feasible(t.constraints)]
-    infeasible = [t for t in complete if not figures.feasible(t.constraints)]
+    bounds = study.user_attrs.get(ATTR_BOUNDS)
+    feasible = [t for t in complete if figures.feasible(figures.judged(t, bounds))]
+    infeasible = [t for t in complete if not figures.feasible(figures.judged(t, bounds))]
     ax.scatter([t.number for t in feasible], [t.values[0] for t in feasible], label="feasible")
     ax.scatter([t.number for t in infeasible], [t.values[0] for t in infeasible], facecolors="none",
                edgecolors="tab:red", label="infeasible")  # fmt: skip

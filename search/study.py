@@ -40,7 +40,7 @@ def open_study(experiment: Experiment, results: Path) -> optuna.Study:
     """The experiment's study, created or loaded from ``results/study.journal``."""
     results.mkdir(parents=True, exist_ok=True)
     storage = journal(results)
-    with warnings.catch_warnings():  # TPE's group mode and the Wilcoxon pruner are marked experimental
+    with warnings.catch_warnings():  # the Wilcoxon pruner (and multivariate TPE) are marked experimental
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         study = optuna.create_study(
             storage=storage,
@@ -58,8 +58,8 @@ def open_study(experiment: Experiment, results: Path) -> optuna.Study:
 def make_sampler(experiment: Experiment, seed_offset: int = 0) -> optuna.samplers.BaseSampler:
     seed = experiment.seed + seed_offset
     match experiment.sampler:
-        case "tpe":
-            return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True)
+        case "tpe":  # multivariate, without `group` (docs/benchmarks/search.md: fewer trials, fewer misses)
+            return optuna.samplers.TPESampler(seed=seed, multivariate=True)
         case "gp":
             return optuna.samplers.GPSampler(seed=seed)
         case "cmaes":
@@ -104,13 +104,16 @@ def set_user_attr(study: optuna.Study, number: int, key: str, value: Any) -> Non
 
 
 def enqueue_warm_start(study: optuna.Study, experiment: Experiment, context: dict[str, int]) -> list[str]:
-    """Queue the engine's default config and the experiment's exported configs, each once per study.
+    """Queue the engine's default config, its best recipes (``experiment.recipes``) and the experiment's exported
+    configs, each once per study.
 
     A config the space cannot express (a value outside a parameter's choices, or against its fixed table) is
     skipped with a warning that says why; one outside a numeric range is measured as it is.
     """
     queued = {t.user_attrs.get(ATTR_SOURCE) for t in study.get_trials(deepcopy=False)}
     sources = [("default", EngineConfig())]
+    if experiment.recipes:
+        sources += list(engine_recipes(experiment.memory_budget).items())
     sources += [(str(path), EngineConfig.load(path)) for path in experiment.warm_start]
     enqueued = []
     for source, config in sources:
@@ -126,6 +129,18 @@ def enqueue_warm_start(study: optuna.Study, experiment: Experiment, context: dic
         study.enqueue_trial(params, user_attrs={ATTR_SOURCE: source})
         enqueued.append(source)
     return enqueued
+
+
+def engine_recipes(budget: int) -> dict[str, EngineConfig]:
+    """The engine's best configurations on the 8 GiB synthetic checkpoint (docs/benchmarks/engine.md: 4.9 tok/s
+    lossless against 0.6 under mmap; 11.5 with int8 weights at a KL of 6e-5), their caches half the budget. The
+    int8 one changes the output: the quality constraints decide, and the sampler learns from the answer."""
+    lossless = EngineConfig(io_mode="direct", io_block_bytes=1 << 20, io_threads=4, cache_format="packed",
+                            cache_policy="lru", cache_bytes=budget // 2, predictor="gate_lookahead")  # fmt: skip
+    return {
+        "recipe: direct + lru + gate_lookahead": lossless,
+        "recipe: direct + lru + gate_lookahead, int8 weights": dataclasses.replace(lossless, weights="int8"),
+    }
 
 
 def project(space: Space, config: EngineConfig, context: dict[str, int]) -> dict[str, Any]:

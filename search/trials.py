@@ -3,6 +3,7 @@ constraints, and the summary kept with the trial (in Optuna's user attributes an
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -18,6 +19,8 @@ from search.tracking import REPEAT_METRICS
 PEAK_METRICS = ("memory_peak_bytes", "peak_rss_bytes")  # summarised by their maximum, not their median
 ATTR_CONFIG = "config"  # a trial's user attribute: the full EngineConfig it measured
 ATTR_SUMMARY = "summary"  # its figures over the repeats (summarize)
+ATTR_BOUNDS = "constraints"  # a study's user attribute: the [constraints] table of its latest run
+FILE_KEYS = {"quality_top1": "min_quality_top1", "quality_kl": "max_quality_kl", "memory": "memory_budget"}
 
 
 def repeat_figures(result: dict) -> dict[str, Any]:
@@ -36,9 +39,9 @@ def summarize(results: list[dict]) -> dict[str, Any]:
     if len(speeds) >= 2:
         _, low, high = median_ci(speeds)
         summary["decode_tok_s_ci_low"], summary["decode_tok_s_ci_high"] = low, high
-    quality = next((r for r in results if r.get("quality_top1") is not None), None)
+    quality = next((r for r in results if r.get("quality_kl") is not None), None)
     if quality is not None:
-        for key in ("quality_top1", "quality_kl", "quality_ppl_delta"):
+        for key in ("quality_top1", "quality_top1_excluded", "quality_kl", "quality_ppl_delta"):
             summary[key] = quality[key]
     summary["memory_enforced"] = bool(results and results[0]["memory_limit"]["enforced"])
     return summary
@@ -59,18 +62,33 @@ def constraints(experiment: Experiment, summary: dict[str, Any]) -> dict[str, fl
     """Optuna constraints (feasible when <= 0): quality against the experiment's bounds, memory against the
     budget (the limit's own peak where it was enforced, else the process's peak RSS). Unmeasured quality
     counts as infeasible."""
+    values = quality_constraints(experiment.constraints, summary)
+    peak = memory_peak(summary)
+    if peak is not None:
+        values["memory"] = (peak - experiment.memory_budget) / experiment.memory_budget
+    return values
+
+
+def quality_constraints(bounds: dict[str, float], summary: dict[str, Any]) -> dict[str, float]:
+    """The quality constraints of a trial's figures against a [constraints] table (unmeasured: infeasible)."""
     values = {}
-    bounds = experiment.constraints
     if "min_quality_top1" in bounds:
         top1 = summary.get("quality_top1")
         values["quality_top1"] = 1.0 if top1 is None else bounds["min_quality_top1"] - top1
     if "max_quality_kl" in bounds:
         kl = summary.get("quality_kl")
         values["quality_kl"] = 1.0 if kl is None else kl - bounds["max_quality_kl"]
-    peak = memory_peak(summary)
-    if peak is not None:
-        values["memory"] = (peak - experiment.memory_budget) / experiment.memory_budget
     return values
+
+
+def judged(trial: FrozenTrial, bounds: dict[str, float] | None) -> dict[str, float]:
+    """A trial's constraints as the study's latest run sees them: its quality judged again against ``bounds``
+    (that run's [constraints] table, when the study records one), so trials measured under other bounds are
+    neither exported nor reported against the current ones; its memory as stored (the budget cannot change)."""
+    if bounds is None or ATTR_SUMMARY not in trial.user_attrs:
+        return dict(trial.constraints)
+    kept = {k: v for k, v in trial.constraints.items() if k not in ("quality_top1", "quality_kl")}
+    return kept | quality_constraints(bounds, trial.user_attrs[ATTR_SUMMARY])
 
 
 def feasible(constraint_values: dict[str, float]) -> bool:
@@ -82,13 +100,52 @@ def memory_peak(summary: dict[str, Any]) -> float | None:
     return summary.get("memory_peak_bytes") or summary.get("peak_rss_bytes")
 
 
-def measured_feasible(study: optuna.Study) -> list[FrozenTrial]:
-    """The trials measured to the end that meet every constraint."""
+def measured(study: optuna.Study) -> list[FrozenTrial]:
+    """The trials measured to the end (complete, with their figures and config), feasible or not."""
     return [
         t
         for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        if feasible(t.constraints) and ATTR_SUMMARY in t.user_attrs and ATTR_CONFIG in t.user_attrs
+        if ATTR_SUMMARY in t.user_attrs and ATTR_CONFIG in t.user_attrs
     ]
+
+
+def measured_feasible(study: optuna.Study) -> list[FrozenTrial]:
+    """The trials measured to the end that meet every constraint (quality judged against the latest run's)."""
+    bounds = study.user_attrs.get(ATTR_BOUNDS)
+    return [t for t in measured(study) if feasible(judged(t, bounds))]
+
+
+@dataclass(frozen=True)
+class Violation:
+    key: str  # the experiment file's key: min_quality_top1, max_quality_kl or memory_budget
+    text: str  # the figure against its bound, e.g. "quality_top1 0.91 < 0.95"
+    excess: float  # by how much, relative to the bound (how "closest" is judged)
+
+
+def violations(trial: FrozenTrial, constraint_values: dict[str, float], budget: int | None) -> list[Violation]:
+    """The constraints a measured trial breaks, each with its figure (bounds are recovered from the stored
+    differences, so this reads any study)."""
+    summary = trial.user_attrs.get(ATTR_SUMMARY, {})
+    found = []
+    for key, value in constraint_values.items():
+        if value <= 0:
+            continue
+        figure = memory_peak(summary) if key == "memory" else summary.get(key)
+        if figure is None:
+            found.append(Violation(FILE_KEYS.get(key, key), f"{key} not measured", value))
+        elif key == "quality_top1":
+            bound = figure + value
+            found.append(Violation(FILE_KEYS[key], f"quality_top1 {figure:.4g} < {bound:.4g}", value / (bound or 1.0)))
+        elif key == "quality_kl":
+            bound = figure - value
+            found.append(Violation(FILE_KEYS[key], f"quality_kl {figure:.4g} > {bound:.4g}", value / (bound or 1.0)))
+        elif key == "memory":
+            budget = budget or figure / (1.0 + value)
+            text = f"memory peak {format_bytes(figure)} > memory_budget {format_bytes(budget)}"
+            found.append(Violation(FILE_KEYS[key], text, value))
+        else:
+            found.append(Violation(key, f"{key} {value:+.4g} over its bound", value))
+    return found
 
 
 def speed_quality_front(trials: list[FrozenTrial]) -> list[FrozenTrial]:

@@ -8,6 +8,11 @@ infeasible whatever its speed). A failed measurement (crash, timeout, out of mem
 the reason, and the study goes on. When the budget is spent, the best few are measured again, interleaved
 with the engine's default config, so the exported config's speedup comes with a confidence interval.
 
+A memory budget that cannot hold the model's dense weights is refused before anything starts. When no trial
+meets the constraints, nothing is exported: the command ends with an error naming the constraints broken and
+the closest trial, the report says so, and a ``tuned.toml`` left by an earlier run is renamed
+``tuned.toml.stale`` (no trial meets the constraints now).
+
 Everything is kept in ``runs/<experiment>/``: the study's journal, a readable log, the tuned config and the
 report; and in MLflow. Ctrl-C (or SIGTERM) stops cleanly: unfinished trials are recorded as stopped and
 queued again, so running the same command continues where this one left off.
@@ -58,14 +63,16 @@ from search.study import (
     requeue,
 )
 from search.tracking import REPEAT_METRICS, Tracker, default_tracking_uri
-from search.trials import ATTR_CONFIG, ATTR_SUMMARY
+from search.trials import ATTR_BOUNDS, ATTR_CONFIG, ATTR_SUMMARY
 
 log = logging.getLogger("autoresearch.tune")
 
 ATTR_RUN = "mlflow_run_id"
 ATTR_STOP = "stopped_early"  # why a trial ran fewer repeats than asked
 TRIAL_COLUMNS = ("number", "state", "values", "params", "user_attrs", "datetime_start", "datetime_complete")
+TUNED, STALE = "tuned.toml", "tuned.toml.stale"  # the exported config; an earlier run's, set aside
 DRIVER_GRACE_S = 900.0  # beyond the measurement timeout: repacking and the quality reference run before it
+MiB = 1 << 20
 ATTR_FIDELITY = "fidelity"  # "simulator" on trials the simulator screened out (the others were measured)
 SIMULATOR = "simulator"
 
@@ -85,6 +92,7 @@ class TuneOutcome:
     interrupted: bool
     tuned: Path | None  # the exported config, when a feasible trial exists
     report: Path | None
+    unmet: str | None = None  # when nothing was exported: why (the constraints broken, the closest trial)
 
 
 @dataclass
@@ -98,6 +106,7 @@ class _Running:
     phase: str = "measure"  # or "simulate"
     results: list[dict] = field(default_factory=list)
     submitted: float = 0.0  # when its current task was submitted (time.monotonic)
+    measure_seconds: float = 0.0  # its measurements' own wall time, summed (logged to MLflow at its end)
 
 
 def results_dir(runs: Path, experiment_name: str) -> Path:
@@ -106,6 +115,8 @@ def results_dir(runs: Path, experiment_name: str) -> Path:
 
 def tune(experiment: Experiment, options: TuneOptions = TuneOptions()) -> TuneOutcome:
     """Run ``experiment``'s study to its budget (continuing it if it exists); see the module's docstring."""
+    if (experiment.model / "config.json").exists():  # refused before anything is written or started
+        _check_budget(experiment, experiment.model)
     results = results_dir(options.runs, experiment.name)
     results.mkdir(parents=True, exist_ok=True)
     with _exclusive(results), _logging_to(results / "tune.log"):
@@ -147,6 +158,7 @@ class _Tuner:
                 log.info("recorded the routing trace %s for screening", experiment.trace)
         self.study = open_study(experiment, self.results)
         self._record_study_identity()
+        self._record_bounds()
         stopped = recover_stopped(self.study)
         if stopped:
             log.info("resuming: trials %s had not finished; their configs are queued again", stopped)
@@ -342,6 +354,7 @@ class _Tuner:
 
     def _on_measured(self, running: _Running, out: dict) -> None:
         trial = running.trial
+        running.measure_seconds += out.get("seconds", 0.0)
         if "result" not in out:
             self._fail(running, f"{out['message']}")
             return
@@ -401,6 +414,7 @@ class _Tuner:
     def _ended(self, running: _Running, status: str, summary: dict, tags: dict, short: str, line: str) -> None:
         """A measured trial's end, told to Optuna already: its MLflow run closed, the console and log told."""
         artifacts = {"bench_results.json": running.results} if running.results else {}
+        summary = {**summary, "measure_seconds": running.measure_seconds}
         self.tracker.end_trial(running.run_id, status, summary, {**tags, "fidelity": "engine"}, artifacts)
         self.last = f"#{running.trial.number} {short}"
         self.progress.event(f"trial {running.trial.number}: {line}  {self._describe(running.config)}")
@@ -476,14 +490,22 @@ class _Tuner:
     # The end -----------------------------------------------------------------------------------------------
 
     def _finish(self, interrupted: bool) -> TuneOutcome:
-        from search.export import export, pick
+        from search.export import export, no_choice, pick
         from search.report import write_report
 
-        tuned = None
+        tuned = unmet = None
+        notes: list[str] = []
         choice = pick(self.study, self.experiment.objectives, "fastest")
         if choice is not None:
-            tuned = export(self.study, choice, self.results / "tuned.toml")
-        report = write_report(self.study, self.experiment.objectives, self.results / "report.md")
+            tuned = export(self.study, choice, self.results / TUNED)
+        else:  # nothing that meets every constraint: no tuned.toml, and none from an earlier run left as current
+            unmet = no_choice(self.study, "fastest")
+            if (self.results / TUNED).exists():
+                os.replace(self.results / TUNED, self.results / STALE)
+                notes.append(f"The {TUNED} an earlier run exported was renamed {STALE}: no trial meets the constraints "
+                             "now.")  # fmt: skip
+            log.warning("nothing exported: %s", " ".join([unmet, *notes]))
+        report = write_report(self.study, self.experiment.objectives, self.results / "report.md", notes)
         table = self.results / "trials.csv"
         self.study.trials_dataframe(attrs=TRIAL_COLUMNS).to_csv(table, index=False)
         artifacts = [p for p in (tuned, report, table, self.experiment.path) if p is not None]
@@ -492,8 +514,9 @@ class _Tuner:
         states = [t.state for t in self.study.get_trials(deepcopy=False)]
         counted = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
         self.tracker.log_metrics(self.tracker.parent_id, {f"trials_{s.name.lower()}": states.count(s) for s in counted})
-        self.tracker.end_study("KILLED" if interrupted else "FINISHED", {"tuned_config": tuned})
-        return TuneOutcome(self.results, self.tracking_uri, interrupted, tuned, report)
+        unmet = " ".join([unmet, *notes]) if unmet else None
+        self.tracker.end_study("KILLED" if interrupted else "FINISHED", {"tuned_config": tuned, "unmet": unmet})
+        return TuneOutcome(self.results, self.tracking_uri, interrupted, tuned, report, unmet)
 
     # Bookkeeping -------------------------------------------------------------------------------------------
 
@@ -529,6 +552,15 @@ class _Tuner:
         self.study.set_user_attr("memory_budget", experiment.memory_budget)
         self.study.set_user_attr("objectives", [list(o) for o in experiment.objectives])
         self.study.set_user_attr("context", self.context)
+
+    def _record_bounds(self) -> None:
+        """The experiment's [constraints], kept in the study: every trial's quality is judged against the latest
+        run's (trials.judged), so a tightened bound is never met by a trial measured under a looser one."""
+        before = self.study.user_attrs.get(ATTR_BOUNDS)
+        bounds = dict(self.experiment.constraints)
+        if before is not None and before != bounds:
+            log.info("constraints changed from %s to %s: every trial is judged against the new ones", before, bounds)
+        self.study.set_user_attr(ATTR_BOUNDS, bounds)
 
     def _study_tags(self) -> dict[str, Any]:
         attrs = self.study.user_attrs
@@ -637,8 +669,16 @@ def _confirmation(metric: str, direction: str, measured: dict[str, list[dict | N
 
 def _ensure_model(experiment: Experiment) -> Path:
     """The experiment's checkpoint, made from its synthetic preset if missing (written aside, then moved)."""
+    from engine.synth import SYNTH_FILE, SYNTH_FORMAT_VERSION
+
     model = experiment.model
-    if (model / "config.json").exists():
+    synth = model / SYNTH_FILE
+    made_by_older = (
+        experiment.synth_preset is not None
+        and synth.exists()
+        and (read_json(synth).get("version") != SYNTH_FORMAT_VERSION)
+    )
+    if (model / "config.json").exists() and not made_by_older:
         return model
     if experiment.synth_preset is None:
         raise ExperimentError(
@@ -654,17 +694,24 @@ def _ensure_model(experiment: Experiment) -> Path:
     log.info("making the synthetic checkpoint %s (preset %s)", model, experiment.synth_preset)
     synthesize(partial, shape, knobs=DEFAULT_KNOBS[shape.arch])
     model.parent.mkdir(parents=True, exist_ok=True)
+    if made_by_older:
+        shutil.rmtree(model)
     os.replace(partial, model)
     return model
 
 
 def _check_budget(experiment: Experiment, model: Path) -> None:
+    """A budget that cannot hold the dense weights (kept in RAM as float32 whatever the expert cache) is refused,
+    naming the smallest one that can: the next whole MiB above them."""
     resident = resident_bytes(model)
     if experiment.memory_budget <= resident:
+        minimum = (resident // MiB + 1) * MiB
         raise ExperimentError(
             experiment.path,
-            f"{format_bytes(experiment.memory_budget)} does not exceed the weights the engine keeps resident "
-            f"({format_bytes(resident)} for {model})",
+            f"{format_bytes(experiment.memory_budget)} cannot hold the model's dense weights, which the engine keeps "
+            f"in RAM whatever the expert cache ({format_bytes(resident)} as float32 for {model}): the minimum is "
+            f'memory_budget = "{minimum // MiB}MiB", and trials need room above it for the process and the experts '
+            "they read",
             field="experiment.memory_budget",
         )
 

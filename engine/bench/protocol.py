@@ -279,6 +279,7 @@ def _result(
         peak_rss_bytes=max(p for p in peaks if p is not None) if any(peaks) else None,
         memory_peak_bytes=max(run["limit"]["peak_bytes"] or 0 for run in runs) if limit_info["enforced"] else None,
         quality_top1=q["top1"] if q else None,
+        quality_top1_excluded=q["top1_excluded"] if q else None,
         quality_kl=q["kl"] if q else None,
         quality_ppl_delta=q["perplexity_delta"] if q else None,
         roofline_tok_s=roofline,

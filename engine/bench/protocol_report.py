@@ -138,7 +138,7 @@ def _synthetic(data: Path, size: int) -> tuple[Path, str]:
 def _routing(model_dir: Path) -> str:
     model = load_model(model_dir)
     try:
-        stats = measure(model, get_workload("score-2048"))
+        stats, _ = measure(model, get_workload("score-2048"))
     finally:
         model.close()
     return "\n".join(

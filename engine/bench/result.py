@@ -12,7 +12,7 @@ from pathlib import Path
 
 from engine.units import format_bytes
 
-SCHEMA_VERSION = 2  # 2: prefetch_timeliness, wasted_bytes_per_token; io_stall_frac is the compute's wait
+SCHEMA_VERSION = 3  # 3: quality_top1 over decided positions, quality_top1_excluded; 2: prefetch_timeliness
 
 
 @dataclass
@@ -45,7 +45,8 @@ class BenchResult:
     wasted_bytes_per_token: float | None  # bytes read for prefetches nobody used
     peak_rss_bytes: int | None
     memory_peak_bytes: int | None  # the budget's own accounting (cgroup peak, page cache included)
-    quality_top1: float | None
+    quality_top1: float | None  # over the positions the reference decides (engine/bench/quality.py)
+    quality_top1_excluded: float | None  # share of positions where the reference's top two nearly tie
     quality_kl: float | None
     quality_ppl_delta: float | None
     roofline_tok_s: float | None  # disk bytes per token over the probed bandwidth
@@ -96,6 +97,7 @@ class BenchResult:
             ("peak RSS", _bytes(self.peak_rss_bytes)),
             ("memory peak (budget)", _bytes(self.memory_peak_bytes)),
             ("quality top-1", _num(self.quality_top1, "", 4)),
+            ("top-1 near-ties left out", _num(self.quality_top1_excluded and 100 * self.quality_top1_excluded, " %")),
             ("quality KL", _num(self.quality_kl, " nats", 5)),
             ("perplexity delta", _num(self.quality_ppl_delta, "", 4)),
         ]

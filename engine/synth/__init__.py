@@ -25,13 +25,14 @@ from engine.synth.tokenizer import EOS, train_tokenizer
 from engine.synth.weights import RoutingKnobs, WeightBuilder, encode, topic_of
 
 SYNTH_FILE = "synth.json"
-SYNTH_FORMAT_VERSION = 1
+SYNTH_FORMAT_VERSION = 2  # 2: lm_head rows distinct per token (logit_spread)
 SAFETENSORS_DTYPES = {"bf16": "BF16", "fp16": "F16", "fp32": "F32"}
 
 __all__ = [
     "ARCHS",
     "PRESETS",
     "SYNTH_FILE",
+    "SYNTH_FORMAT_VERSION",
     "RoutingKnobs",
     "SynthShape",
     "read_synth_info",
@@ -88,7 +89,10 @@ def read_synth_info(model_dir: str | Path) -> RoutingKnobs | None:
     info = read_json(path)
     if info.get("version") != SYNTH_FORMAT_VERSION:
         raise CheckpointError(
-            path, f"expected version {SYNTH_FORMAT_VERSION}, got {info.get('version')!r}", field="version"
+            path,
+            f"expected version {SYNTH_FORMAT_VERSION}, got {info.get('version')!r}: an older autoresearch made this "
+            "checkpoint; make it again with `autoresearch synth`",
+            field="version",
         )
     try:
         return RoutingKnobs(**info["knobs"])

@@ -16,8 +16,11 @@ with A, B, S ~ N(0, 1):
 - each attention and expert block writes only about ``drift / sqrt(2 * layers)`` into the residual stream,
   so the state changes little from one layer to the next and the next layer's router applied to the
   current state predicts that layer's choice (lookahead), as in trained models;
-- ``lm_head`` row v is kappa * C[topic(v)]: sampled generation stays on the current topic with probability
-  ``locality``, so generated tokens continue the same topic chain as the workload's prompts.
+- ``lm_head`` row v is kappa * C[topic(v)] + logit_spread * D[v] (D ~ N(0, I_H) / sqrt(H), one row per token):
+  the topic term keeps sampled generation on the current topic with probability ``locality``, so generated
+  tokens continue the same topic chain as the workload's prompts; the token's own term gives every token a
+  distinct row, so the next-token distribution has a trained model's entropy and top-1 margin and no exact
+  ties (with the topic term alone, a topic's tokens would tie exactly and argmax would be float noise).
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ class RoutingKnobs:
     topics: int = 16  # topic count; tokens are assigned round-robin, topic(v) = v % topics
     topic_weight: float = 0.25  # weight of the topic direction against the token's own
     drift: float = 1.0  # how far the residual stream moves, in total, over all layers
+    logit_spread: float = 3.5  # std of each token's own logit term: sets the next-token entropy and top-1 margin
 
     def __post_init__(self) -> None:
         if not 0 < self.locality < 1:
@@ -52,6 +56,8 @@ class RoutingKnobs:
             raise ValueError(f"topics must be at least 2 but got {self.topics}")
         if self.topic_weight < 0 or self.drift < 0:
             raise ValueError(f"topic_weight and drift must be >= 0 but got {self.topic_weight}, {self.drift}")
+        if self.logit_spread < 0:
+            raise ValueError(f"logit_spread must be >= 0 but got {self.logit_spread}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -108,11 +114,17 @@ class WeightBuilder:
             values += k.skew * self.shared_dir
             return values
         if spec.kind == "lm_head":
-            return self.lm_head_scale() / h * self.topic_dirs[self.vocab_topics]
+            values = rng.standard_normal(spec.dims, np.float32)
+            values *= k.logit_spread / math.sqrt(h)
+            values += self.lm_head_scale() / h * self.topic_dirs[self.vocab_topics]
+            return values
         raise ValueError(f"unknown tensor kind {spec.kind!r} for {spec.name}")
 
     def lm_head_scale(self) -> float:
         """kappa such that the current topic's tokens together get probability ``locality``.
+
+        The tokens' own terms multiply every topic's total by the same e^(logit_spread^2 / 2) in expectation,
+        so they leave this ratio as it is.
 
         The final state's topic component is C[t] * topic_weight / rms, with rms^2 about
         topic_weight^2 + 1 + skew^2 + drift^2; so its topic's logit is kappa * topic_weight / rms, the

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from engine.synth import PRESETS
 from search.experiment import ExperimentError, load_experiment
 from search.space import SpaceError
 
@@ -25,11 +26,14 @@ trials = 5
 def test_quickstart_loads() -> None:
     experiment = load_experiment(ROOT / "experiments" / "quickstart.toml")
     assert experiment.name == "quickstart" and experiment.synth_preset == "quickstart"
-    assert experiment.memory_budget == 512 << 20 and experiment.time_budget_s == 480
+    # a real streaming problem: the checkpoint is at least twice the budget (the vocabulary the tokenizer reaches is
+    # under the preset's, which only makes the checkpoint smaller)
+    shape = PRESETS["quickstart"]
+    assert shape.total_bytes("bf16") - 2 * shape.vocab_size * shape.hidden_size * 2 >= 2 * experiment.memory_budget
     assert experiment.objectives == (("decode_tok_s", "maximize"),) and not experiment.multi_objective
     assert experiment.constraints == {"min_quality_top1": 0.95, "max_quality_kl": 0.05}
-    assert experiment.sampler == "tpe" and experiment.repeats == 5 and experiment.trial_timeout_s == 120
-    assert experiment.confirm == 3 and experiment.pruner == "wilcoxon" and experiment.trace is None
+    assert experiment.sampler == "tpe" and experiment.trial_timeout_s == 120
+    assert experiment.trace is None
 
 
 def test_defaults_and_pareto(tmp_path) -> None:
@@ -60,6 +64,7 @@ def test_defaults_and_pareto(tmp_path) -> None:
         ("[constraints]\nmin_quality_top1 = 1.5\n", "constraints.min_quality_top1", "from 0.0 to 1.0"),
         ('[search]\npruner = "median"\n', "search.pruner", "must be one of"),
         ("[search]\nprune_p = 2\n", "search.prune_p", "from 0.0 to 1.0"),
+        ('[search]\nrecipes = "yes"\n', "search.recipes", "must be true or false"),
         ('[search]\npruner = "wilcoxon"\n', "measure.repeats", "needs at least 5 repeats"),
         (
             '[measure]\nrepeats = 5\n[objective]\nmaximize = ["decode_tok_s", "quality_top1"]\n'

@@ -14,7 +14,7 @@ from engine.config import EngineConfig, toml_value
 from search.experiment import SAMPLERS, ExperimentError, load_experiment
 from search.export import parse_pick, pick
 from search.space import load_space
-from search.study import enqueue_warm_start, open_study, project
+from search.study import engine_recipes, enqueue_warm_start, open_study, project
 from tests.search.conftest import AUTORESEARCH, write_experiment
 
 CONTEXT = {"memory_budget": 1 << 30, "model_top_k": 8, "cpu_cores": 2}
@@ -51,6 +51,18 @@ def test_config_outside_the_space_is_skipped_with_the_reason(tmp_path, tiny_mode
     assert queued == ["default"]
     with pytest.warns(UserWarning, match="io_block_bytes"):
         assert enqueue_warm_start(study, experiment, CONTEXT) == []  # the default is queued once per study
+
+
+@pytest.mark.parametrize("recipes", [True, False])
+def test_engine_recipes_are_queued_beside_the_default_unless_turned_off(tmp_path, tiny_model, recipes) -> None:
+    extra = f"[budget]\ntrials = 2\n[search]\nrecipes = {str(recipes).lower()}\n"
+    path = write_experiment(tmp_path, tiny_model, "recipes", extra)
+    (tmp_path / "small.toml").write_text(load_space("default").path.read_text())  # every knob the recipes set
+    experiment = load_experiment(path)
+    study = open_study(experiment, tmp_path / "runs")
+    queued = enqueue_warm_start(study, experiment, CONTEXT)
+    assert queued == ["default", *(engine_recipes(experiment.memory_budget) if recipes else [])]
+    assert len(study.get_trials(states=(TrialState.WAITING,))) == len(queued)
 
 
 def test_resumed_study_does_not_replay_its_first_proposals(tmp_path, tiny_model) -> None:
