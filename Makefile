@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test lint clean bench-protocol bench-engine bench-simulator bench-search
+.PHONY: run test lint clean bench-protocol bench-engine bench-simulator bench-search bench-peer
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,12 @@ bench-simulator: $(VENV)/.runtime
 # real tune for the overhead per trial; fixtures are made once under data/).
 bench-search: $(VENV)/.runtime
 	$(BIN)/python -m search.bench_search --data data --out docs/benchmarks/search.md
+
+# A benchmark, not a test: writes docs/benchmarks/peer.md and .json, the engine against llama.cpp's llama-bench on the
+# same weights (about 40 minutes here, after a one-time llama.cpp build and conversion under data/peer of about 25;
+# needs root for the limits). For development: python -m engine.bench.peer_report --quick (2 rounds, one budget).
+bench-peer: $(VENV)/.runtime
+	$(BIN)/python -m engine.bench.peer_report --data data --out docs/benchmarks/peer.md
 
 lint: $(VENV)/.test
 	$(BIN)/ruff check .

@@ -126,6 +126,16 @@ class Checkpoint:
         scales = self.read(f"{name}_scale_inv", quant.scales_shape_of("fp8", shape, fp8_block))
         return quant.dequantize(quant.PackedMatrix("fp8", shape, fp8_block, raw.reshape(shape), scales))
 
+    def read_matrix(self, name: str, shape: tuple[int, int], fp8_block: int = 0) -> np.ndarray | quant.PackedMatrix:
+        """A weight matrix for ``kernels.matmul``: as stored if bfloat16 (half the bytes of float32 to hold and to
+        stream through the compute), otherwise as ``read`` gives it."""
+        info = self.info(name, shape, ("F8_E4M3", *FLOAT_DTYPES))
+        if info.dtype != "BF16":
+            return self.read(name, shape, fp8_block)
+        raw = np.empty(info.nbytes, dtype=np.uint8)
+        self.read_into(info.path, info.start, raw, name)
+        return quant.PackedMatrix("bf16", shape, 0, raw.view(np.uint16).reshape(shape), np.empty(0, np.float32))
+
     def read_into(self, path: str, offset: int, buffer: np.ndarray, tensor: str) -> None:
         """Fill ``buffer`` with the bytes at ``offset`` of ``path``; a short read means the file shrank."""
         got = os.preadv(self.fds[path], [buffer], offset)

@@ -179,6 +179,7 @@ class ExpertReader:
         self.fds: dict[str, int] = {}
         self._maps: dict[str, tuple[mmap.mmap, np.ndarray]] = {}
         self._map_fds: dict[str, int] = {}  # to check a mapped file's size: touching past its end is SIGBUS
+        self._mapped: dict[int, tuple[ExpertLayout, PackedExpert]] = {}  # by layout identity, as _plans
         try:
             for path in files:
                 if mode == "mmap":
@@ -358,10 +359,17 @@ class ExpertReader:
         return raws
 
     def _packed(self, slot: Slot | None, layout: ExpertLayout) -> PackedExpert:
+        if slot is None:  # views of the mapping: made (and the file's size checked) once per expert
+            mapped = self._mapped.get(id(layout))
+            if mapped is None or mapped[0] is not layout:
+                for piece in self.plan(layout):
+                    self._check_mapped(piece, piece.offset + piece.length)
+                self._mapped[id(layout)] = mapped = (layout, self._views(None, layout))
+            return mapped[1]
+        return self._views(slot, layout)
+
+    def _views(self, slot: Slot | None, layout: ExpertLayout) -> PackedExpert:
         pieces = self.plan(layout)
-        if slot is None:
-            for piece in pieces:
-                self._check_mapped(piece, piece.offset + piece.length)
         if layout.repacked is not None:
             gate_up, down = unpack_expert(self._raw(slot, pieces)[0], layout.repacked)
             return PackedExpert((gate_up,), down, slot)
@@ -402,6 +410,7 @@ class ExpertReader:
         self._map_fds.clear()
         mappings = [mapping for mapping, _ in self._maps.values()]
         self._maps.clear()  # drops the views, so the mappings can close
+        self._mapped.clear()
         for mapping in mappings:
             with contextlib.suppress(BufferError):  # a view still held (say, by a traceback) keeps it until freed
                 mapping.close()

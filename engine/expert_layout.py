@@ -11,6 +11,7 @@ float8 e4m3 and ``weight_scale_inv``); a range then has its scales' range beside
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import NamedTuple
 
 import numpy as np
@@ -47,6 +48,12 @@ class PackedExpert:
     down: PackedMatrix
     buffer: Slot | None
 
+    @cached_property
+    def addresses(self) -> tuple[tuple[int, int], ...]:
+        """Where each matrix's data and scales start in memory, gate_up's parts then down (for compiled code that
+        takes an expert by address: ``moe_kernel``)."""
+        return tuple((_start(m.data), _start(m.scales)) for m in (*self.gate_up, self.down))
+
     def parts(self) -> tuple[PackedMatrix, PackedMatrix]:
         """(gate_up, down) for a one-part gate_up (fused or repacked)."""
         if len(self.gate_up) != 1:
@@ -55,6 +62,12 @@ class PackedExpert:
 
 
 ExpertData = ExpertWeights | PackedExpert
+
+
+def _start(array: np.ndarray) -> int:
+    if not array.flags.c_contiguous:
+        raise ValueError(f"expected a contiguous array, got strides {array.strides}")
+    return array.__array_interface__["data"][0]
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,8 @@
 Per MoE layer the decoder calls ``request(layer, experts)`` (the cache records the accesses; misses start
 reading, ``top_k`` of them at a time), then ``route_done`` with the layer's routing so that the predictor, if
 any, prefetches the next layers' experts, then ``get`` once for each expert, in the order requested (waiting
-for its read if needed; each ``get`` starts the next read, and frees the previous expert unless cached).
+for its read if needed; each ``get`` starts the next read, and frees the previous expert unless cached), or
+``get_all`` for all of them at once (a decode step: they stay until the next ``request``).
 
 What the store holds, in float32 (``cache_format = "dequantized"``) or as stored (``"packed"``, computed by the
 fused kernels; under ``mmap`` these are views of the mapping, so the page cache decides what stays in RAM):
@@ -174,8 +175,14 @@ class ExpertStore:
         state.counters[ledger.PREFETCH_TIMELY] += timely
         self._start(layer, starts)
 
-    def get(self, layer: int, expert: int) -> ExpertData:
-        """The weights of an expert requested for this layer, once; valid until the next ``get`` or ``request``."""
+    def get_all(self, layer: int, experts: list[int]) -> list[ExpertData]:
+        """The weights of every expert requested for this layer, in the order requested, each valid until the next
+        ``request`` (a decode step computes them together)."""
+        return [self.get(layer, expert, hold=True) for expert in experts]
+
+    def get(self, layer: int, expert: int, hold: bool = False) -> ExpertData:
+        """The weights of an expert requested for this layer, once; valid until the next ``get`` or ``request``
+        (with ``hold``, until the next ``request``)."""
         if layer != self._layer or expert not in self._current:
             raise KeyError(f"expert {expert} of layer {layer} was not requested for the current layer, or was taken")
         if self._done:
@@ -196,12 +203,12 @@ class ExpertStore:
         evicted, cached = self.ledger.admit(layer, expert)
         for victim in self.ledger.state.cache.evicted[:evicted].tolist() if evicted else ():
             key = self._key(victim)  # one this layer has yet to compute stays until the next layer
-            still_needed = key[0] == layer and key[1] in self._current
+            still_needed = hold or (key[0] == layer and key[1] in self._current)
             (self._retiring if still_needed else self._done).append(self._cached.pop(key))
         if cached:
             self._cached[layer, expert] = data
         else:
-            self._done.append(data)
+            (self._retiring if hold else self._done).append(data)
         return data
 
     def route_done(self, layer: int, h: np.ndarray, experts: np.ndarray, probs: np.ndarray) -> None:

@@ -9,11 +9,13 @@ sets the kernels' threads; BLAS keeps its own. A matrix too small to gain from s
 Sums are reordered and fused into FMAs so that they vectorise, so results differ from numpy's by float32 rounding:
 |matmul(x, p) - x @ dequantize(p).T| <= 1e-6 * sqrt(in) * (|x| @ |dequantize(p)|.T), against float64 (tested).
 
-Numba's OpenMP workers busy-wait for a while after each parallel kernel, taking the cores from BLAS threads that
-start right after (measured: a decode layer of BLAS attention and kernel experts 10x slower on 2 cores). The
-dequantizing of the prefill path is single-threaded for this reason, and OpenMP is told to wait passively
-(``OMP_WAIT_POLICY=passive`` unless the environment says otherwise; it is read when numba starts its threads):
-the layer then took 8 ms instead of 68.
+Numba's OpenMP workers busy-wait for a while after each parallel kernel before they sleep. Waking a sleeping
+worker costs tens of microseconds (more on a virtual machine), paid by each of the hundred-odd kernel calls of a
+decode token; spinning for 20,000 rounds (``GOMP_SPINCOUNT``, unless the environment sets it or
+``OMP_WAIT_POLICY``; read when numba starts its threads) took a token of the 8 GiB bf16 checkpoint in RAM from
+60-85 ms to 47-56 on 2 cores. Spinning workers would take the cores from BLAS threads started right after them
+(measured: a decode layer 10x slower), so the decoder runs BLAS on the calling thread (``models/decoder.py``),
+and the dequantizing of the prefill path is single-threaded.
 
 On CPUs with AVX-512, LLVM vectorises 256 bits wide by default (``prefer-256-bit``); the kernels are told to use
 the full 512 (unless ``NUMBA_CPU_FEATURES`` says otherwise), which measured 15-25% faster on the project's
@@ -27,7 +29,8 @@ import os
 import time
 from collections.abc import Callable
 
-os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+if "OMP_WAIT_POLICY" not in os.environ:
+    os.environ.setdefault("GOMP_SPINCOUNT", "20000")
 
 import llvmlite.binding
 import numba
@@ -53,7 +56,7 @@ _prefer_512_bit_vectors()
 # with BLAS beats the fused kernels, which decode every weight once per token.
 BLAS_TOKENS = {"bf16": 16, "fp16": 16, "int8": 16, "int4": 8, "int4_bf16": 8, "fp8": 16}
 BLAS_ROWS = 256  # rows dequantized per BLAS call: the scratch stays in L2
-_FASTMATH = {"reassoc", "contract"}
+FASTMATH = {"reassoc", "contract"}
 _ROW_BLOCK = 16
 
 
@@ -136,7 +139,7 @@ def _call_with_threads(kernel: Callable[..., None], args: tuple, threads: int) -
         numba.set_num_threads(before)
 
 
-_THREAD_CHOICE = _ThreadChoice()
+THREAD_CHOICE = _ThreadChoice()
 
 
 def _fused(p: PackedMatrix, x: np.ndarray, data: np.ndarray, scales: np.ndarray, out: np.ndarray) -> None:
@@ -145,12 +148,12 @@ def _fused(p: PackedMatrix, x: np.ndarray, data: np.ndarray, scales: np.ndarray,
     if threads == 1:
         kernel(x, data, scales, p.group_size, out)
         return
-    _THREAD_CHOICE.run((p.format, p.shape, x.shape[0], threads), kernel, (x, data, scales, p.group_size, out))
+    THREAD_CHOICE.run((p.format, p.shape, x.shape[0], threads), kernel, (x, data, scales, p.group_size, out))
 
 
 def _kernel_views(p: PackedMatrix) -> tuple[np.ndarray, np.ndarray]:
     """numba has no float16 or bfloat16 arrays: float16 data and scales go in as their uint16 bits, bfloat16 scales
-    as int16 bits (``_scale_to_f32`` tells them apart by type)."""
+    as int16 bits (``scale_to_f32`` tells them apart by type)."""
     data = p.data.view(np.uint16) if p.format == "fp16" else p.data
     scales = _SCALE_BITS.get(p.format)
     return data, p.scales if scales is None else p.scales.view(scales)
@@ -160,17 +163,17 @@ _SCALE_BITS = {"int4": np.uint16, "int4_bf16": np.int16}  # see _kernel_views
 
 
 @intrinsic
-def _bf16_to_f32(typingctx, bits):
+def bf16_to_f32(typingctx, bits):
     return types.float32(types.uint16), lambda context, builder, signature, args: _widen_bf16(builder, args[0])
 
 
 @intrinsic
-def _f16_to_f32(typingctx, bits):
+def f16_to_f32(typingctx, bits):
     return types.float32(types.uint16), lambda context, builder, signature, args: _widen_f16(builder, args[0])
 
 
 @intrinsic
-def _scale_to_f32(typingctx, bits):
+def scale_to_f32(typingctx, bits):
     """An int4 group scale as float32: float16 bits given as uint16, bfloat16 bits as int16."""
 
     def codegen(context, builder, signature, args):
@@ -194,7 +197,7 @@ def _widen_f16(builder: ir.IRBuilder, bits: ir.Value) -> ir.Value:
 
 
 @njit(cache=True)
-def _nibbles(byte):
+def nibbles(byte):
     """The two int4 values of a byte, low nibble first, as float32.
 
     uint8 and int8 arithmetic throughout (numba widens integer arithmetic to int64, which vectorises 4x worse).
@@ -204,27 +207,27 @@ def _nibbles(byte):
     return np.float32(low), np.float32(high)
 
 
-@njit(parallel=True, fastmath=_FASTMATH, cache=True)
+@njit(parallel=True, fastmath=FASTMATH, cache=True)
 def _fused_bf16(x, data, scales, group_size, y):
     for r in prange(data.shape[0]):
         for t in range(x.shape[0]):
             acc = np.float32(0)
             for k in range(data.shape[1]):
-                acc += x[t, k] * _bf16_to_f32(data[r, k])
+                acc += x[t, k] * bf16_to_f32(data[r, k])
             y[t, r] = acc
 
 
-@njit(parallel=True, fastmath=_FASTMATH, cache=True)
+@njit(parallel=True, fastmath=FASTMATH, cache=True)
 def _fused_fp16(x, data, scales, group_size, y):
     for r in prange(data.shape[0]):
         for t in range(x.shape[0]):
             acc = np.float32(0)
             for k in range(data.shape[1]):
-                acc += x[t, k] * _f16_to_f32(data[r, k])
+                acc += x[t, k] * f16_to_f32(data[r, k])
             y[t, r] = acc
 
 
-@njit(parallel=True, fastmath=_FASTMATH, cache=True)
+@njit(parallel=True, fastmath=FASTMATH, cache=True)
 def _fused_int8(x, data, scales, group_size, y):
     for r in prange(data.shape[0]):
         for t in range(x.shape[0]):
@@ -234,29 +237,38 @@ def _fused_int8(x, data, scales, group_size, y):
             y[t, r] = acc * scales[r]
 
 
-@njit(parallel=True, fastmath=_FASTMATH, cache=True)
+@njit(parallel=True, fastmath=FASTMATH, cache=True)
 def _fused_int4(x, data, scales, group_size, y):
-    rows, half = data.shape
-    pairs = group_size // 2
+    rows = data.shape[0]
     # x split into its even and odd elements, so the low and high nibbles each meet contiguous x
     x_even = np.ascontiguousarray(x[:, 0::2])
     x_odd = np.ascontiguousarray(x[:, 1::2])
     for block in prange((rows + _ROW_BLOCK - 1) // _ROW_BLOCK):
-        # one partial sum per position in a group, scaled group by group: no horizontal sum per group
-        lanes = np.empty(pairs, np.float32)
-        for r in range(block * _ROW_BLOCK, min(rows, (block + 1) * _ROW_BLOCK)):
-            for t in range(x.shape[0]):
-                lanes[:] = 0
-                for g in range(half // pairs):
-                    scale = _scale_to_f32(scales[r, g])
-                    for i in range(pairs):
-                        j = g * pairs + i
-                        low, high = _nibbles(data[r, j])
-                        lanes[i] += scale * (low * x_even[t, j] + high * x_odd[t, j])
-                y[t, r] = lanes.sum()
+        first, last = block * _ROW_BLOCK, min(rows, (block + 1) * _ROW_BLOCK)
+        for t in range(x.shape[0]):
+            int4_rows(x_even[t], x_odd[t], data, scales, group_size, first, last, y[t, first:last])
 
 
-@njit(parallel=True, fastmath=_FASTMATH, cache=True)
+@njit(fastmath=FASTMATH, cache=True)
+def int4_rows(x_even, x_odd, data, scales, group_size, first, last, y):
+    """y[r - first] = row r of an int4 matrix (``data`` [rows, in / 2], ``scales`` [rows, in / group_size] as
+    ``scale_to_f32`` reads them) times x, for r in [first, last); x_even and x_odd are x's even and odd
+    elements, so that the low and high nibbles each meet contiguous x."""
+    pairs = group_size // 2
+    # one partial sum per position in a group, scaled group by group: no horizontal sum per group
+    lanes = np.empty(pairs, np.float32)
+    for r in range(first, last):
+        lanes[:] = 0
+        for g in range(data.shape[1] // pairs):
+            scale = scale_to_f32(scales[r, g])
+            for i in range(pairs):
+                j = g * pairs + i
+                low, high = nibbles(data[r, j])
+                lanes[i] += scale * (low * x_even[j] + high * x_odd[j])
+        y[r - first] = lanes.sum()
+
+
+@njit(parallel=True, fastmath=FASTMATH, cache=True)
 def _fused_fp8(x, data, scales, group_size, y):
     cols = data.shape[1]
     for r in prange(data.shape[0]):
@@ -274,14 +286,14 @@ def _fused_fp8(x, data, scales, group_size, y):
 def _dequantize_bf16(data, scales, group_size, start, w):
     for i in range(w.shape[0]):
         for k in range(w.shape[1]):
-            w[i, k] = _bf16_to_f32(data[start + i, k])
+            w[i, k] = bf16_to_f32(data[start + i, k])
 
 
 @njit(cache=True)
 def _dequantize_fp16(data, scales, group_size, start, w):
     for i in range(w.shape[0]):
         for k in range(w.shape[1]):
-            w[i, k] = _f16_to_f32(data[start + i, k])
+            w[i, k] = f16_to_f32(data[start + i, k])
 
 
 @njit(cache=True)
@@ -296,10 +308,10 @@ def _dequantize_int4(data, scales, group_size, start, w):
     pairs = group_size // 2
     for r in range(w.shape[0]):
         for g in range(scales.shape[1]):
-            scale = _scale_to_f32(scales[start + r, g])
+            scale = scale_to_f32(scales[start + r, g])
             for i in range(pairs):
                 j = g * pairs + i
-                low, high = _nibbles(data[start + r, j])
+                low, high = nibbles(data[start + r, j])
                 w[r, 2 * j] = low * scale
                 w[r, 2 * j + 1] = high * scale
 

@@ -67,6 +67,15 @@ WORKLOADS = {
     for w in (
         Workload("decode-short", 1, "generate", 32, 32, "chat turn: 32-token prompt, 32 tokens decoded"),
         Workload("decode-long", 1, "generate", 512, 128, "long context: 512-token prompt, 128 tokens decoded"),
+        Workload(
+            "decode-sustained",
+            1,
+            "generate",
+            32,
+            512,
+            "sustained decode: 32-token prompt, 512 tokens decoded, "
+            "long enough for the cache to reach its steady state",
+        ),
         Workload("score-512", 1, "score", 512, 0, "teacher-forced scoring of 512 tokens (prefill-shaped)"),
         Workload("score-2048", 1, "score", 2048, 0, "teacher-forced scoring of 2048 tokens (routing statistics)"),
     )

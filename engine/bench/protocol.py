@@ -110,7 +110,8 @@ def run_bench(request: BenchRequest, probe: ProbeResult | None = None) -> BenchR
 
 
 def resident_bytes(model_dir: Path) -> int:
-    """Bytes the engine holds in RAM whatever the cache: every non-expert tensor, as float32."""
+    """Bytes the engine holds in RAM whatever the cache, at most: every non-expert tensor as float32 (bfloat16
+    attention projections are held as stored, at half that)."""
     checkpoint = Checkpoint.open(model_dir)
     try:
         return sum(4 * int(np.prod(t.shape)) for name, t in checkpoint.tensors.items() if ".experts." not in name)

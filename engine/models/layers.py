@@ -9,12 +9,27 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from numba import njit
 
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
-    """RMSNorm (Zhang & Sennrich 2019) over the last axis."""
-    variance = np.mean(np.square(x), axis=-1, keepdims=True)
-    return (x / np.sqrt(variance + eps)) * weight
+    """RMSNorm (Zhang & Sennrich 2019) over the last axis, compiled: at decode numpy's calls cost more than the
+    arithmetic (four per layer, 2 ms of a 45 ms token)."""
+    rows = np.ascontiguousarray(x, np.float32).reshape(-1, x.shape[-1])
+    return _rms_norm(rows, np.asarray(weight, np.float32), np.float32(eps)).reshape(x.shape)
+
+
+@njit(fastmath={"reassoc", "contract"}, cache=True)
+def _rms_norm(x: np.ndarray, weight: np.ndarray, eps: np.float32) -> np.ndarray:
+    out = np.empty_like(x)
+    for r in range(x.shape[0]):
+        square_sum = np.float32(0)
+        for k in range(x.shape[1]):
+            square_sum += x[r, k] * x[r, k]
+        scale = np.float32(1) / np.sqrt(square_sum / np.float32(x.shape[1]) + eps)
+        for k in range(x.shape[1]):
+            out[r, k] = x[r, k] * scale * weight[k]
+    return out
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:

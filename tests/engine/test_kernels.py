@@ -257,9 +257,9 @@ def test_each_shape_keeps_the_faster_thread_count_with_the_same_results():
     x = np.random.default_rng(4).standard_normal((1, 256)).astype(np.float32)
     threads = kernels.max_threads()
     key = ("bf16", p.shape, 1, threads)
-    kernels._THREAD_CHOICE.serial.pop(key, None)
+    kernels.THREAD_CHOICE.serial.pop(key, None)
     results = [kernels.matmul(x, p) for _ in range(2 * kernels._ThreadChoice.CALLS + 2)]
     for result in results:
         np.testing.assert_array_equal(result, results[0])
     if threads > 1:
-        assert key in kernels._THREAD_CHOICE.serial and key not in kernels._THREAD_CHOICE.timings
+        assert key in kernels.THREAD_CHOICE.serial and key not in kernels.THREAD_CHOICE.timings
