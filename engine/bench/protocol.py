@@ -149,7 +149,7 @@ def _compile_outside_the_budget(request: BenchRequest, config: EngineConfig) -> 
     if request.memory_limit is None or key in _COMPILED:
         return
     unlimited = dataclasses.replace(request, memory_limit=None, cold=False, warmup=1)
-    _run_child(unlimited, config, "bench", reference=None, repeats=0)
+    _run_child(unlimited, config, "compile", reference=None, repeats=0)
     _COMPILED.add(key)
 
 

@@ -1,7 +1,9 @@
 """The benchmark's child process: load the model once, warm up, run the measured repeats, write the figures.
 
-Run as ``python -m engine.bench.worker REQUEST.json``. The parent has already placed this process under the
-memory limit, so everything it allocates and every page it reads is charged to the budget.
+Run as ``python -m engine.bench.worker REQUEST.json``; its mode is ``bench``, ``reference`` (the quality
+reference), or ``compile`` (a bench run's warm-up only, outside the budget, so that compiled code is cached).
+The parent has already placed this process under the memory limit, so everything it allocates and every page it
+reads is charged to the budget.
 Shapes: T = tokens scored, V = vocabulary.
 """
 
