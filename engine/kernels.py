@@ -35,10 +35,10 @@ if "OMP_WAIT_POLICY" not in os.environ:
 import llvmlite.binding
 import numba
 import numpy as np
-from llvmlite import ir
-from numba import njit, prange, types
-from numba.extending import intrinsic
+from numba import njit, prange
 
+from engine.float_bits import bf16_to_f32, f16_to_f32, scale_to_f32
+from engine.int4_kernel import int4_rows
 from engine.quant import FP8_VALUES, INT4_OFFSET, PackedMatrix
 
 
@@ -154,46 +154,12 @@ def _fused(p: PackedMatrix, x: np.ndarray, data: np.ndarray, scales: np.ndarray,
 def _kernel_views(p: PackedMatrix) -> tuple[np.ndarray, np.ndarray]:
     """numba has no float16 or bfloat16 arrays: float16 data and scales go in as their uint16 bits, bfloat16 scales
     as int16 bits (``scale_to_f32`` tells them apart by type)."""
-    data = p.data.view(np.uint16) if p.format == "fp16" else p.data
+    data = np.ascontiguousarray(p.data.view(np.uint16) if p.format == "fp16" else p.data)
     scales = _SCALE_BITS.get(p.format)
-    return data, p.scales if scales is None else p.scales.view(scales)
+    return data, np.ascontiguousarray(p.scales if scales is None else p.scales.view(scales))
 
 
 _SCALE_BITS = {"int4": np.uint16, "int4_bf16": np.int16}  # see _kernel_views
-
-
-@intrinsic
-def bf16_to_f32(typingctx, bits):
-    return types.float32(types.uint16), lambda context, builder, signature, args: _widen_bf16(builder, args[0])
-
-
-@intrinsic
-def f16_to_f32(typingctx, bits):
-    return types.float32(types.uint16), lambda context, builder, signature, args: _widen_f16(builder, args[0])
-
-
-@intrinsic
-def scale_to_f32(typingctx, bits):
-    """An int4 group scale as float32: float16 bits given as uint16, bfloat16 bits as int16."""
-
-    def codegen(context, builder, signature, args):
-        widen = _widen_f16 if signature.args[0] == types.uint16 else _widen_bf16
-        return widen(builder, args[0])
-
-    if bits not in (types.uint16, types.int16):
-        return None
-    return types.float32(bits), codegen
-
-
-def _widen_bf16(builder: ir.IRBuilder, bits: ir.Value) -> ir.Value:
-    """bfloat16 bits (16-bit integer) to float32: the top half of its bits."""
-    wide = builder.shl(builder.zext(bits, ir.IntType(32)), ir.Constant(ir.IntType(32), 16))
-    return builder.bitcast(wide, ir.FloatType())
-
-
-def _widen_f16(builder: ir.IRBuilder, bits: ir.Value) -> ir.Value:
-    """float16 bits (16-bit integer) to float32."""
-    return builder.fpext(builder.bitcast(bits, ir.HalfType()), ir.FloatType())
 
 
 @njit(cache=True)
@@ -207,34 +173,52 @@ def nibbles(byte):
     return np.float32(low), np.float32(high)
 
 
+@njit(fastmath=FASTMATH, cache=True)
+def bf16_dot(x, w):
+    """x · w for float32 x and a row w of bfloat16 bits (uint16)."""
+    acc = np.float32(0)
+    for k in range(len(w)):
+        acc += x[k] * bf16_to_f32(w[k])
+    return acc
+
+
+@njit(fastmath=FASTMATH, cache=True)
+def f16_dot(x, w):
+    """x · w for float32 x and a row w of float16 bits (uint16)."""
+    acc = np.float32(0)
+    for k in range(len(w)):
+        acc += x[k] * f16_to_f32(w[k])
+    return acc
+
+
+@njit(fastmath=FASTMATH, cache=True)
+def int8_dot(x, w):
+    """x · w for float32 x and an int8 row w (before its scale)."""
+    acc = np.float32(0)
+    for k in range(len(w)):
+        acc += x[k] * np.float32(w[k])
+    return acc
+
+
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
 def _fused_bf16(x, data, scales, group_size, y):
     for r in prange(data.shape[0]):
         for t in range(x.shape[0]):
-            acc = np.float32(0)
-            for k in range(data.shape[1]):
-                acc += x[t, k] * bf16_to_f32(data[r, k])
-            y[t, r] = acc
+            y[t, r] = bf16_dot(x[t], data[r])
 
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
 def _fused_fp16(x, data, scales, group_size, y):
     for r in prange(data.shape[0]):
         for t in range(x.shape[0]):
-            acc = np.float32(0)
-            for k in range(data.shape[1]):
-                acc += x[t, k] * f16_to_f32(data[r, k])
-            y[t, r] = acc
+            y[t, r] = f16_dot(x[t], data[r])
 
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
 def _fused_int8(x, data, scales, group_size, y):
     for r in prange(data.shape[0]):
         for t in range(x.shape[0]):
-            acc = np.float32(0)
-            for k in range(data.shape[1]):
-                acc += x[t, k] * np.float32(data[r, k])
-            y[t, r] = acc * scales[r]
+            y[t, r] = int8_dot(x[t], data[r]) * scales[r]
 
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
@@ -246,26 +230,7 @@ def _fused_int4(x, data, scales, group_size, y):
     for block in prange((rows + _ROW_BLOCK - 1) // _ROW_BLOCK):
         first, last = block * _ROW_BLOCK, min(rows, (block + 1) * _ROW_BLOCK)
         for t in range(x.shape[0]):
-            int4_rows(x_even[t], x_odd[t], data, scales, group_size, first, last, y[t, first:last])
-
-
-@njit(fastmath=FASTMATH, cache=True)
-def int4_rows(x_even, x_odd, data, scales, group_size, first, last, y):
-    """y[r - first] = row r of an int4 matrix (``data`` [rows, in / 2], ``scales`` [rows, in / group_size] as
-    ``scale_to_f32`` reads them) times x, for r in [first, last); x_even and x_odd are x's even and odd
-    elements, so that the low and high nibbles each meet contiguous x."""
-    pairs = group_size // 2
-    # one partial sum per position in a group, scaled group by group: no horizontal sum per group
-    lanes = np.empty(pairs, np.float32)
-    for r in range(first, last):
-        lanes[:] = 0
-        for g in range(data.shape[1] // pairs):
-            scale = scale_to_f32(scales[r, g])
-            for i in range(pairs):
-                j = g * pairs + i
-                low, high = nibbles(data[r, j])
-                lanes[i] += scale * (low * x_even[j] + high * x_odd[j])
-        y[r - first] = lanes.sum()
+            int4_rows(x_even[t], x_odd[t], data, scales, first, last, y[t, first:last])
 
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)

@@ -19,7 +19,8 @@ from numba import carray, get_num_threads, njit, prange, types
 from numba.extending import intrinsic
 
 from engine.expert_layout import ExpertData, PackedExpert
-from engine.kernels import FASTMATH, THREAD_CHOICE, bf16_to_f32, f16_to_f32, int4_rows
+from engine.int4_kernel import int4_rows
+from engine.kernels import FASTMATH, THREAD_CHOICE, bf16_dot, f16_dot, int8_dot
 
 _FORMATS = {"bf16": 0, "fp16": 1, "int8": 2, "int4": 3, "int4_bf16": 4}
 _ROWS = 32  # rows per parallel job
@@ -83,21 +84,11 @@ _f32 = _pointer_intrinsic(types.float32)
 @njit(fastmath=FASTMATH, cache=True)
 def _dot(fmt, x, data, scales, row, cols):
     """Row ``row`` of a bf16, fp16 or int8 [rows, cols] matrix at ``data`` (and ``scales``) times x."""
-    acc = np.float32(0)
     if fmt == 0:
-        w = carray(_u16(data + row * cols * 2), cols)
-        for k in range(cols):
-            acc += x[k] * bf16_to_f32(w[k])
-    elif fmt == 1:
-        w = carray(_u16(data + row * cols * 2), cols)
-        for k in range(cols):
-            acc += x[k] * f16_to_f32(w[k])
-    else:
-        w8 = carray(_i8(data + row * cols), cols)
-        for k in range(cols):
-            acc += x[k] * np.float32(w8[k])
-        acc *= carray(_f32(scales + row * 4), 1)[0]
-    return acc
+        return bf16_dot(x, carray(_u16(data + row * cols * 2), cols))
+    if fmt == 1:
+        return f16_dot(x, carray(_u16(data + row * cols * 2), cols))
+    return int8_dot(x, carray(_i8(data + row * cols), cols)) * carray(_f32(scales + row * 4), 1)[0]
 
 
 @njit(fastmath=FASTMATH, cache=True)
@@ -106,10 +97,10 @@ def _rows(fmt, group, x, x_even, x_odd, data, scales, rows, cols, first, last, y
     int4 reads x as its even and odd elements."""
     if fmt == 3:
         w4 = carray(_u8(data), (rows, cols // 2))
-        int4_rows(x_even, x_odd, w4, carray(_u16(scales), (rows, cols // group)), group, first, last, y)
+        int4_rows(x_even, x_odd, w4, carray(_u16(scales), (rows, cols // group)), first, last, y)
     elif fmt == 4:
         w4 = carray(_u8(data), (rows, cols // 2))
-        int4_rows(x_even, x_odd, w4, carray(_i16(scales), (rows, cols // group)), group, first, last, y)
+        int4_rows(x_even, x_odd, w4, carray(_i16(scales), (rows, cols // group)), first, last, y)
     else:
         for r in range(first, last):
             y[r - first] = _dot(fmt, x, data, scales, r, cols)

@@ -157,7 +157,8 @@ def assert_matches_float64(y: np.ndarray, x: np.ndarray, w: np.ndarray) -> None:
     assert (np.abs(y - x64 @ w64.T) <= bound).all()
 
 
-SHAPES = [(5, 128, 32), (37, 96, 32), (64, 256, 64), (300, 64, 64)]  # [out, in, group size]
+# [out, in, group size]; groups of 20 and 2 leave int4 bytes past its vector steps of 8 (groups of 16 values)
+SHAPES = [(5, 128, 32), (37, 96, 32), (64, 256, 64), (300, 64, 64), (7, 80, 20), (3, 48, 2)]
 
 
 def test_token_counts_cover_both_paths():
