@@ -12,7 +12,6 @@ import numpy as np
 from numba import njit
 from threadpoolctl import ThreadpoolController
 
-from engine import kernels
 from engine.checkpoint import Checkpoint
 from engine.config import EngineConfig
 from engine.errors import CheckpointError
@@ -25,6 +24,7 @@ from engine.models.layers import (
     attend_latent,
     gated_delta_rule,
     l2_normalize,
+    linear,
     rms_norm,
     sigmoid,
     silu,
@@ -87,17 +87,17 @@ class Attention:
 class LatentAttentionWeights:
     """Multi-head latent attention; the key and value up-projections are kept per head for absorption."""
 
-    q: np.ndarray | None  # [nH*(N+P), H] without a q low-rank projection
-    q_a: np.ndarray | None  # [Rq, H]
+    q: np.ndarray | PackedMatrix | None  # [nH*(N+P), H] without a q low-rank projection
+    q_a: np.ndarray | PackedMatrix | None  # [Rq, H]
     q_a_bias: np.ndarray | None
     q_a_norm: np.ndarray | None  # [Rq]
-    q_b: np.ndarray | None  # [nH*(N+P), Rq]
-    kv_a: np.ndarray  # [R+P, H]
+    q_b: np.ndarray | PackedMatrix | None  # [nH*(N+P), Rq]
+    kv_a: np.ndarray | PackedMatrix  # [R+P, H]
     kv_a_bias: np.ndarray | None
     kv_a_norm: np.ndarray  # [R]
     k_up: np.ndarray  # [nH, N, R]: a head's non-rotary key from the latent
     v_up: np.ndarray  # [nH, V, R]
-    o: np.ndarray  # [H, nH*V]
+    o: np.ndarray | PackedMatrix  # [H, nH*V]
     o_bias: np.ndarray | None
 
 
@@ -122,8 +122,8 @@ class Layer:
     post_attention_norm: np.ndarray
     attention: Attention | LatentAttentionWeights | DeltaNetWeights
     router: np.ndarray | None  # [E, H] for MoE layers
-    dense: tuple[np.ndarray, np.ndarray] | None  # (gate_up [2I, H], down [H, I]) for dense layers
-    shared_expert: tuple[np.ndarray, np.ndarray] | None
+    dense: tuple[np.ndarray | PackedMatrix, np.ndarray | PackedMatrix] | None  # (gate_up [2I, H], down [H, I])
+    shared_expert: tuple[np.ndarray | PackedMatrix, np.ndarray | PackedMatrix] | None
     shared_expert_gate: np.ndarray | None  # [1, H]
     router_bias: np.ndarray | None = None  # [E]: the grouped sigmoid router's choice correction
 
@@ -211,7 +211,7 @@ class Decoder:
         s = self.spec
         t = h.shape[0]
         q_out = s.num_heads * s.head_dim * (2 if s.attention_output_gate else 1)
-        q, k, v = np.split(_linear(h, a.qkv, a.qkv_bias), [q_out, q_out + s.num_kv_heads * s.head_dim], axis=1)
+        q, k, v = np.split(linear(h, a.qkv, a.qkv_bias), [q_out, q_out + s.num_kv_heads * s.head_dim], axis=1)
         gate = None
         if s.attention_output_gate:  # per head: the query, then as many gate values
             q, gate = np.split(q.reshape(t, s.num_heads, 2 * s.head_dim), 2, axis=-1)
@@ -228,7 +228,7 @@ class Decoder:
         q, k = Rope.apply(q, cos, sin), Rope.apply(k, cos, sin)
         keys, values = cache.append(i, k, v)
         out = attend(q, keys, values, start, s.sliding_windows[i])
-        return _linear(out if gate is None else out * sigmoid(gate), a.o, a.o_bias)
+        return linear(out if gate is None else out * sigmoid(gate), a.o, a.o_bias)
 
     def _delta_net(self, i: int, a: DeltaNetWeights, h: np.ndarray, cache: KVCache) -> np.ndarray:
         s, net = self.spec, self.spec.gated_delta_net
@@ -271,10 +271,10 @@ class Decoder:
         assert m is not None
         t, eps = h.shape[0], s.rms_norm_eps
         low_rank_q = a.q_a is not None
-        q = rms_norm(_linear(h, a.q_a, a.q_a_bias), a.q_a_norm, eps) @ a.q_b.T if low_rank_q else h @ a.q.T
+        q = linear(rms_norm(linear(h, a.q_a, a.q_a_bias), a.q_a_norm, eps), a.q_b) if low_rank_q else linear(h, a.q)
         q = q.reshape(t, s.num_heads, m.qk_nope_head_dim + m.qk_rope_head_dim).transpose(1, 0, 2)  # [nH, T, N+P]
         q_nope, q_rope = q[..., : m.qk_nope_head_dim], q[..., m.qk_nope_head_dim :]
-        compressed = _linear(h, a.kv_a, a.kv_a_bias)  # [T, R+P]
+        compressed = linear(h, a.kv_a, a.kv_a_bias)  # [T, R+P]
         latent = rms_norm(compressed[:, : m.kv_lora_rank], a.kv_a_norm, eps)
         k_rope = compressed[None, :, m.kv_lora_rank :]  # [1, T, P]
         rotate = Rope.apply_interleaved if m.interleaved_rope else Rope.apply
@@ -283,7 +283,7 @@ class Decoder:
         q_latent = q_nope @ a.k_up  # [nH, T, R]
         mixed = attend_latent(q_latent, q_rope, latents[0], k_ropes[0], start, m.softmax_scale)  # [nH, T, R]
         out = (mixed @ a.v_up.transpose(0, 2, 1)).transpose(1, 0, 2).reshape(t, -1)  # [T, nH*V]
-        return _linear(out, a.o, a.o_bias)
+        return linear(out, a.o, a.o_bias)
 
     def _mlp(self, i: int, layer: Layer, h: np.ndarray) -> np.ndarray:
         if layer.dense is not None:
@@ -379,11 +379,6 @@ def prefer_resident(probs: np.ndarray, order: np.ndarray, k: int, tolerance: flo
     return experts
 
 
-def _linear(x: np.ndarray, weight: np.ndarray | PackedMatrix, bias: np.ndarray | None) -> np.ndarray:
-    y = kernels.matmul(np.ascontiguousarray(x), weight) if isinstance(weight, PackedMatrix) else x @ weight.T
-    return y if bias is None else y + bias
-
-
 def _stacked(matrices: list[np.ndarray | PackedMatrix]) -> np.ndarray | PackedMatrix:
     """Matrices of the same input stacked by rows: packed if all are, else float32."""
     if all(isinstance(m, PackedMatrix) for m in matrices):
@@ -412,11 +407,12 @@ def build_decoder(spec: DecoderSpec, ckpt: Checkpoint, config: EngineConfig) -> 
         weight = read(name, shape)
         return weight + 1.0 if s.zero_centered_norms else weight
 
-    def mlp(prefix: str, inter: int) -> tuple[np.ndarray, np.ndarray]:
-        gate_up = np.concatenate(
-            [read(f"{prefix}.gate_proj.weight", (inter, h)), read(f"{prefix}.up_proj.weight", (inter, h))]
-        )
-        return gate_up, read(f"{prefix}.down_proj.weight", (h, inter))
+    def matrix(name: str, shape: tuple[int, int]) -> np.ndarray | PackedMatrix:
+        return ckpt.read_matrix(name, shape, fp8_block)
+
+    def mlp(prefix: str, inter: int) -> tuple[np.ndarray | PackedMatrix, np.ndarray | PackedMatrix]:
+        gate_up = _stacked([matrix(f"{prefix}.{n}_proj.weight", (inter, h)) for n in ("gate", "up")])
+        return gate_up, matrix(f"{prefix}.down_proj.weight", (h, inter))
 
     norm_shapes = {"per_head": ((d,), (d,)), "full": ((q_dim,), (kv_dim,))}
     repacked = is_repacked(ckpt.path)
@@ -426,17 +422,15 @@ def build_decoder(spec: DecoderSpec, ckpt: Checkpoint, config: EngineConfig) -> 
         p = f"{base}.layers.{i}"
         attention: Attention | LatentAttentionWeights | DeltaNetWeights
         if s.latent_attention is not None:
-            attention = _latent_attention_weights(read, maybe, f"{p}.self_attn", s)
+            attention = _latent_attention_weights(read, maybe, matrix, f"{p}.self_attn", s)
         elif s.linear_layers and s.linear_layers[i]:
             attention = _delta_net_weights(read, f"{p}.linear_attn", s)
         else:
             qn, kn = norm_shapes.get(s.qk_norm, (None, None))
             rows = {"q": q_out, "k": kv_dim, "v": kv_dim}
             attention = Attention(
-                qkv=_stacked(
-                    [ckpt.read_matrix(f"{p}.self_attn.{n}_proj.weight", (r, h), fp8_block) for n, r in rows.items()]
-                ),
-                o=ckpt.read_matrix(f"{p}.self_attn.o_proj.weight", (h, q_dim), fp8_block),
+                qkv=_stacked([matrix(f"{p}.self_attn.{n}_proj.weight", (r, h)) for n, r in rows.items()]),
+                o=matrix(f"{p}.self_attn.o_proj.weight", (h, q_dim)),
                 qkv_bias=np.concatenate([read(f"{p}.self_attn.{n}_proj.bias", (r,)) for n, r in rows.items()])
                 if s.qkv_bias
                 else None,
@@ -514,7 +508,9 @@ def _delta_net_weights(read: Callable, prefix: str, s: DecoderSpec) -> DeltaNetW
     )
 
 
-def _latent_attention_weights(read: Callable, maybe: Callable, prefix: str, s: DecoderSpec) -> LatentAttentionWeights:
+def _latent_attention_weights(
+    read: Callable, maybe: Callable, matrix: Callable, prefix: str, s: DecoderSpec
+) -> LatentAttentionWeights:
     m = s.latent_attention
     assert m is not None
     h, heads = s.hidden_size, s.num_heads
@@ -524,17 +520,17 @@ def _latent_attention_weights(read: Callable, maybe: Callable, prefix: str, s: D
     kv_up = read(f"{prefix}.kv_b_proj.weight", (heads * (m.qk_nope_head_dim + m.v_head_dim), m.kv_lora_rank))
     kv_up = kv_up.reshape(heads, m.qk_nope_head_dim + m.v_head_dim, m.kv_lora_rank)
     return LatentAttentionWeights(
-        q=maybe(f"{prefix}.q_proj.weight", (q_dim, h), not low_rank_q),
-        q_a=maybe(f"{prefix}.q_a_proj.weight", (rank_q, h), low_rank_q),
+        q=None if low_rank_q else matrix(f"{prefix}.q_proj.weight", (q_dim, h)),
+        q_a=matrix(f"{prefix}.q_a_proj.weight", (rank_q, h)) if low_rank_q else None,
         q_a_bias=maybe(f"{prefix}.q_a_proj.bias", (rank_q,), low_rank_q and m.bias),
         q_a_norm=maybe(f"{prefix}.q_a_layernorm.weight", (rank_q,), low_rank_q),
-        q_b=maybe(f"{prefix}.q_b_proj.weight", (q_dim, rank_q), low_rank_q),
-        kv_a=read(f"{prefix}.kv_a_proj_with_mqa.weight", (m.kv_lora_rank + m.qk_rope_head_dim, h)),
+        q_b=matrix(f"{prefix}.q_b_proj.weight", (q_dim, rank_q)) if low_rank_q else None,
+        kv_a=matrix(f"{prefix}.kv_a_proj_with_mqa.weight", (m.kv_lora_rank + m.qk_rope_head_dim, h)),
         kv_a_bias=maybe(f"{prefix}.kv_a_proj_with_mqa.bias", (m.kv_lora_rank + m.qk_rope_head_dim,), m.bias),
         kv_a_norm=read(f"{prefix}.kv_a_layernorm.weight", (m.kv_lora_rank,)),
         k_up=np.ascontiguousarray(kv_up[:, : m.qk_nope_head_dim]),
         v_up=np.ascontiguousarray(kv_up[:, m.qk_nope_head_dim :]),
-        o=read(f"{prefix}.o_proj.weight", (h, heads * m.v_head_dim)),
+        o=matrix(f"{prefix}.o_proj.weight", (h, heads * m.v_head_dim)),
         o_bias=maybe(f"{prefix}.o_proj.bias", (h,), m.bias),
     )
 

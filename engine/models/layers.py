@@ -11,6 +11,9 @@ import math
 import numpy as np
 from numba import njit
 
+from engine import kernels
+from engine.quant import PackedMatrix
+
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     """RMSNorm (Zhang & Sennrich 2019) over the last axis, compiled: at decode numpy's calls cost more than the
@@ -142,8 +145,14 @@ def gated_delta_rule(
     return out
 
 
-def swiglu(x: np.ndarray, gate_up: np.ndarray, down: np.ndarray) -> np.ndarray:
+def linear(x: np.ndarray, weight: np.ndarray | PackedMatrix, bias: np.ndarray | None = None) -> np.ndarray:
+    """x [T, in] @ weight.T (+ bias): a packed weight through ``kernels.matmul``, a float32 one through BLAS."""
+    y = kernels.matmul(np.ascontiguousarray(x), weight) if isinstance(weight, PackedMatrix) else x @ weight.T
+    return y if bias is None else y + bias
+
+
+def swiglu(x: np.ndarray, gate_up: np.ndarray | PackedMatrix, down: np.ndarray | PackedMatrix) -> np.ndarray:
     """SwiGLU MLP (Shazeer 2020): x [T, H], gate_up [2I, H] (gate rows then up rows), down [H, I]."""
-    gu = x @ gate_up.T  # [T, 2I]
+    gu = linear(x, gate_up)  # [T, 2I]
     i = gu.shape[-1] // 2
-    return (silu(gu[:, :i]) * gu[:, i:]) @ down.T
+    return linear(silu(gu[:, :i]) * gu[:, i:], down)
