@@ -17,6 +17,7 @@ from engine.config import EngineConfig
 from engine.errors import CheckpointError
 from engine.expert_layout import locate_experts, repacked_layouts
 from engine.expert_store import ExpertStore
+from engine.models.decode_attention import NORMS, attend_one, project_one
 from engine.models.experts import expert_mlp
 from engine.models.layers import (
     Rope,
@@ -121,7 +122,7 @@ class Layer:
     input_norm: np.ndarray
     post_attention_norm: np.ndarray
     attention: Attention | LatentAttentionWeights | DeltaNetWeights
-    router: np.ndarray | None  # [E, H] for MoE layers
+    router: np.ndarray | PackedMatrix | None  # [E, H] for MoE layers
     dense: tuple[np.ndarray | PackedMatrix, np.ndarray | PackedMatrix] | None  # (gate_up [2I, H], down [H, I])
     shared_expert: tuple[np.ndarray | PackedMatrix, np.ndarray | PackedMatrix] | None
     shared_expert_gate: np.ndarray | None  # [1, H]
@@ -210,6 +211,15 @@ class Decoder:
             return self._delta_net(i, a, h, cache)
         s = self.spec
         t = h.shape[0]
+        if t == 1:  # decode: compiled, see decode_attention
+            q, gate, k, v = project_one(
+                linear(h, a.qkv, a.qkv_bias)[0], s.num_heads, s.num_kv_heads, s.head_dim, s.attention_output_gate,
+                NORMS[s.qk_norm], _empty_or(a.q_norm), _empty_or(a.k_norm), np.float32(s.rms_norm_eps),
+                np.float32(s.clip_qkv or 0), cos[0], sin[0],
+            )  # fmt: skip
+            cache.append(i, k[:, None], v[:, None])
+            out = attend_one(q, gate, cache.keys[i], cache.values[i], start + 1, s.sliding_windows[i] or 0)
+            return linear(out[None], a.o, a.o_bias)
         q_out = s.num_heads * s.head_dim * (2 if s.attention_output_gate else 1)
         q, k, v = np.split(linear(h, a.qkv, a.qkv_bias), [q_out, q_out + s.num_kv_heads * s.head_dim], axis=1)
         gate = None
@@ -317,18 +327,11 @@ class Decoder:
         """[T, E]: what ``layer``'s router ranks its experts by for inputs ``h``: softmax probabilities, or under
         the grouped sigmoid router the biased scores, -inf outside each token's best groups."""
         mine = self.layers[layer]
-        logits = h @ mine.router.T
+        logits = linear(h, mine.router)
         grouped = self.spec.grouped_router
         if grouped is None:
             return softmax(logits)
-        choice = sigmoid(logits) + mine.router_bias
-        tokens, experts = choice.shape
-        groups = choice.reshape(tokens, grouped.n_group, experts // grouped.n_group)
-        group_scores = np.sort(groups, axis=-1)[..., -2:].sum(axis=-1)  # [T, G]: each group's two best
-        kept = np.argsort(-group_scores, axis=-1, kind="stable")[:, : grouped.topk_group]
-        mask = np.zeros(group_scores.shape, bool)
-        np.put_along_axis(mask, kept, True, axis=-1)
-        return np.where(np.repeat(mask, experts // grouped.n_group, axis=-1), choice, -np.inf)
+        return _best_groups(sigmoid(logits) + mine.router_bias, grouped.n_group, grouped.topk_group)
 
     def route(self, layer: int, h: np.ndarray) -> Routing:
         """Rank the E experts by ``router_scores``, keep the top k (Shazeer et al. 2017); their weights are the
@@ -340,19 +343,72 @@ class Decoder:
         """
         k, grouped = self.spec.top_k, self.spec.grouped_router
         probs = self.router_scores(layer, h)  # [T, E]
-        order = np.argsort(-probs, axis=-1, kind="stable")
-        experts = order[:, :k]  # [T, k]
         if self.config.cache_routing_tolerance > 0:
             tolerance, resident = self.config.cache_routing_tolerance, self.store.resident(layer)
-            experts = prefer_resident(probs, order, k, tolerance, resident)
-        weights = np.take_along_axis(probs, experts, axis=-1)
-        if grouped is not None:  # the bias steers the choice only
-            weights = weights - self.layers[layer].router_bias[experts]
-        if self.spec.norm_topk_prob:
-            weights = weights / (weights.sum(axis=-1, keepdims=True) + (0.0 if grouped is None else 1e-20))
-        if grouped is not None:
-            weights = weights * grouped.routed_scaling_factor
+            experts = prefer_resident(probs, np.argsort(-probs, axis=-1, kind="stable"), k, tolerance, resident)
+        else:
+            experts = _top_k(probs, k)
+        if grouped is None:
+            weights = _routing_weights(probs, experts, _NO_BIAS, self.spec.norm_topk_prob, 0.0, 1.0)
+        else:  # the bias steers the choice only
+            bias, scaling = self.layers[layer].router_bias, grouped.routed_scaling_factor
+            weights = _routing_weights(probs, experts, bias, self.spec.norm_topk_prob, 1e-20, scaling)
         return Routing(experts, weights, probs)
+
+
+_NO_BIAS = np.zeros(0, np.float32)
+
+
+@njit(cache=True)
+def _top_k(probs: np.ndarray, k: int) -> np.ndarray:
+    """Each row's k largest, best first, ties to the lower index (as a stable argsort of -probs ranks them)."""
+    experts = np.empty((probs.shape[0], k), np.int64)
+    for t in range(probs.shape[0]):
+        row, chosen = probs[t], experts[t]
+        for slot in range(k):
+            best = -1
+            for e in range(len(row)):
+                if (best < 0 or row[e] > row[best]) and not (chosen[:slot] == e).any():
+                    best = e
+            chosen[slot] = best
+    return experts
+
+
+@njit(cache=True)
+def _routing_weights(probs, experts, bias, normalize, eps, scaling):
+    """The chosen experts' scores [T, k], less the choice-only ``bias`` (if any), optionally normalised to sum 1
+    (+ ``eps``), times ``scaling``."""
+    weights = np.empty(experts.shape, probs.dtype)
+    for t in range(experts.shape[0]):
+        for slot in range(experts.shape[1]):
+            e = experts[t, slot]
+            weights[t, slot] = probs[t, e] - bias[e] if len(bias) else probs[t, e]
+        if normalize:
+            weights[t] /= weights[t].sum() + np.float32(eps)
+        weights[t] *= np.float32(scaling)
+    return weights
+
+
+@njit(cache=True)
+def _best_groups(choice: np.ndarray, n_group: int, topk_group: int) -> np.ndarray:
+    """``choice`` [T, E] with -inf outside each token's ``topk_group`` best of ``n_group`` expert groups, a group
+    scored by the sum of its two best (ties: the lower group first)."""
+    tokens, experts = choice.shape
+    size = experts // n_group
+    out = np.full_like(choice, -np.inf)
+    scores = np.empty(n_group, choice.dtype)
+    for t in range(tokens):
+        for g in range(n_group):
+            first = second = -np.inf
+            for value in choice[t, g * size : (g + 1) * size]:
+                if value > first:
+                    first, second = value, first
+                elif value > second:
+                    second = value
+            scores[g] = second + first
+        for g in np.argsort(-scores, kind="mergesort")[:topk_group]:
+            out[t, g * size : (g + 1) * size] = choice[t, g * size : (g + 1) * size]
+    return out
 
 
 @njit(cache=True)
@@ -377,6 +433,10 @@ def prefer_resident(probs: np.ndarray, order: np.ndarray, k: int, tolerance: flo
                     taken += 1
         chosen[:] = chosen[np.argsort(-p[chosen], kind="mergesort")]
     return experts
+
+
+def _empty_or(weight: np.ndarray | None) -> np.ndarray:
+    return np.empty(0, np.float32) if weight is None else weight
 
 
 def _stacked(matrices: list[np.ndarray | PackedMatrix]) -> np.ndarray | PackedMatrix:
@@ -441,7 +501,7 @@ def build_decoder(spec: DecoderSpec, ckpt: Checkpoint, config: EngineConfig) -> 
         router = router_bias = dense = shared = shared_gate = None
         if s.sparse_layers[i]:
             moe = _moe_prefix(ckpt, p, s)
-            router = read(f"{moe}.gate.weight", (s.num_experts, h))
+            router = matrix(f"{moe}.gate.weight", (s.num_experts, h))
             router_bias = maybe(f"{moe}.gate.e_score_correction_bias", (s.num_experts,), s.grouped_router is not None)
             if not repacked:
                 experts = locate_experts(

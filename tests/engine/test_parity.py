@@ -105,14 +105,18 @@ def _prompt(seed: int, length: int) -> list[int]:
 
 
 @pytest.mark.parametrize(("arch", "case"), PARAMS)
-def test_fp32_logits_and_greedy_tokens_match_transformers(tmp_path, arch, case):
+def test_fp32_logits_token_by_token_and_greedy_tokens_match_transformers(tmp_path, arch, case):
     reference, path = build(arch, tmp_path / "ckpt", **case)
     if case.get("max_shard_size"):
         assert (path / "model.safetensors.index.json").exists()
     model = load_model(path)
     ids = _prompt(1, SEQ_BY_ARCH.get(arch, SEQ))
 
-    np.testing.assert_allclose(score(model, ids), reference_logits(reference, ids), atol=1e-4, rtol=0)
+    expected = reference_logits(reference, ids)
+    np.testing.assert_allclose(score(model, ids), expected, atol=1e-4, rtol=0)
+    cache = model.decoder.new_cache()  # one token at a time: the decode paths (compiled attention, routed experts)
+    stepped = np.concatenate([model.decoder.forward(np.asarray([token]), cache) for token in ids])
+    np.testing.assert_allclose(stepped, expected, atol=1e-4, rtol=0)
 
     prompt = ids[:8]
     expected = reference_greedy(reference, prompt, 16)
