@@ -85,21 +85,39 @@ class _Piece:
     element: int  # first element of the target written
 
 
+class _AlreadyFinished:
+    """The finish of a fetch completed by the thread that makes it (a mapping's views): no event to wait on, and
+    none to make (an event's lock and condition cost more than the rest of such a fetch)."""
+
+    def is_set(self) -> bool:
+        return True
+
+    def wait(self) -> bool:
+        return True
+
+    def set(self) -> None:
+        pass
+
+
+_ALREADY_FINISHED = _AlreadyFinished()
+
+
 class Fetch:
     """One expert being read: ``wait`` returns its data (or raises the read's error).
 
     The data is ``weights`` (float32, converted) when the fetch was given arrays, else a ``PackedExpert`` of
     the bytes as stored, in a slot that the caller returns with ``ExpertReader.give_slot`` when done with it.
+    ``immediate``: the caller finishes it before handing it out.
     """
 
-    def __init__(self, weights: ExpertWeights | None, pending: int) -> None:
+    def __init__(self, weights: ExpertWeights | None, pending: int, immediate: bool = False) -> None:
         self.weights = weights
         self.result: ExpertData | None = None
         self.error: BaseException | None = None
         self.cancelled = False
         self._pending = pending
         self._lock = threading.Lock()
-        self._finished = threading.Event()
+        self._finished = _ALREADY_FINISHED if immediate else threading.Event()
         self.bytes_read = 0
 
     @property
@@ -215,10 +233,11 @@ class ExpertReader:
         """Start reading ``layout``: converted into ``weights``, or, without them, kept as stored (packed)."""
         pieces = self.plan(layout)
         if not issues_reads(self.mode, repacked=layout.packed_on_disk, packed=weights is None):
-            fetch = Fetch(weights, 0)
             if weights is None:  # the mapping is the data: nothing to read now
+                fetch = Fetch(weights, 0, immediate=True)
                 self._finish(fetch, None, layout)
             else:  # packed bytes in the mapping, dequantized by a worker
+                fetch = Fetch(weights, 0)
                 self._pool.submit(self._finish, fetch, None, layout)
             return fetch
         requests = [

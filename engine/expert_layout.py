@@ -54,6 +54,12 @@ class PackedExpert:
         takes an expert by address: ``moe_kernel``)."""
         return tuple((_start(m.data), _start(m.scales)) for m in (*self.gate_up, self.down))
 
+    @cached_property
+    def kind(self) -> tuple[tuple[str, tuple[int, int], int], ...]:
+        """(format, shape, group size) of each matrix, gate_up's parts then down: experts alike can be computed
+        together (``moe_kernel``)."""
+        return tuple((m.format, m.shape, m.group_size) for m in (*self.gate_up, self.down))
+
     def parts(self) -> tuple[PackedMatrix, PackedMatrix]:
         """(gate_up, down) for a one-part gate_up (fused or repacked)."""
         if len(self.gate_up) != 1:

@@ -30,12 +30,8 @@ def supported(experts: list[ExpertData]) -> bool:
     """Whether ``routed_experts`` can run these experts: packed, in one of its formats, all alike."""
     if not experts or not all(isinstance(e, PackedExpert) for e in experts):
         return False
-
-    def kind(e: PackedExpert) -> tuple:
-        return tuple((m.format, m.shape, m.group_size) for m in (*e.gate_up, e.down))
-
-    first = kind(experts[0])
-    return first[-1][0] in _FORMATS and len({m[0] for m in first}) == 1 and all(kind(e) == first for e in experts)
+    first = experts[0].kind
+    return first[-1][0] in _FORMATS and len({m[0] for m in first}) == 1 and all(e.kind == first for e in experts)
 
 
 def routed_experts(x: np.ndarray, experts: list[PackedExpert], weights: np.ndarray) -> np.ndarray:

@@ -17,7 +17,13 @@ from engine.config import EngineConfig
 from engine.errors import CheckpointError
 from engine.expert_layout import locate_experts, repacked_layouts
 from engine.expert_store import ExpertStore
-from engine.models.decode_attention import NORMS, attend_one, project_one
+from engine.models.decode_attention import (
+    NORMS,
+    attend_latent_one,
+    attend_one,
+    project_latent_one,
+    project_one,
+)
 from engine.models.experts import expert_mlp
 from engine.models.layers import (
     Rope,
@@ -282,6 +288,16 @@ class Decoder:
         t, eps = h.shape[0], s.rms_norm_eps
         low_rank_q = a.q_a is not None
         q = linear(rms_norm(linear(h, a.q_a, a.q_a_bias), a.q_a_norm, eps), a.q_b) if low_rank_q else linear(h, a.q)
+        if t == 1:  # decode: compiled, see decode_attention
+            q_latent, q_rope, latent, k_rope = project_latent_one(
+                q.reshape(s.num_heads, -1), linear(h, a.kv_a, a.kv_a_bias)[0], m.qk_nope_head_dim, m.kv_lora_rank,
+                a.kv_a_norm, np.float32(eps), cos[0], sin[0], m.interleaved_rope, a.k_up,
+            )  # fmt: skip
+            cache.append(i, latent[None, None], k_rope[None, None])
+            out = attend_latent_one(
+                q_latent, q_rope, cache.keys[i][0], cache.values[i][0], start + 1, m.softmax_scale, a.v_up
+            )
+            return linear(out[None], a.o, a.o_bias)
         q = q.reshape(t, s.num_heads, m.qk_nope_head_dim + m.qk_rope_head_dim).transpose(1, 0, 2)  # [nH, T, N+P]
         q_nope, q_rope = q[..., : m.qk_nope_head_dim], q[..., m.qk_nope_head_dim :]
         compressed = linear(h, a.kv_a, a.kv_a_bias)  # [T, R+P]
