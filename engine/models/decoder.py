@@ -218,10 +218,11 @@ class Decoder:
         s = self.spec
         t = h.shape[0]
         if t == 1:  # decode: compiled, see decode_attention
+            q_norm, k_norm = (_NONE if n is None else n for n in (a.q_norm, a.k_norm))
             q, gate, k, v = project_one(
                 linear(h, a.qkv, a.qkv_bias)[0], s.num_heads, s.num_kv_heads, s.head_dim, s.attention_output_gate,
-                NORMS[s.qk_norm], _empty_or(a.q_norm), _empty_or(a.k_norm), np.float32(s.rms_norm_eps),
-                np.float32(s.clip_qkv or 0), cos[0], sin[0],
+                NORMS[s.qk_norm], q_norm, k_norm, np.float32(s.rms_norm_eps), np.float32(s.clip_qkv or 0),
+                cos[0], sin[0],
             )  # fmt: skip
             cache.append(i, k[:, None], v[:, None])
             out = attend_one(q, gate, cache.keys[i], cache.values[i], start + 1, s.sliding_windows[i] or 0)
@@ -365,14 +366,14 @@ class Decoder:
         else:
             experts = _top_k(probs, k)
         if grouped is None:
-            weights = _routing_weights(probs, experts, _NO_BIAS, self.spec.norm_topk_prob, 0.0, 1.0)
+            weights = _routing_weights(probs, experts, _NONE, self.spec.norm_topk_prob, 0.0, 1.0)
         else:  # the bias steers the choice only
             bias, scaling = self.layers[layer].router_bias, grouped.routed_scaling_factor
             weights = _routing_weights(probs, experts, bias, self.spec.norm_topk_prob, 1e-20, scaling)
         return Routing(experts, weights, probs)
 
 
-_NO_BIAS = np.zeros(0, np.float32)
+_NONE = np.zeros(0, np.float32)  # an absent weight or bias, for compiled code that takes arrays only
 
 
 @njit(cache=True)
@@ -449,10 +450,6 @@ def prefer_resident(probs: np.ndarray, order: np.ndarray, k: int, tolerance: flo
                     taken += 1
         chosen[:] = chosen[np.argsort(-p[chosen], kind="mergesort")]
     return experts
-
-
-def _empty_or(weight: np.ndarray | None) -> np.ndarray:
-    return np.empty(0, np.float32) if weight is None else weight
 
 
 def _stacked(matrices: list[np.ndarray | PackedMatrix]) -> np.ndarray | PackedMatrix:

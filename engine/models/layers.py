@@ -147,7 +147,7 @@ def gated_delta_rule(
 
 def linear(x: np.ndarray, weight: np.ndarray | PackedMatrix, bias: np.ndarray | None = None) -> np.ndarray:
     """x [T, in] @ weight.T (+ bias): a packed weight through ``kernels.matmul``, a float32 one through BLAS."""
-    y = kernels.matmul(np.ascontiguousarray(x), weight) if isinstance(weight, PackedMatrix) else x @ weight.T
+    y = kernels.matmul(x, weight) if isinstance(weight, PackedMatrix) else x @ weight.T
     return y if bias is None else y + bias
 
 
