@@ -380,14 +380,17 @@ _NONE = np.zeros(0, np.float32)  # an absent weight or bias, for compiled code t
 def _top_k(probs: np.ndarray, k: int) -> np.ndarray:
     """Each row's k largest, best first, ties to the lower index (as a stable argsort of -probs ranks them)."""
     experts = np.empty((probs.shape[0], k), np.int64)
+    taken = np.empty(probs.shape[1], np.bool_)
     for t in range(probs.shape[0]):
-        row, chosen = probs[t], experts[t]
+        row = probs[t]
+        taken[:] = False
         for slot in range(k):
             best = -1
             for e in range(len(row)):
-                if (best < 0 or row[e] > row[best]) and not (chosen[:slot] == e).any():
+                if not taken[e] and (best < 0 or row[e] > row[best]):
                     best = e
-            chosen[slot] = best
+            experts[t, slot] = best
+            taken[best] = True
     return experts
 
 
