@@ -16,6 +16,7 @@ from typing import Any
 from engine.buffers import PAGE
 from engine.cache_policy import POLICIES
 from engine.errors import ConfigError, FileError
+from engine.int8_activations import BLOCK as INT8_BLOCK
 from engine.quant import FORMATS
 from engine.units import parse_bytes
 
@@ -26,6 +27,7 @@ CACHE_FORMATS = ("dequantized", "packed")
 IO_MODES = ("pread", "direct", "mmap")
 PREDICTORS = ("none", "previous_token", "gate_lookahead", "coactivation")
 WEIGHTS = ("original", *FORMATS)
+ACTIVATIONS = ("float32", "int8")
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,11 @@ class EngineConfig:
     # What the cache holds and the compute reads: "dequantized" float32 (numpy's BLAS) or "packed", the bytes as
     # stored (half the RAM per expert for bf16), multiplied by the fused kernels.
     cache_format: str = "dequantized"
+    # What int4 experts are multiplied with in a decode step: the float32 activations, or the activations rounded
+    # to int8 per group of weights (llama.cpp's Q4_0 x Q8_0), twice the kernel's speed (engine.int8_activations).
+    # "int8" needs int4 experts (stored, or weights = "int4") in groups of a multiple of 32, and the packed cache
+    # format. Changes the output.
+    activations: str = "float32"
     # How expert bytes come off the disk: buffered pread, O_DIRECT (F_NOCACHE on macOS) or a memory map.
     io_mode: str = "pread"
     io_block_bytes: int = 1 << 20  # size of one read request
@@ -84,12 +91,15 @@ class EngineConfig:
             ("cache_policy", CACHE_POLICIES),
             ("cache_scope", CACHE_SCOPES),
             ("cache_format", CACHE_FORMATS),
+            ("activations", ACTIVATIONS),
             ("io_mode", IO_MODES),
             ("predictor", PREDICTORS),
         ):
             value = getattr(self, name)
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)} but got {value!r}")
+        if self.activations == "int8":
+            _check_int8_activations(self.weights, self.group_size, self.cache_format)
         if isinstance(self.io_block_bytes, str):
             object.__setattr__(self, "io_block_bytes", parse_bytes(self.io_block_bytes, "io_block_bytes"))
         _check_int("io_block_bytes", self.io_block_bytes, PAGE)
@@ -132,6 +142,16 @@ class EngineConfig:
         for key, value in self.to_dict().items():
             lines.append(f"{key} = {toml_value(value)}")
         return "\n".join(lines) + "\n"
+
+
+def _check_int8_activations(weights: str, group_size: int | None, cache_format: str) -> None:
+    needs = "activations = int8 needs"
+    if weights not in ("original", "int4"):
+        raise ValueError(f"{needs} int4 experts (weights = int4, or an int4 original), not weights = {weights}")
+    if group_size is not None and group_size % INT8_BLOCK:
+        raise ValueError(f"{needs} int4 groups of a multiple of {INT8_BLOCK}, not group_size = {group_size}")
+    if cache_format != "packed":
+        raise ValueError(f"{needs} cache_format = packed (the {cache_format} cache is float32, for BLAS)")
 
 
 def read_toml(path: Path, error: type[FileError], missing: str) -> dict[str, Any]:

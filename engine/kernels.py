@@ -39,7 +39,9 @@ from numba import njit, prange
 
 from engine.float_bits import bf16_to_f32, f16_to_f32, scale_to_f32
 from engine.int4_kernel import int4_rows
-from engine.quant import FP8_VALUES, INT4_OFFSET, PackedMatrix
+from engine.int8_activations import int4_rows_int8, quantize_activations, rounded_activations
+from engine.int8_activations import supported as int8_supported
+from engine.quant import FP8_VALUES, INT4_FORMATS, INT4_OFFSET, PackedMatrix
 
 
 def _prefer_512_bit_vectors() -> None:
@@ -71,9 +73,12 @@ def set_threads(threads: int) -> None:
     numba.set_num_threads(threads)
 
 
-def matmul(x: np.ndarray, p: PackedMatrix, out: np.ndarray | None = None) -> np.ndarray:
-    """x [T, in] float32 @ dequantize(p).T: float32 [T, out], written into ``out`` when given."""
+def matmul(x: np.ndarray, p: PackedMatrix, out: np.ndarray | None = None, int8_activations: bool = False) -> np.ndarray:
+    """x [T, in] float32 @ dequantize(p).T: float32 [T, out], written into ``out`` when given. ``int8_activations``
+    (int4 only): x rounded to int8 per group first (``engine.int8_activations``), for every T."""
     rows, cols = p.shape
+    if int8_activations and (p.format not in INT4_FORMATS or not int8_supported(p.group_size)):
+        raise ValueError(f"int8 activations need int4 in groups of a multiple of 32, not {p.format} g{p.group_size}")
     if not isinstance(x, np.ndarray) or x.dtype != np.float32 or x.ndim != 2 or x.shape[1] != cols:
         raise ValueError(f"x must be a float32 [tokens, {cols}] array, got {_describe(x)}")
     tokens = x.shape[0]
@@ -86,8 +91,10 @@ def matmul(x: np.ndarray, p: PackedMatrix, out: np.ndarray | None = None) -> np.
     if p.format == "fp32":
         np.matmul(x, p.data.T, out=out)
     elif tokens < BLAS_TOKENS[p.format]:
-        _fused(p, x, data, scales, out)
+        _fused(p, x, data, scales, out, int8_activations)
     else:
+        if int8_activations:
+            x = rounded_activations(x, p.group_size)
         scratch = np.empty((min(BLAS_ROWS, rows), cols), np.float32)
         for start in range(0, rows, BLAS_ROWS):
             block = scratch[: min(BLAS_ROWS, rows - start)]
@@ -142,13 +149,16 @@ def _call_with_threads(kernel: Callable[..., None], args: tuple, threads: int) -
 THREAD_CHOICE = _ThreadChoice()
 
 
-def _fused(p: PackedMatrix, x: np.ndarray, data: np.ndarray, scales: np.ndarray, out: np.ndarray) -> None:
-    kernel = _FUSED[p.format]
+def _fused(
+    p: PackedMatrix, x: np.ndarray, data: np.ndarray, scales: np.ndarray, out: np.ndarray, int8_activations: bool
+) -> None:
+    kernel = _fused_int4_int8 if int8_activations else _FUSED[p.format]
     threads = numba.get_num_threads()
     if threads == 1:
         kernel(x, data, scales, p.group_size, out)
         return
-    THREAD_CHOICE.run((p.format, p.shape, x.shape[0], threads), kernel, (x, data, scales, p.group_size, out))
+    key = (p.format, int8_activations, p.shape, x.shape[0], threads)
+    THREAD_CHOICE.run(key, kernel, (x, data, scales, p.group_size, out))
 
 
 def _kernel_views(p: PackedMatrix) -> tuple[np.ndarray, np.ndarray]:
@@ -231,6 +241,21 @@ def _fused_int4(x, data, scales, group_size, y):
         first, last = block * _ROW_BLOCK, min(rows, (block + 1) * _ROW_BLOCK)
         for t in range(x.shape[0]):
             int4_rows(x_even[t], x_odd[t], data, scales, first, last, y[t, first:last])
+
+
+@njit(parallel=True, cache=True)
+def _fused_int4_int8(x, data, scales, group_size, y):
+    tokens, cols = x.shape
+    rows, groups = data.shape[0], cols // group_size
+    values = np.empty((tokens, cols), np.int8)
+    x_scales = np.empty((tokens, groups), np.float32)
+    offsets = np.empty((tokens, groups, 8), np.int32)
+    for t in range(tokens):
+        quantize_activations(x[t], group_size, values[t], x_scales[t], offsets[t])
+    for block in prange((rows + _ROW_BLOCK - 1) // _ROW_BLOCK):
+        first, last = block * _ROW_BLOCK, min(rows, (block + 1) * _ROW_BLOCK)
+        for t in range(tokens):
+            int4_rows_int8(values[t], x_scales[t], offsets[t], data, scales, first, last, y[t, first:last])
 
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)

@@ -29,6 +29,7 @@ any trial runs, with the file and the key in the message.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -251,13 +252,13 @@ def _check_values(space: Space) -> None:
         EngineConfig.from_dict(space.fixed, space.path)
     except FileError as e:
         raise SpaceError(space.path, e.message, field=f"fixed.{e.field}") from None
+    by_name = {p.name: p for p in space.params}
     for param in space.params:
         values = param.choices if param.choices is not None else (param.low, param.high)
-        for value in values:
+        conditions = [[(name, by_name[name].resolve(v, NOMINAL)) for v in allowed] for name, allowed in param.when]
+        for value, condition in itertools.product(values, itertools.product(*conditions)):
             value = param.resolve(value, NOMINAL)
-            settings = {**space.fixed, param.name: value}
-            if param.name == "group_size":
-                settings["weights"] = "int4"  # the only weights it is sampled with (checked above)
+            settings = {**space.fixed, **dict(condition), param.name: value}  # as sampled: its conditions hold
             try:
                 EngineConfig.from_dict(settings, space.path)
             except FileError as e:

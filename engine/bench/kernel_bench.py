@@ -25,6 +25,8 @@ from engine import kernels
 from engine.checkpoint import to_float32
 from engine.quant import FORMATS, INT4_OFFSET, PackedMatrix, quantize
 
+INT8_ACTIVATIONS = "int4, int8 activations"  # int4 weights, x rounded to int8 (``engine.int8_activations``)
+KERNELS = (*FORMATS, INT8_ACTIVATIONS)
 SHAPES = ((1536, 1024), (1024, 768))  # gate_up [2I, H] and down [H, I] of the 8 GiB synthetic model's experts
 TOKENS = (1, 8, 128)
 COLD_BYTES = 256 << 20
@@ -42,8 +44,10 @@ def kernel_throughput(
     baseline: bool = False,
     cold: bool = False,
 ) -> float:
-    """Packed bytes per second of x [tokens, cols] @ W.T for W [rows, cols] in ``format``: kernel or numpy baseline."""
-    p = _packed(format, rows, cols, group_size)
+    """Packed bytes per second of x [tokens, cols] @ W.T for W [rows, cols] in ``format`` (one of ``KERNELS``):
+    kernel or numpy baseline (the float32 one, for int8 activations)."""
+    int8_activations = format == INT8_ACTIVATIONS
+    p = _packed("int4" if int8_activations else format, rows, cols, group_size)
     copies = -(-COLD_BYTES // p.nbytes) if cold else 1
     matrices = [p] + [dataclasses.replace(p, data=p.data.copy(), scales=p.scales.copy()) for _ in range(copies - 1)]
     x = np.random.default_rng(1).standard_normal((tokens, cols), np.float32)
@@ -52,7 +56,7 @@ def kernel_throughput(
         scratch = np.empty(p.shape, np.float32)
         calls = itertools.cycle([_numpy_matmul(x, m, out, scratch) for m in matrices])
     else:
-        calls = itertools.cycle([functools.partial(kernels.matmul, x, m, out) for m in matrices])
+        calls = itertools.cycle([functools.partial(kernels.matmul, x, m, out, int8_activations) for m in matrices])
     with _threads(threads):
         return p.nbytes / _median_call(lambda: next(calls)(), seconds)
 
@@ -109,10 +113,12 @@ def _numpy_matmul(x: np.ndarray, p: PackedMatrix, out: np.ndarray, scratch: np.n
     return lambda: (widen(), np.matmul(x, w.T, out=out))
 
 
-def kernel_table(rounds: int = 3, seconds: float = 0.2, group_size: int = 64) -> str:
+def kernel_table(
+    rounds: int = 3, seconds: float = 0.2, group_size: int = 64, formats: tuple[str, ...] = KERNELS
+) -> str:
     """Every format x matrix x tokens x threads cell, kernel and numpy, hot and cold, as a markdown table."""
     thread_counts = sorted({1, kernels.max_threads()})
-    cells = [(f, shape, t, n) for f in FORMATS for shape in SHAPES for t in TOKENS for n in thread_counts]
+    cells = [(f, shape, t, n) for f in formats for shape in SHAPES for t in TOKENS for n in thread_counts]
     variants = [(False, False), (False, True), (True, False), (True, True)]  # (baseline, cold)
     rates: dict[tuple, list[float]] = {(c, v): [] for c in cells for v in variants}
     for _ in range(rounds):
@@ -146,8 +152,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=0.2, help="per cell and round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--group-size", type=int, default=64)
+    parser.add_argument("--formats", default=",".join(KERNELS), help=f"comma-separated, of: {', '.join(KERNELS)}")
     args = parser.parse_args(argv)
-    print(kernel_table(args.rounds, args.seconds, args.group_size))
+    formats = tuple(args.formats.split(","))
+    unknown = sorted(set(formats) - set(KERNELS))
+    if unknown:
+        parser.error(f"--formats: unknown {', '.join(unknown)}; expected some of {', '.join(KERNELS)}")
+    print(kernel_table(args.rounds, args.seconds, args.group_size, formats))
     return 0
 
 

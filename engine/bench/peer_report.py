@@ -25,7 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from engine.bench.engine_report import _synthetic
@@ -54,6 +54,7 @@ WORKLOAD = "decode-short"  # a 32-token prompt, 32 tokens decoded
 SUSTAINED = "decode-sustained"  # a 32-token prompt, 512 tokens decoded: throughput once the cache is steady
 SUSTAINED_TOKENS = 512
 IN_RAM = "pread + cache of every expert"
+INT8 = ", int8 activations"  # the name of a configuration's variant with activations = "int8"
 PROFILE_TIMEOUT_S = 900
 LLAMA = "llama.cpp"
 FORMATS = {  # our name: (llama.cpp's GGUF type, the engine's weights knobs)
@@ -139,24 +140,29 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def engine_configs(model: Path, setting: Setting, weights: dict) -> dict[str, EngineConfig]:
-    """The engine's configurations for a setting: in RAM the two fastest there, under a budget the streaming one."""
+    """The engine's configurations for a setting: in RAM the two fastest there, under a budget the streaming one;
+    for int4 each also with int8 activations, as llama.cpp's Q4_0 multiplies Q8_0 ones."""
     if setting.budget is None:
         every = int(SLOT_SLACK * expert_bytes(weights_dir(model, weights["weights"], weights.get("group_size"))))
-        return {
+        configs = {
             "mmap": EngineConfig(io_mode="mmap", cache_format="packed", **weights),
             IN_RAM: EngineConfig(
                 io_mode="pread", cache_format="packed", cache_policy="lru", cache_bytes=every, **weights
             ),
         }
-    streaming = EngineConfig(
-        io_mode="direct",
-        cache_policy="lru",
-        cache_bytes=setting.budget // 2,
-        cache_format="packed",
-        predictor="gate_lookahead",
-        **weights,
-    )
-    return {"direct + lru + gate_lookahead": streaming}
+    else:
+        streaming = EngineConfig(
+            io_mode="direct",
+            cache_policy="lru",
+            cache_bytes=setting.budget // 2,
+            cache_format="packed",
+            predictor="gate_lookahead",
+            **weights,
+        )
+        configs = {"direct + lru + gate_lookahead": streaming}
+    if weights["weights"] == "int4":
+        configs |= {f"{name}{INT8}": replace(c, activations="int8") for name, c in configs.items()}
+    return configs
 
 
 def expert_bytes(directory: Path) -> int:
@@ -242,7 +248,7 @@ def _cell(model: Path, llama: LlamaCpp, name: str, setting: Setting) -> Cell:
     gguf_type, weights = FORMATS[name]
     configs = engine_configs(model, setting, weights)
     if setting.workload == SUSTAINED:  # long: only the configuration that is faster in RAM
-        configs = {IN_RAM: configs[IN_RAM]}
+        configs = {name: c for name, c in configs.items() if name in (IN_RAM, IN_RAM + INT8)}
     return Cell(name, setting, llama.gguf[gguf_type], configs, {c: [] for c in [LLAMA, *configs]})
 
 
@@ -368,7 +374,10 @@ def _method(model: Path, llama: LlamaCpp, cells: list[Cell], rounds: int, thread
             "- Formats: GGUF bf16 (norms and router float32) against our original bf16 experts; Q4_0 (every "
             "matrix in blocks of 32 with a float16 scale, attention included; the output layer as llama-quantize "
             "chooses) against our int4 in groups of 32 with float16 scales, experts only: our attention "
-            "projections stay bf16 as the checkpoint stores them, router, embeddings and output layer float32.",
+            "projections stay bf16 as the checkpoint stores them, router, embeddings and output layer float32. "
+            f"Configurations named `{INT8.lstrip(', ')}` round the experts' inputs to int8 per group of 32 with a "
+            'float32 scale (`activations = "int8"`), as llama.cpp\'s Q4_0 kernels do with Q8_0; the others '
+            "multiply float32 activations.",
             f"- llama.cpp: `llama-bench -m X.gguf -p 0 -n N -t {threads} -r 1 -o json`, one process per "
             f"measurement; in RAM `-n {warm}` after reading the file through, under a budget {cold_tokens} (it is "
             "slow cold) with `--repack 0`, so Q4_0 stays in the mapping instead of being copied into RAM at load, "
@@ -424,22 +433,25 @@ def _profiles(model: Path, cells: list[Cell]) -> str:
     for cell in cells:
         if cell.setting.budget is not None or cell.setting.workload != WORKLOAD:
             continue
-        config = cell.configs[IN_RAM]
-        with tempfile.TemporaryDirectory() as scratch:
-            toml = Path(scratch) / "config.toml"
-            toml.write_text(config.to_toml())
-            command = [sys.executable, "-m", "engine.bench.profile", "--model", str(model), "--config", str(toml)]
-            try:
-                done = subprocess.run(command, capture_output=True, text=True, timeout=PROFILE_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                done = None
-        what = f"### {cell.format}, {IN_RAM}, `{WORKLOAD}` warm"
-        if done is None or done.returncode != 0:
-            reason = "timed out" if done is None else done.stderr[-STDERR_TAIL:].strip()
-            sections += [what, "", f"The profile failed: {reason}", ""]
-            continue
-        sections += [what, "", f"`python -m engine.bench.profile --model {model} --config C.toml`", "", done.stdout]
+        for name in (n for n in (IN_RAM, IN_RAM + INT8) if n in cell.configs):
+            sections += _profile(model, cell.format, name, cell.configs[name])
     return "\n".join(sections)
+
+
+def _profile(model: Path, format: str, name: str, config: EngineConfig) -> list[str]:
+    with tempfile.TemporaryDirectory() as scratch:
+        toml = Path(scratch) / "config.toml"
+        toml.write_text(config.to_toml())
+        command = [sys.executable, "-m", "engine.bench.profile", "--model", str(model), "--config", str(toml)]
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=PROFILE_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            done = None
+    what = f"### {format}, {name}, `{WORKLOAD}` warm"
+    if done is None or done.returncode != 0:
+        reason = "timed out" if done is None else done.stderr[-STDERR_TAIL:].strip()
+        return [what, "", f"The profile failed: {reason}", ""]
+    return [what, "", f"`python -m engine.bench.profile --model {model} --config C.toml`", "", done.stdout]
 
 
 def _interval(figures: tuple[float, float, float] | None, runs: list[dict], unit: str = "") -> str:

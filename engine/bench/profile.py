@@ -74,9 +74,9 @@ def profile_decode(model: Model, workload_name: str = "decode-short", cold: bool
     decoder, store = model.decoder, model.decoder.store
     routed = decoder_module.routed_experts
 
-    def routed_timed(x, experts, weights):
+    def routed_timed(x, experts, *args):
         clock.expert_bytes += sum(m.nbytes for e in experts for m in (*e.gate_up, e.down))
-        return clock.timed("expert kernels", routed)(x, experts, weights)
+        return clock.timed("expert kernels", routed)(x, experts, *args)
 
     wrapped = {
         (decoder, "_attention"): "attention",

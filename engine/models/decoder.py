@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from numba import njit
@@ -14,9 +15,11 @@ from threadpoolctl import ThreadpoolController
 
 from engine.checkpoint import Checkpoint
 from engine.config import EngineConfig
-from engine.errors import CheckpointError
-from engine.expert_layout import locate_experts, repacked_layouts
+from engine.errors import CheckpointError, ConfigError
+from engine.expert_layout import INT4_FORMATS, ExpertLayout, locate_experts, repacked_layouts
 from engine.expert_store import ExpertStore
+from engine.int8_activations import BLOCK as INT8_BLOCK
+from engine.int8_activations import supported as int8_supported
 from engine.models.decode_attention import (
     NORMS,
     attend_latent_one,
@@ -321,20 +324,22 @@ class Decoder:
         experts = np.unique(routing.experts).tolist()
         self.store.request(i, experts)
         self.store.route_done(i, h, routing.experts, routing.probs)
+        int8 = self.config.activations == "int8"
         if h.shape[0] == 1 and self.store.packed:  # decode: one compiled call for the token's experts
             datas = self.store.get_all(i, experts)
             weights = routing.weights[0, np.argsort(routing.experts[0])]  # as ``experts``: ascending ids
             if routed_experts_supported(datas):
-                out = routed_experts(h[0], datas, weights)[None]
+                out = routed_experts(h[0], datas, weights, int8)[None]
             else:
                 out = np.zeros_like(h)
                 for weight, data in zip(weights, datas, strict=True):
-                    out += expert_mlp(h, data) * weight
+                    out += expert_mlp(h, data, int8) * weight
         else:
             out = np.zeros_like(h)
             for expert in experts:
                 rows, slots = np.nonzero(routing.experts == expert)
-                out[rows] += expert_mlp(h[rows], self.store.get(i, expert)) * routing.weights[rows, slots, None]
+                weight = routing.weights[rows, slots, None]
+                out[rows] += expert_mlp(h[rows], self.store.get(i, expert), int8) * weight
         if layer.shared_expert is not None:
             shared = swiglu(h, *layer.shared_expert)
             out += shared if layer.shared_expert_gate is None else sigmoid(h @ layer.shared_expert_gate.T) * shared
@@ -544,11 +549,32 @@ def build_decoder(spec: DecoderSpec, ckpt: Checkpoint, config: EngineConfig) -> 
         )
     embed = read(f"{base}.embed_tokens.weight", (s.vocab_size, h))
     lm_head = embed if s.tie_word_embeddings else read(MODEL_PREFIXES[base], (s.vocab_size, h))
+    if config.activations == "int8":
+        _check_int8_activations(ckpt.path, layouts)
     moe_layers = [i for i, layer in enumerate(layers) if layer.router is not None]
     store = ExpertStore(layouts, h, s.moe_intermediate_size, config, s.num_layers, s.top_k)
     decoder = Decoder(s, config, ckpt, store, layers, embed, norm(f"{base}.norm.weight", (h,)), lm_head)
     store.predictor = make_predictor(config.predictor, moe_layers, s.num_experts, decoder.router_scores)
     return decoder
+
+
+def _check_int8_activations(path: Path, layouts: dict[tuple[int, int], ExpertLayout]) -> None:
+    """``activations = "int8"`` needs every expert in int4 with groups that ``int8_activations`` supports."""
+    stored = set()
+    for layout in layouts.values():
+        if layout.repacked is not None:
+            stored |= {(m.format, m.group_size) for m in (layout.repacked.gate_up, layout.repacked.down)}
+        else:
+            stored |= {(r.format, r.group_size) if r.scales is not None else (r.dtype, 0) for r in layout.ranges}
+    wrong = [(f, g) for f, g in stored if f not in INT4_FORMATS.values() or not int8_supported(g)]
+    unsupported = sorted(f"{f} in groups of {g}" if g else f for f, g in wrong)
+    if unsupported:
+        raise ConfigError(
+            path,
+            f"activations = int8 needs int4 experts in groups of a multiple of {INT8_BLOCK}, but they are stored as "
+            f"{', '.join(unsupported)}: set weights = int4 (group_size 32, 64 or 128) or activations = float32",
+            field="activations",
+        )
 
 
 # Where a checkpoint keeps the decoder's tensors, and its output head: a text model's, or a multimodal model's

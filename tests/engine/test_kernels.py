@@ -257,7 +257,7 @@ def test_each_shape_keeps_the_faster_thread_count_with_the_same_results():
     p = quantize(weights(48, 256), "bf16")
     x = np.random.default_rng(4).standard_normal((1, 256)).astype(np.float32)
     threads = kernels.max_threads()
-    key = ("bf16", p.shape, 1, threads)
+    key = ("bf16", False, p.shape, 1, threads)
     kernels.THREAD_CHOICE.serial.pop(key, None)
     results = [kernels.matmul(x, p) for _ in range(2 * kernels._ThreadChoice.CALLS + 2)]
     for result in results:

@@ -48,17 +48,29 @@ def test_routed_experts_match_the_float64_reference(format, fused):
     np.testing.assert_allclose(got, reference(x, chosen, weights), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("format", FORMATS)
-def test_thread_count_does_not_change_a_bit(format):
+@pytest.mark.parametrize("format", ["int4", "int4_bf16"])
+@pytest.mark.parametrize("fused", [True, False])
+def test_int8_activations_stay_within_their_rounding(format, fused):
+    chosen = experts(format, 3, fused)
+    x = np.random.default_rng(1).standard_normal(HIDDEN).astype(np.float32)
+    weights = np.array([0.5, 0.3, 0.2], np.float32)
+    got = moe_kernel.routed_experts(x, chosen, weights, int8_activations=True)
+    want = reference(x, chosen, weights)
+    assert not np.allclose(got, moe_kernel.routed_experts(x, chosen, weights), rtol=1e-6, atol=0)  # x was rounded
+    assert np.abs(got - want).max() <= 0.03 * np.abs(want).max()  # 1/254 of a group's largest value, at most
+
+
+@pytest.mark.parametrize(("format", "int8"), [(f, False) for f in FORMATS] + [("int4", True), ("int4_bf16", True)])
+def test_thread_count_does_not_change_a_bit(format, int8):
     chosen = experts(format, 4, fused=True, seed=2)
     x = np.random.default_rng(3).standard_normal(HIDDEN).astype(np.float32)
     weights = np.array([0.4, 0.3, 0.2, 0.1], np.float32)
     try:
         kernels.set_threads(1)
-        one = moe_kernel.routed_experts(x, chosen, weights)
+        one = moe_kernel.routed_experts(x, chosen, weights, int8)
         kernels.set_threads(kernels.max_threads())
         for _ in range(2 * kernels._ThreadChoice.CALLS + 1):  # through the timed choice and after it
-            np.testing.assert_array_equal(moe_kernel.routed_experts(x, chosen, weights), one)
+            np.testing.assert_array_equal(moe_kernel.routed_experts(x, chosen, weights, int8), one)
     finally:
         kernels.set_threads(kernels.max_threads())
 

@@ -103,9 +103,39 @@ def test_a_group_size_int4_cannot_use_is_refused_naming_it(model_dir: Path) -> N
         load_model(model_dir, EngineConfig(weights="int4", group_size=48))
 
 
+def decoded(model_dir: Path, config: EngineConfig) -> np.ndarray:
+    """Logits of PROMPT fed one token at a time (decode steps)."""
+    model = load_model(model_dir, config)
+    try:
+        cache = model.decoder.new_cache()
+        return np.concatenate([model.decoder.forward(PROMPT[i : i + 1], cache) for i in range(len(PROMPT))])
+    finally:
+        model.close()
+
+
+def test_int8_activations_change_int4_prefill_and_decode_a_little_and_alike(model_dir: Path) -> None:
+    int4 = {"weights": "int4", "group_size": 32, "cache_format": "packed"}
+    exact = decoded(model_dir, EngineConfig(**int4))
+    rounded = decoded(model_dir, EngineConfig(**int4, activations="int8"))
+    assert not np.array_equal(rounded, exact)
+    assert np.linalg.norm(rounded - exact) < 0.05 * np.linalg.norm(exact)
+    prefill = logits(model_dir, EngineConfig(**int4, activations="int8"))  # BLAS over the rounded activations
+    np.testing.assert_allclose(prefill, rounded, rtol=0, atol=1e-4 * np.abs(rounded).max())
+
+
+def test_int8_activations_on_experts_stored_otherwise_are_refused_naming_them(model_dir: Path) -> None:
+    config = EngineConfig(cache_format="packed", activations="int8")
+    with pytest.raises(ConfigError, match=r"activations.*int4 experts in groups of a multiple of 32.*stored as BF16"):
+        load_model(model_dir, config)
+
+
 @pytest.mark.parametrize(
     ("values", "message"),
     [
+        ({"weights": "int8", "cache_format": "packed", "activations": "int8"}, "activations = int8 needs int4 experts"),
+        ({"weights": "int4", "group_size": 48, "cache_format": "packed", "activations": "int8"}, "multiple of 32"),
+        ({"weights": "int4", "activations": "int8"}, "needs cache_format = packed"),
+        ({"activations": "int4"}, "activations must be one of float32, int8 but got 'int4'"),
         ({"weights": "q4_k"}, "weights must be one of original, fp32, bf16, fp16, int8, int4 but got 'q4_k'"),
         ({"weights": "int8", "group_size": 32}, "group_size applies only to weights = int4, not 'int8'"),
         ({"weights": "int4", "group_size": 7}, "group_size must be even"),

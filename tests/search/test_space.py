@@ -80,6 +80,12 @@ def test_sampled_configs_are_valid_and_respect_conditions(tmp_path) -> None:
             "params.group_size",
             "int4 weights only",
         ),
+        (
+            '[params.weights]\nchoices = ["original", "int4"]\n[params.activations]\nchoices = ["float32", "int8"]\n'
+            'when = { weights = ["int4"] }\n',
+            "params.activations",
+            "'int8' is refused: .*needs cache_format = packed",
+        ),
         ("", "params", "no parameters"),
     ],
 )
