@@ -28,15 +28,15 @@ test: $(VENV)/.test
 # A benchmark, not a test: writes docs/benchmarks/protocol.md (about 20 minutes here; needs root for the limit).
 bench-protocol: $(VENV)/.runtime
 	command -v fio >/dev/null || apt-get install -y fio || echo "fio unavailable: the report will say so"
-	$(BIN)/python -m engine.bench.protocol_report --data data --out docs/benchmarks/protocol.md
+	$(BIN)/python -m engine.reports.protocol_report --data data --out docs/benchmarks/protocol.md
 
 # A benchmark, not a test: writes docs/benchmarks/engine.md and .json (about 30 minutes here; needs root).
 bench-engine: $(VENV)/.runtime
-	$(BIN)/python -m engine.bench.engine_report --data data --out docs/benchmarks/engine.md
+	$(BIN)/python -m engine.reports.engine_report --data data --out docs/benchmarks/engine.md
 
 # A benchmark, not a test: writes docs/benchmarks/simulator.md and .json (about 25 minutes here; needs root).
 bench-simulator: $(VENV)/.runtime
-	$(BIN)/python -m engine.bench.simulator_report --data data --out docs/benchmarks/simulator.md
+	$(BIN)/python -m engine.reports.simulator_report --data data --out docs/benchmarks/simulator.md
 
 # A benchmark, not a test: writes docs/benchmarks/search.md and .json (samplers on the trace simulator, then a short
 # real tune for the overhead per trial; fixtures are made once under data/).
@@ -45,9 +45,9 @@ bench-search: $(VENV)/.runtime
 
 # A benchmark, not a test: writes docs/benchmarks/peer.md and .json, the engine against llama.cpp's llama-bench on the
 # same weights (about 40 minutes here, after a one-time llama.cpp build and conversion under data/peer of about 25;
-# needs root for the limits). For development: python -m engine.bench.peer_report --quick (2 rounds, one budget).
+# needs root for the limits). For development: python -m engine.reports.peer_report --quick (2 rounds, one budget).
 bench-peer: $(VENV)/.runtime
-	$(BIN)/python -m engine.bench.peer_report --data data --out docs/benchmarks/peer.md
+	$(BIN)/python -m engine.reports.peer_report --data data --out docs/benchmarks/peer.md
 
 lint: $(VENV)/.test
 	$(BIN)/ruff check .

@@ -1,19 +1,30 @@
-"""The streaming MoE inference engine: load a checkpoint, generate, score. Knows nothing of the search."""
+"""The streaming MoE inference engine: load a checkpoint, generate, score. Knows nothing of the search.
 
-from engine import compiled_cache  # noqa: F401  (first: where compiled functions are cached)
-from engine.errors import CheckpointError, EngineError, UnsupportedModelError
-from engine.generate import GenerationResult, Sampler, generate, generate_steps, score
-from engine.model import Model, load_model
+The names below load on first use, so that importing one of the engine's modules (a command's constants, say)
+does not import the whole engine.
+"""
 
-__all__ = [
-    "CheckpointError",
-    "EngineError",
-    "GenerationResult",
-    "Model",
-    "Sampler",
-    "UnsupportedModelError",
-    "generate",
-    "generate_steps",
-    "load_model",
-    "score",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "CheckpointError": "engine.errors",
+    "EngineError": "engine.errors",
+    "UnsupportedModelError": "engine.errors",
+    "GenerationResult": "engine.model.generate",
+    "Sampler": "engine.model.generate",
+    "generate": "engine.model.generate",
+    "generate_steps": "engine.model.generate",
+    "score": "engine.model.generate",
+    "Model": "engine.model.load",
+    "load_model": "engine.model.load",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'engine' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

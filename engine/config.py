@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from engine.buffers import PAGE
-from engine.cache_policy import POLICIES
+from engine.compute.int8_activations import BLOCK as INT8_BLOCK
 from engine.errors import ConfigError, FileError
-from engine.int8_activations import BLOCK as INT8_BLOCK
-from engine.quant import FORMATS
+from engine.formats.quant import FORMATS
+from engine.streaming.cache_policy import POLICIES
 from engine.units import parse_bytes
 
 TABLE = "engine"
@@ -34,7 +34,7 @@ ACTIVATIONS = ("float32", "int8")
 class EngineConfig:
     """Every knob of the engine. The defaults are engine part 1's behaviour: synchronous buffered reads, no cache."""
 
-    # The experts' stored format: the checkpoint as it is, or a repacked copy (made once, see engine.weights) in
+    # The experts' stored format: the checkpoint as it is, or a repacked copy (made once, see engine.formats.weights) in
     # another format; int4 groups ``group_size`` weights per scale (None: 64). Changes the output unless lossless.
     weights: str = "original"
     group_size: int | None = None
@@ -51,10 +51,10 @@ class EngineConfig:
     # What the cache holds and the compute reads: "dequantized" float32 (numpy's BLAS) or "packed", the bytes as
     # stored (half the RAM per expert for bf16), multiplied by the fused kernels.
     cache_format: str = "dequantized"
-    # What int4 experts are multiplied with in a decode step: the float32 activations, or the activations rounded
-    # to int8 per group of weights (llama.cpp's Q4_0 x Q8_0), twice the kernel's speed (engine.int8_activations).
-    # "int8" needs int4 experts (stored, or weights = "int4") in groups of a multiple of 32, and the packed cache
-    # format. Changes the output.
+    # What int4 experts multiply: the float32 activations, or the activations rounded to int8 per group of weights
+    # (llama.cpp's Q4_0 x Q8_0), twice the decode kernel's speed (engine.compute.int8_activations). "int8" needs
+    # int4 experts (stored, or weights = "int4") in groups of a multiple of 32, and the packed cache format.
+    # Changes the output.
     activations: str = "float32"
     # How expert bytes come off the disk: buffered pread, O_DIRECT (F_NOCACHE on macOS) or a memory map.
     io_mode: str = "pread"

@@ -23,22 +23,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from engine.analysis.simulator import disk_bandwidth, reader_bandwidth
+from engine.analysis.trace import record_trace
+from engine.architectures import parse_config
 from engine.bench import quality as quality_io
-from engine.bench.engine_report import _synthetic
 from engine.bench.fingerprint import model_identity
 from engine.bench.probe import ENGINE_GRID, load_or_probe
-from engine.bench.simulator_report import STREAMING
 from engine.bench.worker import run_bench, run_reference
-from engine.checkpoint import read_json
+from engine.bench.workloads import Workload
 from engine.config import EngineConfig
 from engine.errors import CheckpointError
-from engine.model import load_model
-from engine.models import parse_config
+from engine.formats.checkpoint import read_json
+from engine.model.load import load_model
 from engine.paths import default_cache_dir
-from engine.simulator import disk_bandwidth, reader_bandwidth
+from engine.reports.engine_report import _synthetic
+from engine.reports.simulator_report import STREAMING
 from engine.synth import read_synth_info
-from engine.trace import record_trace
-from engine.workloads import Workload
 
 FIXTURES_VERSION = 1  # in every cache key: bump when what a fixture holds, or how it is made, changes
 KiB, MiB = 1 << 10, 1 << 20

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from engine.analysis.simulator import simulate
+from engine.analysis.trace import Trace, load_trace
 from engine.config import EngineConfig
-from engine.simulator import simulate
-from engine.trace import Trace, load_trace
 from search.bench_fixtures import READER_BLOCKS, READER_THREADS, TOLERANCES, Fixtures, format_key, quality_key
 
 

@@ -34,7 +34,7 @@ from search.bench_overhead import measure_overhead, overhead_section
 from search.bench_runs import Setup, Task, progress, run_tasks
 from search.experiment import DEFAULT_SAMPLER, Experiment, load_experiment
 from search.study import engine_recipes
-from search.tune import _ensure_model
+from search.tune import ensure_model
 
 SAMPLERS = ("tpe", "tpe (group)", "gp", "cmaes", "random")
 PARETO_SAMPLERS = ("nsga2", "tpe", "tpe (group)", "random")
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     data = Path(args.data)
     quickstart = load_experiment(args.experiment)
     began = time.perf_counter()
-    small = _ensure_model(quickstart)
+    small = ensure_model(quickstart)
     fixtures = _prepare(data, parse_bytes(args.size, "--size"), quickstart, small)
     prepared = time.perf_counter() - began
     context = {"memory_budget": parse_bytes(args.memory_budget, "--memory-budget"),

@@ -19,8 +19,8 @@ import ray
 
 from engine.bench.probe import ProbeResult
 from engine.bench.protocol import BenchFailure, BenchRequest, run_bench
+from engine.bench.workloads import get_workload
 from engine.config import EngineConfig
-from engine.workloads import get_workload
 from search.errors import SearchError
 from search.screening import Simulation, run_simulation
 

@@ -56,11 +56,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from engine.bench.workloads import Workload, get_workload
 from engine.config import read_toml
 from engine.errors import FileError
 from engine.synth import PRESETS
 from engine.units import parse_bytes
-from engine.workloads import Workload, get_workload
 from search.space import Space, load_space
 
 SAMPLERS = ("tpe", "gp", "cmaes", "random", "grid", "nsga2")

@@ -16,11 +16,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from engine.analysis.simulator import disk_bandwidth, simulate
+from engine.analysis.trace import load_trace, record_trace
 from engine.bench.probe import ProbeResult
+from engine.bench.workloads import Workload
 from engine.config import EngineConfig
-from engine.simulator import disk_bandwidth, simulate
-from engine.trace import load_trace, record_trace
-from engine.workloads import Workload
 
 
 @dataclass(frozen=True)

@@ -19,9 +19,12 @@ from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
+from engine.bench.fingerprint import engine_version, machine_fingerprint, model_identity
 from engine.config import EngineConfig
-from search.experiment import Experiment
+from engine.units import format_bytes
+from search.experiment import Experiment, ExperimentError
 from search.space import Space
+from search.trials import ATTR_BOUNDS
 
 log = logging.getLogger("autoresearch.study")
 
@@ -185,3 +188,63 @@ def _resolved(space: Space, name: str, value: Any) -> Any:
 
 def _companions(name: str) -> dict[str, Any]:
     return {"weights": "int4"} if name == "group_size" else {}
+
+
+def record_identity(study: optuna.Study, experiment: Experiment, model: Path, context: dict, results: Path) -> None:
+    """A new study records what its trials were measured on; a resumed one must match it, or its trials
+    would not be comparable with the new ones (ExperimentError naming the key that changed)."""
+    attrs = study.user_attrs
+    identity_of_model = model_identity(model)
+    machine = machine_fingerprint(model)
+    identity = {
+        "objective": [list(o) for o in experiment.objectives],
+        "experiment.memory_budget": experiment.memory_budget,
+        "experiment.workload": experiment.workload.name,
+        "experiment.model": {k: identity_of_model.get(k) for k in ("config_sha256", "weight_files")},
+        "machine": {k: machine.get(k) for k in ("cpu", "cores", "ram_bytes", "disk")},
+    }
+    if "identity" in attrs:
+        for key, value in identity.items():
+            if attrs["identity"].get(key) != value:
+                raise ExperimentError(
+                    experiment.path,
+                    f"differs from the study in {results} ({attrs['identity'].get(key)!r} there, {value!r}"
+                    " now): its trials would not compare; give the experiment a new name, or move that folder",
+                    field=key,
+                )
+        return
+    study.set_user_attr("identity", identity)
+    study.set_user_attr("machine", machine)
+    study.set_user_attr("model", identity_of_model)
+    study.set_user_attr("engine", engine_version())
+    study.set_user_attr("experiment_file", str(experiment.path.resolve()))
+    study.set_user_attr("workload", experiment.workload.name)
+    study.set_user_attr("memory_budget", experiment.memory_budget)
+    study.set_user_attr("objectives", [list(o) for o in experiment.objectives])
+    study.set_user_attr("context", context)
+
+
+def record_bounds(study: optuna.Study, experiment: Experiment) -> None:
+    """The experiment's [constraints], kept in the study: every trial's quality is judged against the latest
+    run's (trials.judged), so a tightened bound is never met by a trial measured under a looser one."""
+    before = study.user_attrs.get(ATTR_BOUNDS)
+    bounds = dict(experiment.constraints)
+    if before is not None and before != bounds:
+        log.info("constraints changed from %s to %s: every trial is judged against the new ones", before, bounds)
+    study.set_user_attr(ATTR_BOUNDS, bounds)
+
+
+def study_tags(study: optuna.Study, experiment: Experiment, results: Path) -> dict[str, Any]:
+    attrs = study.user_attrs
+    machine, model = attrs["machine"], attrs["model"]
+    tags = {f"machine.{k}": v for k, v in machine.items() if not isinstance(v, dict)}
+    tags |= {f"model.{k}": v for k, v in model.items() if not isinstance(v, dict | list)}
+    tags |= {f"engine.{k}": v for k, v in attrs["engine"].items()}
+    tags |= {
+        "experiment_file": attrs["experiment_file"],
+        "workload": attrs["workload"],
+        "memory_budget": format_bytes(attrs["memory_budget"]),
+        "study_storage": str((results / "study.journal").resolve()),
+        "sampler": experiment.sampler,
+    }
+    return tags

@@ -3,6 +3,7 @@ constraints, and the summary kept with the trial (in Optuna's user attributes an
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +21,10 @@ PEAK_METRICS = ("memory_peak_bytes", "peak_rss_bytes")  # summarised by their ma
 ATTR_CONFIG = "config"  # a trial's user attribute: the full EngineConfig it measured
 ATTR_SUMMARY = "summary"  # its figures over the repeats (summarize)
 ATTR_BOUNDS = "constraints"  # a study's user attribute: the [constraints] table of its latest run
+ATTR_RUN = "mlflow_run_id"  # a trial's (and the study's) MLflow run
+ATTR_STOP = "stopped_early"  # why a trial ran fewer repeats than asked
+ATTR_FIDELITY = "fidelity"  # "simulator" on trials the simulator screened out (the others were measured)
+SIMULATOR = "simulator"
 FILE_KEYS = {"quality_top1": "min_quality_top1", "quality_kl": "max_quality_kl", "memory": "memory_budget"}
 
 
@@ -173,3 +178,31 @@ def describe(config: dict[str, Any], context: dict[str, int]) -> str:
             value = f"{value:.3g}"
         parts.append(f"{key}={value}")
     return " ".join(parts) or "(defaults)"
+
+
+def best_trials(study: optuna.Study, experiment: Experiment, count: int) -> list:
+    """The best feasible complete trials: by value (one objective) or the Pareto front (several), at most
+    ``count``, one per distinct config."""
+    complete = measured_feasible(study)
+    if experiment.multi_objective:
+        front = {t.number for t in study.best_trials}
+        complete = [t for t in complete if t.number in front]
+    sign = -1.0 if experiment.objectives[0][1] == "maximize" else 1.0
+    complete.sort(key=lambda t: sign * t.values[0])
+    chosen, seen = [], set()
+    for t in complete:
+        key = repr(sorted(t.user_attrs[ATTR_CONFIG].items()))
+        if key not in seen:
+            seen.add(key)
+            chosen.append(t)
+    return chosen[:count]
+
+
+def explicit_config(config: EngineConfig) -> dict[str, Any]:
+    return {k: ("model's own" if v is None else v) for k, v in dataclasses.asdict(config).items()}
+
+
+def values_text(experiment: Experiment, values: list[float] | None) -> str:
+    if not values:
+        return "n/a"
+    return ", ".join(f"{m} {v:.4g}" for (m, _), v in zip(experiment.objectives, values, strict=True))

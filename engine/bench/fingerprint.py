@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.bench.probe import device_name
-from engine.checkpoint import read_json
+from engine.formats.checkpoint import read_json
 
 
 def machine_fingerprint(directory: Path) -> dict:

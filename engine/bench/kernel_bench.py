@@ -1,4 +1,5 @@
-"""``python -m engine.bench.kernel_bench``: throughput of ``engine.kernels.matmul`` against numpy, as a markdown table.
+"""``python -m engine.bench.kernel_bench``: throughput of ``engine.compute.kernels.matmul`` against numpy, as a
+markdown table.
 
 Throughput is packed weight bytes (data and scales) per second of the median call. "Hot" calls one matrix again
 and again, so it stays in cache as an expert's buffer does right after its read; "cold" cycles through copies
@@ -21,11 +22,11 @@ from collections.abc import Callable, Iterator
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from engine import kernels
-from engine.checkpoint import to_float32
-from engine.quant import FORMATS, INT4_OFFSET, PackedMatrix, quantize
+from engine.compute import kernels
+from engine.formats.checkpoint import to_float32
+from engine.formats.quant import FORMATS, INT4_OFFSET, PackedMatrix, quantize
 
-INT8_ACTIVATIONS = "int4, int8 activations"  # int4 weights, x rounded to int8 (``engine.int8_activations``)
+INT8_ACTIVATIONS = "int4, int8 activations"  # int4 weights, x rounded to int8 (``engine.compute.int8_activations``)
 KERNELS = (*FORMATS, INT8_ACTIVATIONS)
 SHAPES = ((1536, 1024), (1024, 768))  # gate_up [2I, H] and down [H, I] of the 8 GiB synthetic model's experts
 TOKENS = (1, 8, 128)
@@ -132,7 +133,7 @@ def kernel_table(
     lines = [
         f"Packed GB/s, medians of {rounds} rounds of {seconds:g} s per cell; int4 group size {group_size}; BLAS "
         f"threads limited with threadpoolctl; `matmul` overhead {call_overhead() * 1e6:.1f} µs per call. With more "
-        "than one thread a kernel runs a shape on one if its first calls found that faster (`engine.kernels`).",
+        "than one thread a kernel runs a shape on one if its first calls found that faster (`engine.compute.kernels`).",
         "",
         "| format | matrix | tokens | threads | kernel hot | kernel cold | numpy hot | numpy cold | gain (hot) |",
         "|---|---|---|---|---|---|---|---|---|",

@@ -1,6 +1,6 @@
 """Disk probe: random-read bandwidth of a directory's device per block size and queue depth, bypassing the page cache.
 
-On Linux the reads go through native AIO (``engine.aio``), as fio's ``libaio`` engine issues them: one thread
+On Linux the reads go through native AIO (``engine.streaming.aio``), as fio's ``libaio`` engine issues them: one thread
 keeps ``queue_depth`` requests in flight, reaping completions and resubmitting them, in a numba-compiled loop
 (the same loop in Python cost 10-20 µs per request, which held 16 KiB reads to 0.7-0.8 of fio's bandwidth).
 Elsewhere queue depth is the number of threads, each blocking in ``os.preadv`` (which releases the GIL) on its
@@ -29,10 +29,10 @@ from typing import Any
 import numpy as np
 from numba import carray, njit
 
-from engine import aio
 from engine.buffers import AlignedBuffer, huge_pages_available
 from engine.errors import EngineError
-from engine.expert_io import open_uncached
+from engine.streaming import aio
+from engine.streaming.expert_io import open_uncached
 from engine.units import format_bytes
 
 SCHEMA_VERSION = 3  # 2: huge_pages; 3: mechanism

@@ -27,11 +27,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from engine.bench.workloads import get_workload
 from engine.config import EngineConfig
-from engine.generate import generate_steps
-from engine.model import Model, load_model
-from engine.models import decoder as decoder_module
-from engine.workloads import get_workload
+from engine.model import decoder as decoder_module
+from engine.model.generate import generate_steps
+from engine.model.load import Model, load_model
 
 PHASES = (
     "attention",

@@ -29,14 +29,14 @@ from engine.bench.memory_limit import MemoryLimit, remove_stale_groups
 from engine.bench.probe import ProbeResult
 from engine.bench.result import SCHEMA_VERSION, BenchResult
 from engine.bench.stats import median_ci, ratio_ci, slowest_window
-from engine.checkpoint import Checkpoint
+from engine.bench.workloads import Workload
 from engine.config import EngineConfig
 from engine.errors import EngineError
-from engine.expert_store import StoreStats
-from engine.repack_manifest import is_repacked, load_manifest
+from engine.formats.checkpoint import Checkpoint
+from engine.formats.repack_manifest import is_repacked, load_manifest
+from engine.formats.weights import source_dir, weights_dir
+from engine.streaming.expert_store import StoreStats
 from engine.units import format_bytes
-from engine.weights import source_dir, weights_dir
-from engine.workloads import Workload
 
 PR_SET_PDEATHSIG = 1
 _LIBC = ctypes.CDLL(None) if sys.platform.startswith("linux") else None

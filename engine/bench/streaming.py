@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from engine.config import EngineConfig
-from engine.expert_layout import PackedExpert
-from engine.model import load_model
+from engine.formats.expert_layout import PackedExpert
+from engine.model.load import load_model
 
 
 def stream_throughput(

@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 
 from engine.bench import quality
+from engine.bench.workloads import Workload, get_workload
 from engine.config import EngineConfig
-from engine.generate import generate_steps, score
-from engine.model import Model, load_model
-from engine.workloads import Workload, get_workload
+from engine.model.generate import generate_steps, score
+from engine.model.load import Model, load_model
 
 PROC_IO = Path("/proc/self/io")
 

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.expert_layout import PACKED_PER_WORD
-from engine.quant import quantize
-from engine.safetensors_file import DTYPE_SIZES, SafetensorsWriter
+from engine.formats.expert_layout import PACKED_PER_WORD
+from engine.formats.quant import quantize
+from engine.formats.safetensors_file import DTYPE_SIZES, SafetensorsWriter
 from engine.synth import archs
 from engine.synth.shapes import ARCHS, EXPERT_FORMATS, INT4_GROUP_SIZE, PRESETS, SynthShape, sized_shape
 from engine.synth.tokenizer import EOS, train_tokenizer
@@ -80,8 +80,8 @@ def synthesize(
 
 def read_synth_info(model_dir: str | Path) -> RoutingKnobs | None:
     """The routing knobs a synthetic checkpoint was built with, or None for any other checkpoint."""
-    from engine.checkpoint import read_json
     from engine.errors import CheckpointError
+    from engine.formats.checkpoint import read_json
 
     path = Path(model_dir) / SYNTH_FILE
     if not path.exists():

@@ -8,7 +8,7 @@ from operator import index
 
 import numpy as np
 
-from engine.cache_policy import (
+from engine.streaming.cache_policy import (
     CAPACITY,
     COUNT,
     HITS,

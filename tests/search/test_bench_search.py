@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from engine.analysis.trace import record_trace
+from engine.bench.workloads import get_workload
 from engine.config import EngineConfig
-from engine.trace import record_trace
-from engine.workloads import get_workload
 from search import bench_runs
 from search import bench_stats as stats
 from search.bench_fixtures import READER_BLOCKS, READER_THREADS, TOLERANCES, Fixtures, quality_key

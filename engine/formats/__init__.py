@@ -1,0 +1,1 @@
+"""Bytes on disk: safetensors files, checkpoints, packed formats, repacked copies, where each expert lies."""

@@ -1,0 +1,1 @@
+"""The ``make bench-*`` benchmarks, each writing a report under docs/benchmarks."""
