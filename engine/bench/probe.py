@@ -55,6 +55,11 @@ MECHANISMS = ("aio", "threads")
 
 PROBE_VERSION = 2  # in the cache file's name: a probe measured by older code is measured again. 2: fio's submission
 
+# A shared or virtual disk's speed drifts: the project's machine probed 1.5 GB/s one night and 2.5 GB/s the next
+# morning (1 MiB reads, 4 in flight), so efficiencies against the older probe were overstated by up to 1.6x. A
+# cached probe older than this is measured again (about a minute), so that rooflines describe the disk as it is.
+MAX_AGE_S = 6 * 3600
+
 
 class ProbeError(EngineError):
     """The disk cannot be probed: no direct I/O, a failed or short read, or an unusable directory."""
@@ -660,8 +665,9 @@ def cache_path(directory: str | Path, cache_dir: Path, huge_pages: bool = False)
 def load_or_probe(directory: str | Path, cache_dir: Path, refresh: bool = False, **probe_kwargs: Any) -> ProbeResult:
     """The cached probe of ``directory``'s machine and device, measured (and stored) when absent or ``refresh``.
 
-    A cached result is reused only if it covers the grid and file size asked for in ``probe_kwargs``. An
-    unreadable cache file is measured again with a warning naming the file: nothing is lost by re-measuring.
+    A cached result is reused only if it covers the grid and file size asked for in ``probe_kwargs`` and is at
+    most ``MAX_AGE_S`` old. An unreadable cache file is measured again with a warning naming the file: nothing is
+    lost by re-measuring.
     """
     path = cache_path(directory, cache_dir, probe_kwargs.get("huge_pages", False) and huge_pages_available())
     if not refresh and path.exists():
@@ -670,7 +676,7 @@ def load_or_probe(directory: str | Path, cache_dir: Path, refresh: bool = False,
         except (OSError, UnicodeDecodeError, ValueError) as e:  # JSONDecodeError is a ValueError
             warnings.warn(f"{path}: unreadable probe cache ({e}); measuring the disk again", stacklevel=2)
         else:
-            if _covers(cached, probe_kwargs):
+            if _covers(cached, probe_kwargs) and _age_s(cached) <= MAX_AGE_S:
                 return cached
     result = probe_directory(directory, **probe_kwargs)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -678,6 +684,10 @@ def load_or_probe(directory: str | Path, cache_dir: Path, refresh: bool = False,
     partial.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
     os.replace(partial, path)
     return result
+
+
+def _age_s(result: ProbeResult) -> float:
+    return (datetime.now(UTC) - datetime.fromisoformat(result.measured_at)).total_seconds()
 
 
 def _covers(cached: ProbeResult, probe_kwargs: dict[str, Any]) -> bool:

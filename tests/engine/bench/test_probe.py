@@ -8,6 +8,7 @@ import os
 import shutil
 import warnings
 from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -164,6 +165,11 @@ def test_cache_hit_does_not_measure(tmp_path: Path, measured: ProbeResult, monke
         load_or_probe(directory, tmp_path / "cache", **{**SMALL, "queue_depths": (1, 2)})
     with pytest.raises(AssertionError, match="measured"):
         load_or_probe(directory, tmp_path / "cache", refresh=True, **SMALL)
+    old = datetime.now(UTC) - timedelta(seconds=probe.MAX_AGE_S + 60)  # the disk may be faster or slower by now
+    path.write_text(json.dumps(replace(stored, measured_at=old.isoformat(timespec="seconds")).to_dict()))
+    with pytest.raises(AssertionError, match="measured"):
+        load_or_probe(directory, tmp_path / "cache", **SMALL)
+    path.write_text(json.dumps(stored.to_dict()))
     if huge_pages_available():
         with pytest.raises(AssertionError, match="measured"):
             load_or_probe(directory, tmp_path / "cache", **{**SMALL, "huge_pages": True})
