@@ -268,7 +268,8 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _probe(args: argparse.Namespace) -> int:
-    from engine.bench.probe import ENGINE_GRID, format_table, load_or_probe
+    from engine.bench.probe import ENGINE_GRID, load_or_probe
+    from engine.bench.probe_result import format_table
     from engine.paths import default_cache_dir
 
     grid = {} if args.fio_like else ENGINE_GRID

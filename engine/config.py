@@ -18,6 +18,7 @@ from engine.compute.int8_activations import BLOCK as INT8_BLOCK
 from engine.errors import ConfigError, FileError
 from engine.formats.quant import FORMATS
 from engine.streaming.cache_policy import POLICIES
+from engine.streaming.predictors import PREDICTORS
 from engine.units import parse_bytes
 
 TABLE = "engine"
@@ -25,7 +26,6 @@ CACHE_POLICIES = tuple(POLICIES)
 CACHE_SCOPES = ("global", "per_layer")
 CACHE_FORMATS = ("dequantized", "packed")
 IO_MODES = ("pread", "direct", "mmap")
-PREDICTORS = ("none", "previous_token", "gate_lookahead", "coactivation")
 WEIGHTS = ("original", *FORMATS)
 ACTIVATIONS = ("float32", "int8")
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import ray
 
-from engine.bench.probe import ProbeResult
+from engine.bench.probe_result import ProbeResult
 from engine.bench.protocol import BenchFailure, BenchRequest, run_bench
 from engine.bench.workloads import get_workload
 from engine.config import EngineConfig

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from engine.analysis.simulator import disk_bandwidth, simulate
 from engine.analysis.trace import load_trace, record_trace
-from engine.bench.probe import ProbeResult
+from engine.bench.probe_result import ProbeResult
 from engine.bench.workloads import Workload
 from engine.config import EngineConfig
 

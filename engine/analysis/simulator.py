@@ -33,34 +33,26 @@ from numba import njit
 
 from engine.analysis.optimal_cache import optimal_hits
 from engine.analysis.trace import Trace
-from engine.bench.probe import ProbeResult
+from engine.bench.probe_result import ProbeResult
 from engine.bench.streaming import stream_throughput
 from engine.buffers import PAGE
 from engine.config import EngineConfig
 from engine.formats.weights import DEFAULT_GROUP_SIZE
 from engine.model.decoder import prefer_resident
 from engine.streaming import expert_ledger as ledger
-from engine.streaming.cache_policy import CAPACITY
 from engine.streaming.expert_io import issues_reads
 from engine.streaming.expert_ledger import LedgerState
 from engine.streaming.expert_store import cache_entry_bytes
-from engine.streaming.predictors import coactivation_observe, coactivation_propose, merge_ranks
+from engine.streaming.predictors import READS_LOOKAHEAD, READS_RANKINGS, PredictorState, new_predictor
 from engine.units import format_bytes
 
-NO_PREDICTOR, PREVIOUS_TOKEN, GATE_LOOKAHEAD, COACTIVATION = range(4)
-PREDICTOR_KINDS = {
-    "none": NO_PREDICTOR,
-    "previous_token": PREVIOUS_TOKEN,
-    "gate_lookahead": GATE_LOOKAHEAD,
-    "coactivation": COACTIVATION,
-}
 # the disk model's reads: served in order by the model disk, done at once (infinite bandwidth), or page faults
 QUEUED, INSTANT, MAPPED = range(3)
 # what the replay keeps beside the ledger's counters, as StoreStats names them
 WASTED_BYTES, BYTES_READ, READS = range(3)
 EXTRA = ("wasted_bytes", "bytes_read", "reads")
 # the replay's timing: the measured decode tokens, their simulated seconds and stall; lookups in every pass
-TOKENS, SECONDS, STALL, LOOKUPS = range(4)
+TIMING = np.dtype([("tokens", np.int64), ("seconds", np.float64), ("stall", np.float64), ("lookups", np.int64)])
 
 
 @dataclass
@@ -121,20 +113,20 @@ def simulate(
     moe_layers, num_layers, num_experts = trace.moe_layers, meta["num_layers"], trace.num_experts
     nbytes, entry_bytes = _expert_bytes(trace, config)
     state = ledger.new_ledger(config, num_layers, num_experts, moe_layers, entry_bytes, k)
+    predictor = new_predictor(config.predictor, len(moe_layers), num_experts, k, recorded.most_tokens())
     # reads needed at once: the pinned ones; a layer's own and those staged, cancelled ones until their bytes count
-    reads = len(nbytes) + num_experts + 4 * int(state.meta[ledger.STAGED_LIMIT]) + 64
+    reads = len(nbytes) + num_experts + 4 * state.staged_limit + 64
     disk = _model_disk(trace, config, nbytes, bandwidth, reads)
     replay = _Batches.for_passes(recorded, warmup + repeats, num_experts)
     totals = np.zeros(len(ledger.COUNTERS) + len(EXTRA), np.int64)
-    timing = np.zeros(4, np.float64)  # indexed by TOKENS, SECONDS, STALL, LOOKUPS
+    timing = np.zeros(1, TIMING)
     began = time.perf_counter()
     _replay(
         recorded,
         state,
+        predictor,
         disk,
         replay,
-        PREDICTOR_KINDS[config.predictor],
-        config.prefetch_extra,
         config.cache_routing_tolerance,
         warmup,
         repeats,
@@ -142,11 +134,11 @@ def simulate(
         timing,
     )
     replay_seconds = time.perf_counter() - began
-    tokens, seconds, stall, lookups = int(timing[TOKENS]), timing[SECONDS], timing[STALL], int(timing[LOOKUPS])
+    tokens, seconds, stall, lookups = (timing[name][0].item() for name in TIMING.names)
     counters: dict = dict(zip(ledger.COUNTERS + EXTRA, totals.tolist(), strict=True))
     counters["stall_seconds"] = stall  # the simulated wait, not the replay's own wall time
     accesses = counters["hits"] + counters["misses"]
-    best = _optimal_hits(replay, config, int(state.cache.meta[CAPACITY]), entry_bytes, moe_layers) if optimal else None
+    best = _optimal_hits(replay, config, state.cache.capacity, entry_bytes, moe_layers) if optimal else None
     issued, used = counters["prefetch_issued"], counters["prefetch_used"]
     per_token = max(tokens, 1)
     return SimResult(
@@ -236,6 +228,9 @@ class _Recorded(NamedTuple):
             np.asarray(chosen_at, np.int64),
         )
 
+    def most_tokens(self) -> int:
+        return int((self.bounds[:, 1] - self.bounds[:, 0]).max())
+
     def most_lookups(self, num_experts: int) -> int:
         """A bound on one pass's lookups: each call's layers look up at most T x k experts, and E."""
         tokens = np.diff(self.bounds, axis=1).ravel()
@@ -270,24 +265,25 @@ class _Disk(NamedTuple):
     kind: int  # QUEUED, INSTANT or MAPPED
     seconds: np.ndarray  # float64 [keys]: an expert's disk time
     nbytes: np.ndarray  # int64 [keys]: the bytes its read takes
-    clock: np.ndarray  # float64 [3]: NOW, STALLED (compute waiting for reads), DISK_FREE
-    index: np.ndarray  # int64 [4]: NEXT slot to try, HEAD and TAIL of the disk queue, CANCELLED reads to sweep
+    now: np.ndarray  # float64 [1]: the simulated clock
+    stalled: np.ndarray  # float64 [1]: the time the compute waited for reads
+    disk_free: np.ndarray  # float64 [1]: when the disk has served every read queued
+    next_slot: np.ndarray  # int64 [1]: the read slot to try first
+    head: np.ndarray  # int64 [1]: the disk queue's first read
+    tail: np.ndarray  # int64 [1]: and its end
+    cancelled_count: np.ndarray  # int64 [1]: cancelled reads to sweep
     live: np.ndarray  # int64 [reads]: 1 while a slot's read is needed
     key: np.ndarray  # int64 [reads]
     start: np.ndarray  # float64 [reads]
-    end: np.ndarray  # float64 [reads]: done once NOW reaches it
+    end: np.ndarray  # float64 [reads]: done once the clock reaches it
     size: np.ndarray  # int64 [reads]: bytes asked for
     read_bytes: np.ndarray  # int64 [reads]: bytes read, less once cancelled
     charged: np.ndarray  # int64 [reads]: under MAPPED, whether the page faults were waited for
-    queue: np.ndarray  # int64 [reads]: issued reads not yet finished, in disk order, from HEAD to TAIL
+    queue: np.ndarray  # int64 [reads]: issued reads not yet finished, in disk order, from head to tail
     cancelled: np.ndarray  # int64 [reads]: cancelled reads whose bytes are not yet counted as wasted
     staged: np.ndarray  # int64 [keys]: the read of each staged key
     current: np.ndarray  # int64 [experts]: the read of each expert of the current layer
     extra: np.ndarray  # int64 [3]: WASTED_BYTES, BYTES_READ, READS
-
-
-NOW, STALLED, DISK_FREE = range(3)
-NEXT, HEAD, TAIL, CANCELLED = range(4)
 
 
 def _expert_bytes(trace: Trace, config: EngineConfig) -> tuple[np.ndarray, int]:
@@ -319,8 +315,8 @@ def _model_disk(trace: Trace, config: EngineConfig, nbytes: np.ndarray, bandwidt
         kind,
         nbytes / bandwidth,
         nbytes,
-        np.zeros(3, np.float64),
-        np.zeros(4, np.int64),
+        *(np.zeros(1, np.float64) for _ in range(3)),
+        *(np.zeros(1, np.int64) for _ in range(4)),
         np.zeros(reads, np.int64),
         np.zeros(reads, np.int64),
         np.zeros(reads, np.float64),
@@ -339,9 +335,9 @@ def _model_disk(trace: Trace, config: EngineConfig, nbytes: np.ndarray, bandwidt
 @njit(cache=True)
 def _fetch(d: _Disk, key: int) -> int:
     """Issue a read of ``key``; returns the read."""
-    now = d.clock[NOW]
-    while d.index[HEAD] < d.index[TAIL] and d.end[d.queue[d.index[HEAD]]] <= now:  # finished: off the queue
-        d.index[HEAD] += 1
+    now = d.now[0]
+    while d.head[0] < d.tail[0] and d.end[d.queue[d.head[0]]] <= now:  # finished: off the queue
+        d.head[0] += 1
     f = _free_slot(d)
     d.key[f], d.charged[f] = key, 0
     if d.kind == MAPPED:  # nothing read ahead, nothing counted: the page faults come when the compute touches it
@@ -352,15 +348,16 @@ def _fetch(d: _Disk, key: int) -> int:
     if d.kind == INSTANT:
         d.start[f] = d.end[f] = -np.inf
     else:
-        start = max(d.clock[DISK_FREE], now)
+        start = max(d.disk_free[0], now)
         d.start[f], d.end[f] = start, start + d.seconds[key]
-        d.clock[DISK_FREE] = d.end[f]
-        if d.index[TAIL] == len(d.queue):  # move the queue back to the front
-            queued = d.index[TAIL] - d.index[HEAD]
-            d.queue[:queued] = d.queue[d.index[HEAD] : d.index[TAIL]].copy()
-            d.index[HEAD], d.index[TAIL] = 0, queued
-        d.queue[d.index[TAIL]] = f
-        d.index[TAIL] += 1
+        d.disk_free[0] = d.end[f]
+        if d.tail[0] == len(d.queue):  # move the queue back to the front
+            queued = d.tail[0] - d.head[0]
+            d.queue[:queued] = d.queue[d.head[0] : d.tail[0]].copy()
+            d.head[0] = 0
+            d.tail[0] = queued
+        d.queue[d.tail[0]] = f
+        d.tail[0] += 1
     if d.size[f]:
         d.extra[READS] += 1
         d.extra[BYTES_READ] += d.size[f]
@@ -371,11 +368,11 @@ def _fetch(d: _Disk, key: int) -> int:
 def _free_slot(d: _Disk) -> int:
     """A slot no read needs (finished ones are off the queue by now), taken."""
     slots = len(d.live)
-    f = d.index[NEXT]
+    f = d.next_slot[0]
     for _ in range(slots):
         if not d.live[f]:
             d.live[f] = 1
-            d.index[NEXT] = (f + 1) % slots
+            d.next_slot[0] = (f + 1) % slots
             return f
         f = (f + 1) % slots
     raise RuntimeError("the model disk has no free read slot: more reads in flight than the replay allowed for")
@@ -383,31 +380,31 @@ def _free_slot(d: _Disk) -> int:
 
 @njit(cache=True)
 def _done(d: _Disk, f: int) -> bool:
-    return d.end[f] <= d.clock[NOW]
+    return d.end[f] <= d.now[0]
 
 
 @njit(cache=True)
 def _wait(d: _Disk, f: int) -> None:
     """The compute needs the read: the clock moves on to its end (under MAPPED, to the end of its page faults)."""
-    now = d.clock[NOW]
+    now = d.now[0]
     if d.kind == MAPPED:
         if d.charged[f]:
             return
         d.charged[f] = 1
-        d.end[f] = max(now, d.clock[DISK_FREE]) + d.seconds[d.key[f]]
-        d.clock[DISK_FREE] = d.end[f]
+        d.end[f] = max(now, d.disk_free[0]) + d.seconds[d.key[f]]
+        d.disk_free[0] = d.end[f]
     if d.end[f] > now:
-        d.clock[STALLED] += d.end[f] - now
-        d.clock[NOW] = d.end[f]
+        d.stalled[0] += d.end[f] - now
+        d.now[0] = d.end[f]
 
 
 @njit(cache=True)
 def _cancel(d: _Disk, f: int) -> None:
     """Stop a queued read now: the disk time it had not used yet goes to the reads queued after it."""
-    now = d.clock[NOW]
+    now = d.now[0]
     if d.kind != QUEUED or d.end[f] <= now:
         return
-    head, tail = d.index[HEAD], d.index[TAIL]
+    head, tail = d.head[0], d.tail[0]
     position = head
     while position < tail and d.queue[position] != f:
         position += 1
@@ -424,15 +421,15 @@ def _cancel(d: _Disk, f: int) -> None:
         d.start[later] -= freed
         d.end[later] -= freed
         d.queue[n - 1] = later
-    d.index[TAIL] = tail - 1
-    d.clock[DISK_FREE] -= freed
+    d.tail[0] = tail - 1
+    d.disk_free[0] -= freed
 
 
 @njit(cache=True)
 def _sweep_cancelled(d: _Disk) -> None:
     """The cancelled reads that have finished count their bytes as wasted."""
     kept = 0
-    for n in range(d.index[CANCELLED]):
+    for n in range(d.cancelled_count[0]):
         f = d.cancelled[n]
         if _done(d, f):
             d.extra[WASTED_BYTES] += d.read_bytes[f]
@@ -440,17 +437,16 @@ def _sweep_cancelled(d: _Disk) -> None:
         else:
             d.cancelled[kept] = f
             kept += 1
-    d.index[CANCELLED] = kept
+    d.cancelled_count[0] = kept
 
 
 @njit(cache=True)
 def _replay(
     r: _Recorded,
     s: LedgerState,
+    p: PredictorState,
     d: _Disk,
     batches: _Batches,
-    predictor: int,
-    prefetch_extra: int,
     tolerance: float,
     warmup: int,
     repeats: int,
@@ -460,39 +456,33 @@ def _replay(
     """The decoder's calls into the store for every call of the trace, ``warmup + repeats`` times; the repeats'
     decode steps add their counters to ``totals`` and their tokens, seconds, stall to ``timing`` (with lookups).
 
-    One loop on purpose: split into helpers (even inlined ones), it ran 12-15% slower.
+    One loop on purpose: split into helpers (even inlined ones), it ran 12-15% slower. The exception is what the
+    store runs too (the ledger's calls, the predictors inside ``route_done``): written once for both.
     """
-    layers, num_experts, k = len(r.moe_layers), s.meta[ledger.EXPERTS], r.k
-    count = k + prefetch_extra
-    last_token = np.full(layers, -1, np.int64)  # previous_token: each layer's last routed token
-    pairs = np.zeros((max(layers - 1, 0), num_experts, num_experts))  # coactivation's counts and their row sums
-    pair_totals = np.zeros(pairs.shape[:2])
-    previous, previous_position = np.zeros((0, k), np.int64), -2  # coactivation: the last layer's choice
-    most = (r.bounds[:, 1] - r.bounds[:, 0]).max()
-    chain, chained, memo = np.empty((most, num_experts)), np.empty((most, k), np.int64), np.full(2, -1)  # its scores
+    layers, num_experts, k = len(r.moe_layers), s.num_experts, r.k
     before = np.zeros(len(totals), np.int64)
     resident = np.zeros(num_experts, np.bool_)
     for n in range(warmup + repeats):
         for c in range(len(r.bounds)):
             a, b = r.bounds[c]
             scored = n >= warmup and c > 0 and b - a == 1
-            began, stalled = d.clock[NOW], d.clock[STALLED]
+            began, stalled = d.now[0], d.stalled[0]
             before[: len(s.counters)] = s.counters
             before[len(s.counters) :] = d.extra
             pinned = ledger.begin_forward(s)
             reads = np.empty(pinned, np.int64)
-            for p in range(pinned):
-                reads[p] = _fetch(d, s.out[p])
-            for p in range(pinned):
-                _wait(d, reads[p])
-                d.live[reads[p]] = 0
+            for m in range(pinned):
+                reads[m] = _fetch(d, s.out[m])
+            for m in range(pinned):
+                _wait(d, reads[m])
+                d.live[reads[m]] = 0
             step = r.compute[c]
             for li in range(layers):
                 layer = r.moe_layers[li]
-                d.clock[NOW] += step
+                d.now[0] += step
                 if tolerance > 0:
                     ledger.cached_experts(s, layer, resident)
-                    for m in range(s.meta[ledger.STAGED]):
+                    for m in range(s.staged_count[0]):
                         key = s.staged[m]
                         if key // num_experts == layer and _done(d, d.staged[key]):
                             resident[key % num_experts] = True
@@ -502,15 +492,15 @@ def _replay(
                     experts = r.top_ids[a:b, li, :k]
                     chosen = r.chosen[r.chosen_at[c * layers + li] : r.chosen_at[c * layers + li + 1]]
                 _record(batches, layer, chosen, scored)
-                timing[LOOKUPS] += len(chosen)
-                if d.index[CANCELLED]:
+                timing[0].lookups += len(chosen)
+                if d.cancelled_count[0]:
                     _sweep_cancelled(d)
                 cancelled, starts = ledger.request(s, layer, chosen)
                 for m in range(cancelled):
                     f = d.staged[s.cancelled[m]]
                     _cancel(d, f)
-                    d.cancelled[d.index[CANCELLED]] = f
-                    d.index[CANCELLED] += 1
+                    d.cancelled[d.cancelled_count[0]] = f
+                    d.cancelled_count[0] += 1
                 base = layer * num_experts
                 for expert in chosen:
                     if s.current[expert] == ledger.STAGED_READ:
@@ -518,37 +508,13 @@ def _replay(
                         s.counters[ledger.PREFETCH_TIMELY] += _done(d, d.current[expert])
                 for m in range(starts):
                     d.current[s.out[m]] = _fetch(d, base + s.out[m])
-                ledger.count_routing(s, layer, experts)
-                if predictor == COACTIVATION:
-                    coactivation_observe(pairs, pair_totals, previous_position, previous, li, experts)
-                    previous, previous_position = experts, li
-                    memo[0] = -1
-                last_token[li] = b - 1
-                for ahead in range(s.ahead.shape[1]):
-                    target = s.ahead[layer, ahead]
-                    if target < 0 or predictor == NO_PREDICTOR:
-                        break
-                    ti = li + 1 + ahead
-                    if predictor == PREVIOUS_TOKEN:
-                        if last_token[ti] < 0:
-                            continue
-                        proposals = r.top_ids[last_token[ti], ti, :count]
-                    elif predictor == GATE_LOOKAHEAD:
-                        proposals = merge_ranks(r.lookahead[a:b, li, ahead, :count])
-                    else:
-                        tokens = len(experts)
-                        proposals = coactivation_propose(
-                            pairs, pair_totals, experts, li, ti, count, chain[:tokens], chained[:tokens], memo
-                        )
-                    staged, full = ledger.stage(s, target, proposals)
-                    for m in range(staged):
-                        d.staged[s.out[m]] = _fetch(d, s.out[m])
-                    if full:
-                        break
+                staged = ledger.route_done(s, p, layer, experts, r.top_ids[b - 1, li], r.lookahead[a:b, li])
+                for m in range(staged):
+                    d.staged[s.out[m]] = _fetch(d, s.out[m])
                 share = step / len(chosen)
                 for expert in chosen:
                     if s.current[expert] == ledger.CACHED:
-                        d.clock[NOW] += share
+                        d.now[0] += share
                         continue
                     was, starts = ledger.take(s, layer, expert)
                     if was == ledger.WAITING:
@@ -558,13 +524,13 @@ def _replay(
                     _wait(d, d.current[expert])
                     d.live[d.current[expert]] = 0
                     ledger.admit(s, layer, expert)
-                    d.clock[NOW] += share
+                    d.now[0] += share
             if scored:
                 totals[: len(s.counters)] += s.counters - before[: len(s.counters)]
                 totals[len(s.counters) :] += d.extra - before[len(s.counters) :]
-                timing[TOKENS] += 1
-                timing[SECONDS] += d.clock[NOW] - began
-                timing[STALL] += d.clock[STALLED] - stalled
+                timing[0].tokens += 1
+                timing[0].seconds += d.now[0] - began
+                timing[0].stall += d.stalled[0] - stalled
 
 
 @njit(cache=True)
@@ -648,13 +614,13 @@ def _check(trace: Trace, config: EngineConfig) -> int:
     k = trace.top_k if config.top_k is None else config.top_k
     if k > trace.top_k:
         raise ValueError(f"top_k {k} exceeds the {trace.top_k} experts per token the trace recorded")
-    needs_candidates = config.predictor in ("previous_token", "gate_lookahead") and trace.candidates < trace.num_experts
+    needs_candidates = config.predictor in READS_RANKINGS and trace.candidates < trace.num_experts
     if needs_candidates and k + config.prefetch_extra > trace.candidates:
         raise ValueError(
             f"prefetch_extra {config.prefetch_extra} needs {k + config.prefetch_extra} candidates per layer; "
             f"the trace recorded {trace.candidates}"
         )
-    if config.predictor == "gate_lookahead" and config.prefetch_depth > trace.depth:
+    if config.predictor in READS_LOOKAHEAD and config.prefetch_depth > trace.depth:
         raise ValueError(f"prefetch_depth {config.prefetch_depth} exceeds the {trace.depth} layers the trace recorded")
     return k
 

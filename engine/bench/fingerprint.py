@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.bench.probe import device_name
+from engine.bench.device import device_name
 from engine.formats.checkpoint import read_json
 
 

@@ -8,7 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from engine.bench.probe import ALIGN, DEFAULT_FILE_BYTES, ProbeError, scratch_file
+from engine.bench.device import ALIGN, DEFAULT_FILE_BYTES, scratch_file
+from engine.bench.probe_result import ProbeError
 
 SYNCHRONOUS_ENGINES = frozenset({"sync", "psync", "pvsync", "pvsync2"})
 

@@ -13,13 +13,11 @@ import errno
 import json
 import math
 import os
-import socket
 import statistics
 import sys
 import threading
 import time
 import warnings
-from bisect import bisect_right
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -29,27 +27,29 @@ from typing import Any
 import numpy as np
 from numba import carray, njit
 
+from engine.bench.device import (
+    ALIGN,
+    DEFAULT_FILE_BYTES,
+    check_directory,
+    check_positive_int,
+    device_name,
+    machine_id,
+    open_direct,
+    scratch_file,
+)
+from engine.bench.probe_result import ProbeCell, ProbeError, ProbeResult
 from engine.buffers import AlignedBuffer, huge_pages_available
-from engine.errors import EngineError
 from engine.streaming import aio
-from engine.streaming.expert_io import open_uncached
-from engine.units import format_bytes
 
-SCHEMA_VERSION = 3  # 2: huge_pages; 3: mechanism
-SCRATCH_NAME = ".autoresearch-probe"
 KiB = 1024
 MiB = 1024 * KiB
 GiB = 1024 * MiB
-ALIGN = 4096
 DEFAULT_BLOCK_SIZES = (16 * KiB, 256 * KiB, 2 * MiB)
 DEFAULT_QUEUE_DEPTHS = (1, 8, 32)
-DEFAULT_FILE_BYTES = 1 * GiB
 # The grid an engine's roofline reads: its request sizes and queue depths, into huge-page buffers like the
 # reader's slots (``autoresearch bench`` and ``simulate``, the engine and simulator reports).
 ENGINE_GRID: dict[str, Any] = {"block_sizes": (256 * KiB, MiB, 2 * MiB), "queue_depths": (1, 4, 8), "huge_pages": True}
 OFFSET_BATCH = 1024
-# Direct I/O on these reads memory, not a disk; recent kernels accept O_DIRECT on tmpfs, so EINVAL cannot tell us.
-MEMORY_FILESYSTEMS = frozenset({"tmpfs", "ramfs", "hugetlbfs", "devtmpfs"})
 MECHANISMS = ("aio", "threads")
 
 
@@ -61,282 +61,13 @@ PROBE_VERSION = 2  # in the cache file's name: a probe measured by older code is
 MAX_AGE_S = 6 * 3600
 
 
-class ProbeError(EngineError):
-    """The disk cannot be probed: no direct I/O, a failed or short read, or an unusable directory."""
-
-
-@dataclass(frozen=True)
-class ProbeCell:
-    """One measured (block size, queue depth) point. ``requests`` and ``seconds`` are summed over the repeats."""
-
-    block_bytes: int
-    queue_depth: int
-    bytes_per_s: float  # median over the repeats
-    requests: int
-    seconds: float
-
-
-@dataclass(frozen=True)
-class ProbeResult:
-    """Random-read bandwidth of one device, on a full grid of block sizes x queue depths."""
-
-    machine: str
-    device: str
-    directory: str
-    direct: bool
-    cache_bypass: str  # "O_DIRECT" (Linux) or "F_NOCACHE" (macOS)
-    huge_pages: bool  # read buffers backed by transparent huge pages (see probe_directory)
-    mechanism: str  # "aio" (Linux native AIO, one thread) or "threads" (one thread per request in flight)
-    file_bytes: int
-    measured_at: str  # UTC, ISO 8601
-    cells: tuple[ProbeCell, ...]
-
-    def __post_init__(self) -> None:
-        if not self.cells:
-            raise ValueError("ProbeResult.cells is empty")
-        seen = {(c.block_bytes, c.queue_depth) for c in self.cells}
-        if len(seen) != len(self.cells):
-            raise ValueError("ProbeResult.cells holds the same (block_bytes, queue_depth) twice")
-        blocks, depths = self.block_sizes, self.queue_depths
-        if len(seen) != len(blocks) * len(depths):
-            raise ValueError(f"ProbeResult.cells is not a full grid of block sizes {blocks} x queue depths {depths}")
-        for c in self.cells:
-            if c.block_bytes <= 0 or c.queue_depth <= 0 or not c.bytes_per_s > 0:
-                raise ValueError(f"ProbeResult.cells: non-positive value in {c}")
-
-    @property
-    def block_sizes(self) -> tuple[int, ...]:
-        return tuple(sorted({c.block_bytes for c in self.cells}))
-
-    @property
-    def queue_depths(self) -> tuple[int, ...]:
-        return tuple(sorted({c.queue_depth for c in self.cells}))
-
-    def cell(self, block_bytes: int, queue_depth: int) -> ProbeCell | None:
-        for c in self.cells:
-            if c.block_bytes == block_bytes and c.queue_depth == queue_depth:
-                return c
-        return None
-
-    def bandwidth(self, block_bytes: int, queue_depth: int) -> float:
-        """Bytes/s for a read pattern: the measured cell, else bilinear in log2(block) and log2(queue depth).
-
-        Outside the measured range each coordinate is clamped to the nearest measured value, i.e. extrapolation
-        by the nearest cell. That is fine for a roofline estimate; it is never applied to user input.
-        """
-        for name, value in (("block_bytes", block_bytes), ("queue_depth", queue_depth)):
-            if not isinstance(value, int | float) or isinstance(value, bool) or not value > 0:
-                raise ValueError(f"{name} must be a positive number, got {value!r}")
-        exact = self.cell(block_bytes, queue_depth)
-        if exact is not None:
-            return exact.bytes_per_s
-        blocks, depths = self.block_sizes, self.queue_depths
-        bi, bj, bt = _bracket([math.log2(b) for b in blocks], math.log2(block_bytes))
-        qi, qj, qt = _bracket([math.log2(q) for q in depths], math.log2(queue_depth))
-        value = {(c.block_bytes, c.queue_depth): c.bytes_per_s for c in self.cells}
-
-        def at(b: int, q: int) -> float:
-            return value[(blocks[b], depths[q])]
-
-        low = at(bi, qi) * (1 - qt) + at(bi, qj) * qt
-        high = at(bj, qi) * (1 - qt) + at(bj, qj) * qt
-        return low * (1 - bt) + high * bt
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "schema_version": SCHEMA_VERSION,
-            "machine": self.machine,
-            "device": self.device,
-            "directory": self.directory,
-            "direct": self.direct,
-            "cache_bypass": self.cache_bypass,
-            "huge_pages": self.huge_pages,
-            "mechanism": self.mechanism,
-            "file_bytes": self.file_bytes,
-            "measured_at": self.measured_at,
-            "cells": [
-                {
-                    "block_bytes": c.block_bytes,
-                    "queue_depth": c.queue_depth,
-                    "bytes_per_s": c.bytes_per_s,
-                    "requests": c.requests,
-                    "seconds": c.seconds,
-                }
-                for c in self.cells
-            ],
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ProbeResult:
-        if not isinstance(data, dict):
-            raise ValueError(f"a probe result must be a JSON object, got {type(data).__name__}")
-        version = data.get("schema_version")
-        if version != SCHEMA_VERSION:
-            raise ValueError(f"schema_version {version!r} is not the supported {SCHEMA_VERSION}")
-        try:
-            cells = tuple(
-                ProbeCell(
-                    block_bytes=int(c["block_bytes"]),
-                    queue_depth=int(c["queue_depth"]),
-                    bytes_per_s=float(c["bytes_per_s"]),
-                    requests=int(c["requests"]),
-                    seconds=float(c["seconds"]),
-                )
-                for c in data["cells"]
-            )
-            return cls(
-                machine=str(data["machine"]),
-                device=str(data["device"]),
-                directory=str(data["directory"]),
-                direct=bool(data["direct"]),
-                cache_bypass=str(data["cache_bypass"]),
-                huge_pages=bool(data["huge_pages"]),
-                mechanism=str(data["mechanism"]),
-                file_bytes=int(data["file_bytes"]),
-                measured_at=str(data["measured_at"]),
-                cells=cells,
-            )
-        except KeyError as e:
-            raise ValueError(f"probe result is missing the field {e.args[0]!r}") from None
-        except TypeError as e:
-            raise ValueError(f"probe result has a field of the wrong type: {e}") from None
-
-
-def _bracket(axis: list[float], x: float) -> tuple[int, int, float]:
-    """Indices (i, j) around x on a sorted axis and the weight t of j; clamped at both ends."""
-    if x <= axis[0]:
-        return 0, 0, 0.0
-    if x >= axis[-1]:
-        last = len(axis) - 1
-        return last, last, 0.0
-    i = bisect_right(axis, x) - 1
-    return i, i + 1, (x - axis[i]) / (axis[i + 1] - axis[i])
-
-
-def machine_id() -> str:
-    """A stable id of this machine: systemd's machine-id when present, else the hostname."""
-    for path in ("/etc/machine-id", "/var/lib/dbus/machine-id"):
-        try:
-            value = Path(path).read_text().strip()
-        except OSError:
-            continue
-        if value:
-            return _safe(value)
-    return _safe(socket.gethostname() or "unknown-host")
-
-
-def device_name(directory: str | Path) -> str:
-    """The block device holding ``directory`` ("vda", "nvme0n1p2"), or "dev-MAJ-MIN" without sysfs."""
-    dev = os.stat(directory).st_dev
-    major, minor = os.major(dev), os.minor(dev)
-    sysfs = Path(f"/sys/dev/block/{major}:{minor}")
-    try:
-        return _safe(sysfs.resolve(strict=True).name)
-    except OSError:
-        return f"dev-{major}-{minor}"
-
-
-def filesystem_type(directory: str | Path) -> str | None:
-    """The filesystem type of ``directory`` from /proc/self/mountinfo (Linux), matched by device number."""
-    dev = os.stat(directory).st_dev
-    key = f"{os.major(dev)}:{os.minor(dev)}"
-    try:
-        lines = Path("/proc/self/mountinfo").read_text().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        fields = line.split()
-        if len(fields) > 3 and fields[2] == key and " - " in line:
-            return line.split(" - ", 1)[1].split()[0]
-    return None
-
-
-def _safe(text: str) -> str:
-    return "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in text)
-
-
-def _check_positive_int(name: str, value: object, multiple_of: int = 1) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    if value % multiple_of:
-        raise ValueError(f"{name} must be a multiple of {multiple_of} bytes for direct I/O, got {value}")
-    return value
-
-
 def _check_sizes(name: str, values: Iterable[object], multiple_of: int = 1) -> tuple[int, ...]:
     if isinstance(values, int | str | bytes):
         raise ValueError(f"{name} must be a sequence of integers, got {values!r}")
-    checked = tuple(sorted({_check_positive_int(f"{name} value", v, multiple_of) for v in values}))
+    checked = tuple(sorted({check_positive_int(f"{name} value", v, multiple_of) for v in values}))
     if not checked:
         raise ValueError(f"{name} must not be empty")
     return checked
-
-
-def _check_directory(directory: str | Path) -> Path:
-    path = Path(directory)
-    if not path.is_dir():
-        raise ProbeError(f"{path}: not a directory")
-    fs = filesystem_type(path)
-    if fs in MEMORY_FILESYSTEMS:
-        raise ProbeError(f"{path}: the filesystem is {fs}, which lives in memory; there is no disk to probe")
-    return path
-
-
-def scratch_file(directory: str | Path, file_bytes: int = DEFAULT_FILE_BYTES) -> Path:
-    """The probe's scratch file in ``directory`` with ``file_bytes`` of random data; reused when already that size.
-
-    The data is random so that a compressing or deduplicating layer below cannot shortcut the reads. It is
-    written buffered, synced, then its pages are dropped so that the first direct reads find nothing cached.
-    """
-    path = _check_directory(directory) / SCRATCH_NAME
-    _check_positive_int("file_bytes", file_bytes, ALIGN)
-    try:
-        if path.stat().st_size == file_bytes:
-            _drop_pages(path)
-            return path
-    except FileNotFoundError:
-        pass
-    # Written under a temporary name so that an interrupted write never leaves a right-sized file of zeros.
-    partial = path.with_name(f"{SCRATCH_NAME}.{os.getpid()}.partial")
-    chunk = 8 * MiB
-    try:
-        with open(partial, "wb") as f:
-            remaining = file_bytes
-            while remaining:
-                n = min(chunk, remaining)
-                f.write(os.urandom(n))
-                remaining -= n
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(partial, path)
-    except OSError as e:
-        partial.unlink(missing_ok=True)
-        raise ProbeError(f"{path}: cannot write the probe's scratch file: {e}") from None
-    _drop_pages(path)
-    return path
-
-
-def _drop_pages(path: Path) -> None:
-    if not hasattr(os, "posix_fadvise"):  # macOS: F_NOCACHE reads go around the cache anyway
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-
-
-def _open_direct(path: Path) -> tuple[int, str]:
-    """Open ``path`` for reads that bypass the page cache; returns the fd and the mechanism's name."""
-    try:
-        return open_uncached(str(path))
-    except OSError as e:
-        if e.errno == errno.EINVAL:
-            raise ProbeError(
-                f"{path.parent}: the filesystem does not support direct I/O (O_DIRECT refused), "
-                "so its disk bandwidth cannot be measured without the page cache"
-            ) from None
-        raise ProbeError(f"{path}: cannot open for direct reads: {e}") from None
 
 
 @dataclass
@@ -571,17 +302,17 @@ def probe_directory(
         raise ValueError(f"seconds_per_cell must be a positive number, got {seconds_per_cell!r}")
     if not (seconds_per_cell > 0 and math.isfinite(seconds_per_cell)):
         raise ValueError(f"seconds_per_cell must be a positive number, got {seconds_per_cell!r}")
-    _check_positive_int("file_bytes", file_bytes, ALIGN)
+    check_positive_int("file_bytes", file_bytes, ALIGN)
     if file_bytes < blocks[-1]:
         raise ValueError(f"file_bytes ({file_bytes}) must be at least the largest block size ({blocks[-1]})")
-    _check_positive_int("repeats", repeats)
-    directory = _check_directory(directory)
+    check_positive_int("repeats", repeats)
+    directory = check_directory(directory)
     huge = bool(huge_pages) and huge_pages_available()
     mechanism = _check_mechanism(mechanism)
     measure = _measure_aio if mechanism == "aio" else _measure
 
     path = scratch_file(directory, file_bytes)
-    fd, bypass = _open_direct(path)
+    fd, bypass = open_direct(path)
     rates: dict[tuple[int, int], list[float]] = {(b, q): [] for b in blocks for q in depths}
     requests = dict.fromkeys(rates, 0)
     elapsed = dict.fromkeys(rates, 0.0)
@@ -629,11 +360,11 @@ def spread_bandwidth(
     lands in memory of its own, and on the project's machine (a virtual disk) reads into 64-256 buffers were
     10-15% slower than into 4. This measures what the disk gives a reader with that footprint.
     """
-    directory = _check_directory(directory)
+    directory = check_directory(directory)
     if not aio.available():
         raise ProbeError(f"native AIO is not available on {sys.platform}")
     path = scratch_file(directory, DEFAULT_FILE_BYTES)
-    fd, _ = _open_direct(path)
+    fd, _ = open_direct(path)
     try:
         huge = huge_pages_available()
         run = _measure_aio(fd, path, DEFAULT_FILE_BYTES, block, depth, seconds, huge, seed, buffer_bytes)
@@ -700,16 +431,3 @@ def _covers(cached: ProbeResult, probe_kwargs: dict[str, Any]) -> bool:
     if cached.mechanism != (probe_kwargs.get("mechanism") or default_mechanism()):
         return False
     return cached.file_bytes == probe_kwargs.get("file_bytes", DEFAULT_FILE_BYTES)
-
-
-def format_table(result: ProbeResult) -> str:
-    """Markdown table: a row per block size, a column per queue depth, in MB/s (1 MB = 1e6 bytes)."""
-    depths = result.queue_depths
-    lines = [
-        "| block | " + " | ".join(f"QD {q}" for q in depths) + " |",
-        "| --- | " + " | ".join("---:" for _ in depths) + " |",
-    ]
-    for b in result.block_sizes:
-        row = " | ".join(f"{result.bandwidth(b, q) / 1e6:.0f} MB/s" for q in depths)
-        lines.append(f"| {format_bytes(b)} | {row} |")
-    return "\n".join(lines)

@@ -26,7 +26,7 @@ import numpy as np
 from engine.bench import quality
 from engine.bench.fingerprint import engine_version, machine_fingerprint, model_identity
 from engine.bench.memory_limit import MemoryLimit, remove_stale_groups
-from engine.bench.probe import ProbeResult
+from engine.bench.probe_result import ProbeResult
 from engine.bench.result import SCHEMA_VERSION, BenchResult
 from engine.bench.stats import median_ci, ratio_ci, slowest_window
 from engine.bench.workloads import Workload

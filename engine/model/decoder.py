@@ -48,7 +48,6 @@ from engine.model.layers import (
     swiglu,
 )
 from engine.streaming.expert_store import ExpertStore
-from engine.streaming.predictors import make_predictor
 
 # The forward pass's threads are the kernels' (numba's, which spin briefly between calls: ``kernels``); BLAS
 # threads started between them would contend for the same cores (measured on 2 cores: a decode token 6x slower),
@@ -552,10 +551,9 @@ def build_decoder(spec: DecoderSpec, ckpt: Checkpoint, config: EngineConfig) -> 
     lm_head = embed if s.tie_word_embeddings else read(MODEL_PREFIXES[base], (s.vocab_size, h))
     if config.activations == "int8":
         _check_int8_activations(ckpt.path, layouts)
-    moe_layers = [i for i, layer in enumerate(layers) if layer.router is not None]
     store = ExpertStore(layouts, h, s.moe_intermediate_size, config, s.num_layers, s.top_k)
     decoder = Decoder(s, config, ckpt, store, layers, embed, norm(f"{base}.norm.weight", (h,)), lm_head)
-    store.predictor = make_predictor(config.predictor, moe_layers, s.num_experts, decoder.router_scores)
+    store.router_scores = decoder.router_scores
     return decoder
 
 

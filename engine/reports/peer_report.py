@@ -38,7 +38,8 @@ from engine.bench.fingerprint import (
 )
 from engine.bench.llama_cpp import CMAKE_FLAGS, PACKAGE, LlamaCpp, prepare
 from engine.bench.memory_limit import MemoryLimit
-from engine.bench.probe import ENGINE_GRID, ProbeResult, load_or_probe
+from engine.bench.probe import ENGINE_GRID, load_or_probe
+from engine.bench.probe_result import ProbeResult
 from engine.bench.protocol import BenchFailure, BenchRequest, run_bench
 from engine.bench.stats import median_ci, ratio_ci
 from engine.bench.workloads import get_workload

@@ -23,7 +23,8 @@ from scipy.stats import spearmanr
 from engine.analysis.simulator import SimResult, disk_bandwidth, reader_bandwidth, simulate
 from engine.analysis.trace import Trace, load_trace, record_trace
 from engine.bench.fingerprint import command_line, report_header, write_report
-from engine.bench.probe import ENGINE_GRID, ProbeResult, load_or_probe
+from engine.bench.probe import ENGINE_GRID, load_or_probe
+from engine.bench.probe_result import ProbeResult
 from engine.bench.protocol import BenchFailure, BenchRequest, run_bench
 from engine.bench.stats import median_ci
 from engine.bench.workloads import get_workload

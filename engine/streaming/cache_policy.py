@@ -38,33 +38,32 @@ POLICIES = ("lru", "lfu", "slru", "static", "none")
 LRU, LFU, SLRU, STATIC, NONE = range(len(POLICIES))  # a policy's code is its index in POLICIES
 MAX_BYTES = 1 << 62  # capacities up to this leave room for the int64 sums of sizes
 
-# meta: the cache's scalars
-POLICY, LISTS, CAPACITY, PROTECTED_CAPACITY, FREE_BUCKET, HITS, MISSES, USED, COUNT = range(9)
-META_FIELDS = 9
-# links: one row per node
-PREV, NEXT = 0, 1
-# entries: one row per key (its partition is looked up rather than divided out: a 64-bit division costs more
-# than the rest of an access)
-PARTITION, SIZE, LIST, BUCKET = range(4)
-ENTRY_FIELDS = 4
-ABSENT = -1  # the LIST of a key that is not resident
+# a key's entry (its partition is looked up rather than divided out: a 64-bit division costs more than the rest
+# of an access)
+ENTRY = np.dtype([("partition", np.int64), ("size", np.int64), ("list", np.int64), ("bucket", np.int64)])
+NOT_RESIDENT = -1  # the list of a key that is not resident
 PROBATION, PROTECTED = 0, 1  # slru's lists; the other policies have only list 0
-# partitions: one row per partition
-PART_USED, PART_PROTECTED, PART_HITS, PART_MISSES = range(4)
-PART_FIELDS = 4
-# buckets (lfu only): the first one per partition is its ring's sentinel, the others start on the free list
-B_COUNT, B_PREV, B_NEXT, B_TAIL, B_SIZE = range(5)
-BUCKET_FIELDS = 5
+LINK = np.dtype([("prev", np.int64), ("next", np.int64)])  # a node of the lists
+PARTITION = np.dtype([("used", np.int64), ("protected", np.int64), ("hits", np.int64), ("misses", np.int64)])
+# lfu only: the first bucket per partition is its ring's sentinel, the others start on the free list
+BUCKET = np.dtype([("count", np.int64), ("prev", np.int64), ("next", np.int64), ("tail", np.int64), ("size", np.int64)])
 NO_BUCKET = -1
+META = np.dtype(  # what changes beside the arrays, one record
+    [("free_bucket", np.int64), ("hits", np.int64), ("misses", np.int64), ("used", np.int64), ("count", np.int64)]
+)
 
 
 class CacheState(NamedTuple):
-    meta: np.ndarray  # [META_FIELDS]
-    links: np.ndarray  # [keys + partitions * lists, 2]
-    entries: np.ndarray  # [keys, ENTRY_FIELDS]
-    parts: np.ndarray  # [partitions, PART_FIELDS]
-    buckets: np.ndarray  # [partitions + keys, BUCKET_FIELDS] for lfu, else [0, BUCKET_FIELDS]
-    evicted: np.ndarray  # [keys]: cache_admit's victims, first victim first
+    policy: int  # its index in POLICIES
+    lists: int  # per partition: 2 for slru, else 1
+    capacity: int  # bytes per partition
+    protected_capacity: int  # slru: bytes of a partition its protected list may hold
+    meta: np.ndarray  # META [1]
+    links: np.ndarray  # LINK [keys + partitions * lists]
+    entries: np.ndarray  # ENTRY [keys]
+    parts: np.ndarray  # PARTITION [partitions]
+    buckets: np.ndarray  # BUCKET [partitions + keys] for lfu, else [0]
+    evicted: np.ndarray  # int64 [keys]: cache_admit's victims, first victim first
 
 
 def _check_count(name: str, value: object, minimum: int, maximum: int | None = None) -> None:
@@ -103,33 +102,32 @@ def new_cache_state(
     lists = 2 if code == SLRU else 1
     capacity = capacity_bytes // num_layers if per_layer else capacity_bytes
 
-    meta = np.zeros(META_FIELDS, np.int64)
-    meta[POLICY] = code
-    meta[LISTS] = lists
-    meta[CAPACITY] = capacity
-    meta[PROTECTED_CAPACITY] = int(capacity * fraction)
-    meta[FREE_BUCKET] = NO_BUCKET
-
-    links = np.full((num_keys + partitions * lists, 2), -1, np.int64)
-    links[num_keys:, PREV] = links[num_keys:, NEXT] = np.arange(num_keys, len(links))  # empty lists
-    entries = np.zeros((num_keys, ENTRY_FIELDS), np.int64)
+    meta = np.zeros(1, META)
+    meta["free_bucket"] = NO_BUCKET
+    links = np.full(num_keys + partitions * lists, -1, LINK)
+    links["prev"][num_keys:] = links["next"][num_keys:] = np.arange(num_keys, len(links))  # empty lists
+    entries = np.zeros(num_keys, ENTRY)
     if per_layer:
-        entries[:, PARTITION] = np.arange(num_keys) // num_experts
-    entries[:, LIST] = ABSENT
-    entries[:, BUCKET] = NO_BUCKET
+        entries["partition"] = np.arange(num_keys) // num_experts
+    entries["list"] = NOT_RESIDENT
+    entries["bucket"] = NO_BUCKET
 
-    buckets = np.zeros((partitions + num_keys if code == LFU else 0, BUCKET_FIELDS), np.int64)
+    buckets = np.zeros(partitions + num_keys if code == LFU else 0, BUCKET)
     if code == LFU:
         rings = np.arange(partitions)
-        buckets[rings, B_PREV] = buckets[rings, B_NEXT] = rings
-        buckets[partitions:, B_NEXT] = np.arange(partitions + 1, partitions + num_keys + 1)
-        buckets[-1, B_NEXT] = NO_BUCKET
-        meta[FREE_BUCKET] = partitions
+        buckets["prev"][rings] = buckets["next"][rings] = rings
+        buckets["next"][partitions:] = np.arange(partitions + 1, partitions + num_keys + 1)
+        buckets["next"][-1] = NO_BUCKET
+        meta["free_bucket"] = partitions
     return CacheState(
+        policy=code,
+        lists=lists,
+        capacity=capacity,
+        protected_capacity=int(capacity * fraction),
         meta=meta,
         links=links,
         entries=entries,
-        parts=np.zeros((partitions, PART_FIELDS), np.int64),
+        parts=np.zeros(partitions, PARTITION),
         buckets=buckets,
         evicted=np.zeros(num_keys, np.int64),
     )
@@ -140,42 +138,42 @@ def new_cache_state(
 
 @njit(cache=True, inline="always")
 def _unlink(links: np.ndarray, node: int) -> None:
-    prev, after = links[node, PREV], links[node, NEXT]
-    links[prev, NEXT] = after
-    links[after, PREV] = prev
+    prev, after = links[node].prev, links[node].next
+    links[prev].next = after
+    links[after].prev = prev
 
 
 @njit(cache=True, inline="always")
 def _link_after(links: np.ndarray, node: int, at: int) -> None:
-    after = links[at, NEXT]
-    links[node, PREV] = at
-    links[node, NEXT] = after
-    links[after, PREV] = node
-    links[at, NEXT] = node
+    after = links[at].next
+    links[node].prev = at
+    links[node].next = after
+    links[after].prev = node
+    links[at].next = node
 
 
 @njit(cache=True, inline="always")
 def _sentinel(state: CacheState, partition: int, list_: int) -> int:
-    return len(state.entries) + partition * state.meta[LISTS] + list_
+    return len(state.entries) + partition * state.lists + list_
 
 
 @njit(cache=True, inline="always")
 def _move_to_end(state: CacheState, key: int, list_: int) -> None:
     """Unlink ``key`` and append it to list ``list_`` of its partition."""
     links = state.links
-    sentinel = _sentinel(state, state.entries[key, PARTITION], list_)
+    sentinel = _sentinel(state, state.entries[key].partition, list_)
     _unlink(links, key)
-    _link_after(links, key, links[sentinel, PREV])
-    state.entries[key, LIST] = list_
+    _link_after(links, key, links[sentinel].prev)
+    state.entries[key].list = list_
 
 
 @njit(cache=True, inline="always")
 def _first_victim(state: CacheState, partition: int) -> int:
     links = state.links
-    for list_ in range(state.meta[LISTS]):
+    for list_ in range(state.lists):
         sentinel = _sentinel(state, partition, list_)
-        if links[sentinel, NEXT] != sentinel:
-            return links[sentinel, NEXT]
+        if links[sentinel].next != sentinel:
+            return links[sentinel].next
     return -1
 
 
@@ -185,53 +183,53 @@ def _first_victim(state: CacheState, partition: int) -> int:
 @njit(cache=True, inline="always")
 def _new_bucket(state: CacheState, after: int, count: int, key: int) -> None:
     """Take a bucket off the free list, with ``count`` and its only key ``key``, and ring it after ``after``."""
-    buckets, meta = state.buckets, state.meta
-    bucket = meta[FREE_BUCKET]
-    meta[FREE_BUCKET] = buckets[bucket, B_NEXT]
-    following = buckets[after, B_NEXT]
-    buckets[bucket, B_PREV] = after
-    buckets[bucket, B_NEXT] = following
-    buckets[following, B_PREV] = bucket
-    buckets[after, B_NEXT] = bucket
-    buckets[bucket, B_COUNT] = count
-    buckets[bucket, B_TAIL] = key
-    buckets[bucket, B_SIZE] = 1
-    state.entries[key, BUCKET] = bucket
+    buckets = state.buckets
+    bucket = state.meta[0].free_bucket
+    state.meta[0].free_bucket = buckets[bucket].next
+    following = buckets[after].next
+    buckets[bucket].prev = after
+    buckets[bucket].next = following
+    buckets[following].prev = bucket
+    buckets[after].next = bucket
+    buckets[bucket].count = count
+    buckets[bucket].tail = key
+    buckets[bucket].size = 1
+    state.entries[key].bucket = bucket
 
 
 @njit(cache=True, inline="always")
 def _join_bucket(state: CacheState, key: int, bucket: int) -> None:
     """Link ``key`` after ``bucket``'s most recent key, as its new most recent key."""
     buckets = state.buckets
-    _link_after(state.links, key, buckets[bucket, B_TAIL])
-    buckets[bucket, B_TAIL] = key
-    buckets[bucket, B_SIZE] += 1
-    state.entries[key, BUCKET] = bucket
+    _link_after(state.links, key, buckets[bucket].tail)
+    buckets[bucket].tail = key
+    buckets[bucket].size += 1
+    state.entries[key].bucket = bucket
 
 
 @njit(cache=True, inline="always")
 def _leave_bucket(state: CacheState, key: int) -> None:
     """Take ``key`` out of its bucket, which goes back to the free list once empty; ``key`` stays linked."""
     buckets = state.buckets
-    bucket = state.entries[key, BUCKET]
-    state.entries[key, BUCKET] = NO_BUCKET
-    buckets[bucket, B_SIZE] -= 1
-    if buckets[bucket, B_SIZE] == 0:
-        prev, following = buckets[bucket, B_PREV], buckets[bucket, B_NEXT]
-        buckets[prev, B_NEXT] = following
-        buckets[following, B_PREV] = prev
-        buckets[bucket, B_NEXT] = state.meta[FREE_BUCKET]
-        state.meta[FREE_BUCKET] = bucket
-    elif buckets[bucket, B_TAIL] == key:
-        buckets[bucket, B_TAIL] = state.links[key, PREV]
+    bucket = state.entries[key].bucket
+    state.entries[key].bucket = NO_BUCKET
+    buckets[bucket].size -= 1
+    if buckets[bucket].size == 0:
+        prev, following = buckets[bucket].prev, buckets[bucket].next
+        buckets[prev].next = following
+        buckets[following].prev = prev
+        buckets[bucket].next = state.meta[0].free_bucket
+        state.meta[0].free_bucket = bucket
+    elif buckets[bucket].tail == key:
+        buckets[bucket].tail = state.links[key].prev
 
 
 @njit(cache=True, inline="always")
 def _lfu_enter(state: CacheState, key: int, partition: int) -> None:
     """Link a new ``key`` as the most recent of the keys used once."""
     ring = partition
-    ones = state.buckets[ring, B_NEXT]
-    if state.buckets[ones, B_COUNT] == 1:
+    ones = state.buckets[ring].next
+    if state.buckets[ones].count == 1:
         _join_bucket(state, key, ones)
     else:
         _link_after(state.links, key, _sentinel(state, partition, 0))
@@ -241,17 +239,17 @@ def _lfu_enter(state: CacheState, key: int, partition: int) -> None:
 @njit(cache=True, inline="always")
 def _lfu_hit(state: CacheState, key: int) -> None:
     buckets = state.buckets
-    bucket = state.entries[key, BUCKET]
-    count = buckets[bucket, B_COUNT] + 1
-    following = buckets[bucket, B_NEXT]
-    if buckets[following, B_COUNT] == count:
+    bucket = state.entries[key].bucket
+    count = buckets[bucket].count + 1
+    following = buckets[bucket].next
+    if buckets[following].count == count:
         _leave_bucket(state, key)
         _unlink(state.links, key)
         _join_bucket(state, key, following)
-    elif buckets[bucket, B_SIZE] == 1:  # alone, and no key has the new count: the bucket can take it
-        buckets[bucket, B_COUNT] = count
+    elif buckets[bucket].size == 1:  # alone, and no key has the new count: the bucket can take it
+        buckets[bucket].count = count
     else:
-        tail = buckets[bucket, B_TAIL]
+        tail = buckets[bucket].tail
         _leave_bucket(state, key)
         if tail != key:
             _unlink(state.links, key)
@@ -265,18 +263,18 @@ def _lfu_hit(state: CacheState, key: int) -> None:
 @njit(cache=True, inline="always")
 def _slru_hit(state: CacheState, key: int) -> None:
     entries, links = state.entries, state.links
-    if entries[key, LIST] == PROTECTED:
+    if entries[key].list == PROTECTED:
         _move_to_end(state, key, PROTECTED)
         return
-    partition = entries[key, PARTITION]
+    partition = entries[key].partition
     parts = state.parts
     _move_to_end(state, key, PROTECTED)
-    parts[partition, PART_PROTECTED] += entries[key, SIZE]
+    parts[partition].protected += entries[key].size
     protected = _sentinel(state, partition, PROTECTED)
-    while parts[partition, PART_PROTECTED] > state.meta[PROTECTED_CAPACITY]:
-        demoted = links[protected, NEXT]
+    while parts[partition].protected > state.protected_capacity:
+        demoted = links[protected].next
         _move_to_end(state, demoted, PROBATION)
-        parts[partition, PART_PROTECTED] -= entries[demoted, SIZE]
+        parts[partition].protected -= entries[demoted].size
 
 
 # --- the cache -----------------------------------------------------------------------------------------------
@@ -284,53 +282,52 @@ def _slru_hit(state: CacheState, key: int) -> None:
 
 @njit(cache=True, inline="always")
 def _insert(state: CacheState, key: int, nbytes: int, partition: int) -> None:
-    entries, meta = state.entries, state.meta
-    entries[key, SIZE] = nbytes
-    entries[key, LIST] = 0
-    if meta[POLICY] == LFU:
+    entries = state.entries
+    entries[key].size = nbytes
+    entries[key].list = 0
+    if state.policy == LFU:
         _lfu_enter(state, key, partition)
-    elif meta[POLICY] == STATIC:  # pinned hottest first: each pin is the coldest so far
+    elif state.policy == STATIC:  # pinned hottest first: each pin is the coldest so far
         _link_after(state.links, key, _sentinel(state, partition, 0))
     else:
-        _link_after(state.links, key, state.links[_sentinel(state, partition, 0), PREV])
-    state.parts[partition, PART_USED] += nbytes
-    meta[USED] += nbytes
-    meta[COUNT] += 1
+        _link_after(state.links, key, state.links[_sentinel(state, partition, 0)].prev)
+    state.parts[partition].used += nbytes
+    state.meta[0].used += nbytes
+    state.meta[0].count += 1
 
 
 @njit(cache=True, inline="always")
 def _remove(state: CacheState, key: int) -> None:
-    entries, meta = state.entries, state.meta
-    partition = entries[key, PARTITION]
-    size = entries[key, SIZE]
-    if meta[POLICY] == LFU:
+    entries = state.entries
+    partition = entries[key].partition
+    size = entries[key].size
+    if state.policy == LFU:
         _leave_bucket(state, key)
     _unlink(state.links, key)
-    if entries[key, LIST] == PROTECTED:
-        state.parts[partition, PART_PROTECTED] -= size
-    entries[key, LIST] = ABSENT
-    state.parts[partition, PART_USED] -= size
-    meta[USED] -= size
-    meta[COUNT] -= 1
+    if entries[key].list == PROTECTED:
+        state.parts[partition].protected -= size
+    entries[key].list = NOT_RESIDENT
+    state.parts[partition].used -= size
+    state.meta[0].used -= size
+    state.meta[0].count -= 1
 
 
 @njit(cache=True, inline="always")
 def cache_contains(state: CacheState, key: int) -> bool:
-    return state.entries[key, LIST] != ABSENT
+    return state.entries[key].list != NOT_RESIDENT
 
 
 @njit(cache=True, inline="always")
 def cache_access(state: CacheState, key: int) -> bool:
     """A demand access: True on a hit, which counts as a use; a miss changes only the miss counts."""
-    meta = state.meta
-    partition = state.entries[key, PARTITION]
-    if state.entries[key, LIST] == ABSENT:
-        meta[MISSES] += 1
-        state.parts[partition, PART_MISSES] += 1
+    partition = state.entries[key].partition
+    if state.entries[key].list == NOT_RESIDENT:
+        state.meta[0].misses += 1
+        state.parts[partition].misses += 1
         return False
-    meta[HITS] += 1
-    state.parts[partition, PART_HITS] += 1
-    policy = meta[POLICY]
+    state.meta[0].hits += 1
+    state.parts[partition].hits += 1
+    policy = state.policy
     if policy == LRU:
         _move_to_end(state, key, 0)
     elif policy == LFU:
@@ -347,14 +344,13 @@ def cache_admit(state: CacheState, key: int, nbytes: int) -> int:
     The victims go to ``state.evicted[:n]``, first victim first; returns n. Nothing happens if ``key`` is
     resident, if ``nbytes`` exceeds the partition's capacity, or under the static and none policies.
     """
-    meta = state.meta
-    policy, capacity = meta[POLICY], meta[CAPACITY]
-    if policy in (STATIC, NONE) or state.entries[key, LIST] != ABSENT or nbytes > capacity:
+    policy, capacity = state.policy, state.capacity
+    if policy in (STATIC, NONE) or state.entries[key].list != NOT_RESIDENT or nbytes > capacity:
         return 0
-    partition = state.entries[key, PARTITION]
+    partition = state.entries[key].partition
     room = capacity - nbytes
     evicted = 0
-    while state.parts[partition, PART_USED] > room:
+    while state.parts[partition].used > room:
         victim = _first_victim(state, partition)
         _remove(state, victim)
         state.evicted[evicted] = victim
@@ -366,7 +362,7 @@ def cache_admit(state: CacheState, key: int, nbytes: int) -> int:
 @njit(cache=True)
 def cache_discard(state: CacheState, key: int) -> None:
     """Drop ``key`` if it is resident."""
-    if state.entries[key, LIST] != ABSENT:
+    if state.entries[key].list != NOT_RESIDENT:
         _remove(state, key)
 
 
@@ -374,14 +370,14 @@ def cache_discard(state: CacheState, key: int) -> None:
 def cache_keys(state: CacheState) -> np.ndarray:
     """The resident keys, next victim first; partition by partition."""
     links = state.links
-    keys = np.empty(state.meta[COUNT], np.int64)
+    keys = np.empty(state.meta[0].count, np.int64)
     n = 0
     for sentinel in range(len(state.entries), len(links)):
-        node = links[sentinel, NEXT]
+        node = links[sentinel].next
         while node != sentinel:
             keys[n] = node
             n += 1
-            node = links[node, NEXT]
+            node = links[node].next
     return keys
 
 
@@ -390,16 +386,15 @@ def cache_pin(state: CacheState, ranked: np.ndarray, sizes: np.ndarray) -> None:
     """Static only (a no-op otherwise): replace the resident set with every key of ``ranked`` (hottest first,
     ``sizes[i] >= 0`` the size of ``ranked[i]``) that still fits its partition, in rank order; the others, and
     repeats of a key already pinned, are skipped."""
-    meta = state.meta
-    if meta[POLICY] != STATIC:
+    if state.policy != STATIC:
         return
     for key in cache_keys(state):
         _remove(state, key)
-    capacity = meta[CAPACITY]
+    capacity = state.capacity
     for i in range(len(ranked)):
         key, nbytes = ranked[i], sizes[i]
-        partition = state.entries[key, PARTITION]
-        if state.entries[key, LIST] == ABSENT and nbytes <= capacity - state.parts[partition, PART_USED]:
+        partition = state.entries[key].partition
+        if state.entries[key].list == NOT_RESIDENT and nbytes <= capacity - state.parts[partition].used:
             _insert(state, key, nbytes, partition)
 
 

@@ -7,8 +7,8 @@ the simulator's hit rate and prefetch counters are the engine's by construction,
 second.
 
 Keys are ``layer * num_experts + expert``. Per layer the calls come in the decoder's order: ``request`` with the
-layer's experts, ``stage`` with each later layer's proposals, then for each expert not cached ``take`` and,
-once its read has arrived, ``admit``.
+layer's experts, ``route_done`` with its routing (the predictor learns from it, and its proposals for the next
+layers are staged), then for each expert not cached ``take`` and, once its read has arrived, ``admit``.
 """
 
 from __future__ import annotations
@@ -31,13 +31,9 @@ from engine.streaming.cache_policy import (
     new_cache_state,
     rank_keys,
 )
+from engine.streaming.predictors import NO_PREDICTOR, PredictorState, observe, propose
 
-# meta: the ledger's scalars
-META_FIELDS = 11
-LAYER, EXPERTS, ENTRY_BYTES, WINDOW, STAGED_LIMIT, STAGED, WAITING_HEAD, WAITING_END, IN_FLIGHT, PASSES, PROFILING = (
-    range(META_FIELDS)
-)
-# counters, as StoreStats names them
+# counters, as StoreStats names them: a vector, summed and differenced as one
 HITS, MISSES, EXPERTS_LOADED, PREFETCH_ISSUED, PREFETCH_USED, PREFETCH_TIMELY, PREFETCH_WASTED = range(7)
 COUNTERS = (
     "hits",
@@ -54,16 +50,30 @@ ABSENT, CACHED, STAGED_READ, WAITING, READING, REQUESTED = range(6)
 
 
 class LedgerState(NamedTuple):
+    """The ledger's arrays; a one-element array is a scalar the compiled calls change."""
+
     cache: CacheState
-    meta: np.ndarray  # int64 [META_FIELDS], indexed by LAYER ... PROFILING
+    num_experts: int
+    entry_bytes: int  # what the cache charges per expert
+    window: int  # the current layer's reads in flight at most: top_k
+    staged_limit: int  # staged prefetches at most: prefetch_depth x (top_k + prefetch_extra)
+    prefetch_extra: int
+    layer: np.ndarray  # int64 [1]: the current layer (-1 before the first request)
+    staged_count: np.ndarray  # int64 [1]: keys in ``staged``
+    waiting_head: np.ndarray  # int64 [1]: the next of ``waiting`` to read
+    waiting_end: np.ndarray  # int64 [1]
+    in_flight: np.ndarray  # int64 [1]: the current layer's reads started and not yet taken
+    passes: np.ndarray  # int64 [1]: forward passes begun
+    profiling: np.ndarray  # int64 [1]: 1 while the static policy counts the first pass's routing
     counters: np.ndarray  # int64 [7], indexed by HITS ... PREFETCH_WASTED
-    staged: np.ndarray  # int64 [STAGED_LIMIT]: staged keys, in the order their reads were issued
+    staged: np.ndarray  # int64 [staged_limit]: staged keys, in the order their reads were issued
     is_staged: np.ndarray  # int64 [keys]: 1 while staged
     current: np.ndarray  # int64 [experts]: the current layer's experts, ABSENT ... READING
     waiting: np.ndarray  # int64 [experts]: the current layer's misses whose reads have not started, a queue
     ahead: np.ndarray  # int64 [layers, depth]: the MoE layers a layer's predictions are for, -1 after the last
+    position: np.ndarray  # int64 [layers]: each MoE layer's position among them (-1: a dense layer)
     profile: np.ndarray  # int64 [keys]: tokens served per key in the first forward pass (static policy)
-    cancelled: np.ndarray  # int64 [STAGED_LIMIT]: the staged keys the last request cancelled
+    cancelled: np.ndarray  # int64 [staged_limit]: the staged keys the last request cancelled
     out: np.ndarray  # int64 [max(keys, experts)]: the experts or keys the last call asks the caller to read
 
 
@@ -77,22 +87,29 @@ def new_ledger(
     keys = num_layers * num_experts
     depth = config.prefetch_depth
     limit = depth * (top_k + config.prefetch_extra)
-    meta = np.zeros(META_FIELDS, np.int64)
-    meta[[LAYER, EXPERTS, ENTRY_BYTES, WINDOW, STAGED_LIMIT]] = (-1, num_experts, entry_bytes, top_k, limit)
-    meta[PROFILING] = policy == "static"
     ahead = np.full((num_layers, depth), -1, np.int64)
+    position = np.full(num_layers, -1, np.int64)
     for n, layer in enumerate(moe_layers):
         following = moe_layers[n + 1 : n + 1 + depth]
         ahead[layer, : len(following)] = following
+        position[layer] = n
     return LedgerState(
         cache,
-        meta,
+        num_experts,
+        entry_bytes,
+        top_k,
+        limit,
+        config.prefetch_extra,
+        np.full(1, -1, np.int64),
+        *(np.zeros(1, np.int64) for _ in range(5)),
+        np.full(1, policy == "static", np.int64),
         np.zeros(len(COUNTERS), np.int64),
         np.zeros(max(limit, 1), np.int64),
         np.zeros(keys, np.int64),
         np.zeros(num_experts, np.int64),
         np.zeros(num_experts, np.int64),
         ahead,
+        position,
         np.zeros(keys, np.int64),
         np.zeros(max(limit, 1), np.int64),
         np.zeros(max(keys, num_experts), np.int64),
@@ -105,8 +122,9 @@ class Ledger:
     arrays costs more than the work: 3 µs a call against under 1. Nothing checks the arguments then: arrays must
     be int64 (``resident``: bool) with the dimensions declared below, as the store makes them."""
 
-    def __init__(self, state: LedgerState) -> None:
+    def __init__(self, state: LedgerState, predictor: PredictorState) -> None:
         self.state = state
+        predictor_type = numba.typeof(predictor)
         int64, keys, choices = types.int64, types.int64[:], types.int64[:, :]
 
         def bind(function: numba.core.registry.CPUDispatcher, *argument_types: types.Type) -> partial:
@@ -114,10 +132,9 @@ class Ledger:
 
         self.begin_forward = bind(begin_forward)
         self.request = bind(request, int64, keys)
-        self.stage = bind(stage, int64, keys)
+        self.route_done = bind(route_done, predictor_type, int64, choices, keys, types.int64[:, :, :])
         self.take = bind(take, int64, int64)
         self.admit = bind(admit, int64, int64)
-        self.count_routing = bind(count_routing, int64, choices)
         self.cached_experts = bind(cached_experts, int64, types.boolean[:])
 
 
@@ -125,12 +142,12 @@ class Ledger:
 def begin_forward(s: LedgerState) -> int:
     """A forward pass starts. Under the static policy, before the second the keys the first used most are pinned:
     returns how many, in ``s.out`` (coldest first), for the caller to read into the cache."""
-    s.meta[PASSES] += 1
-    if s.meta[PASSES] != 2 or not s.meta[PROFILING]:
+    s.passes[0] += 1
+    if s.passes[0] != 2 or not s.profiling[0]:
         return 0
-    s.meta[PROFILING] = 0
+    s.profiling[0] = 0
     ranked = rank_keys(s.profile)
-    cache_pin(s.cache, ranked, np.full(len(ranked), s.meta[ENTRY_BYTES], np.int64))
+    cache_pin(s.cache, ranked, np.full(len(ranked), s.entry_bytes, np.int64))
     pinned = cache_keys(s.cache)
     s.out[: len(pinned)] = pinned
     return len(pinned)
@@ -142,13 +159,15 @@ def request(s: LedgerState, layer: int, experts: np.ndarray) -> tuple[int, int]:
     staged prefetches it did not ask for. Returns how many were cancelled (keys in ``s.cancelled``) and how many
     reads to start now (experts in ``s.out``, in order): each expert is then ``s.current[expert]``, CACHED,
     STAGED_READ, WAITING or READING."""
-    num_experts, current, counters = s.meta[EXPERTS], s.current, s.counters
+    num_experts, current, counters = s.num_experts, s.current, s.counters
     current[:] = ABSENT
     for expert in experts:
         current[expert] = REQUESTED
-    cancelled = _cancel_unused(s, layer) if s.meta[STAGED] else 0
-    s.meta[LAYER] = layer
-    s.meta[WAITING_HEAD] = s.meta[WAITING_END] = s.meta[IN_FLIGHT] = 0
+    cancelled = _cancel_unused(s, layer) if s.staged_count[0] else 0
+    s.layer[0] = layer
+    s.waiting_head[0] = 0
+    s.waiting_end[0] = 0
+    s.in_flight[0] = 0
     hits = used = 0
     for expert in experts:
         key = layer * num_experts + expert
@@ -160,8 +179,8 @@ def request(s: LedgerState, layer: int, experts: np.ndarray) -> tuple[int, int]:
             used += 1
             current[expert] = STAGED_READ
         else:
-            s.waiting[s.meta[WAITING_END]] = expert
-            s.meta[WAITING_END] += 1
+            s.waiting[s.waiting_end[0]] = expert
+            s.waiting_end[0] += 1
             current[expert] = WAITING
     counters[HITS] += hits
     counters[MISSES] += len(experts) - hits
@@ -171,20 +190,46 @@ def request(s: LedgerState, layer: int, experts: np.ndarray) -> tuple[int, int]:
 
 
 @njit(cache=True, inline="always")
-def stage(s: LedgerState, target: int, proposals: np.ndarray) -> tuple[int, bool]:
+def route_done(
+    s: LedgerState, p: PredictorState, layer: int, experts: np.ndarray, last_ranked: np.ndarray, lookahead: np.ndarray
+) -> int:
+    """``layer``'s routing is known: its choice [T, k], its last token's experts ranked by probability, and the
+    later layers' routers' rankings of its input ([T, D, R], only gate_lookahead reads them). Counts the static
+    policy's profile, lets the predictor ``p`` learn, and stages its proposals for the next layers while the limit
+    allows. Returns how many keys were staged (in ``s.out``, for the caller to read, in order)."""
+    count_routing(s, layer, experts)
+    if p.kind == NO_PREDICTOR:
+        return 0
+    position = s.position[layer]
+    observe(p, position, experts, last_ranked)
+    count = experts.shape[1] + s.prefetch_extra
+    staged = 0
+    for ahead in range(s.ahead.shape[1]):
+        target = s.ahead[layer, ahead]
+        if target < 0:
+            break
+        added, full = _stage(s, target, propose(p, position, ahead, experts, lookahead, count), staged)
+        staged += added
+        if full:
+            break
+    return staged
+
+
+@njit(cache=True, inline="always")
+def _stage(s: LedgerState, target: int, proposals: np.ndarray, at: int) -> tuple[int, bool]:
     """Stage the proposed experts of layer ``target`` that are neither staged nor cached, while the limit allows.
-    Returns how many (keys in ``s.out``, for the caller to read, in order) and whether the limit was reached."""
-    limit, staged = s.meta[STAGED_LIMIT], 0
+    Returns how many (keys in ``s.out`` from ``at``) and whether the limit was reached."""
+    staged = 0
     for expert in proposals:
-        if s.meta[STAGED] >= limit:
+        if s.staged_count[0] >= s.staged_limit:
             return staged, True
-        key = target * s.meta[EXPERTS] + expert
+        key = target * s.num_experts + expert
         if s.is_staged[key] or cache_contains(s.cache, key):
             continue
-        s.staged[s.meta[STAGED]] = key
-        s.meta[STAGED] += 1
+        s.staged[s.staged_count[0]] = key
+        s.staged_count[0] += 1
         s.is_staged[key] = 1
-        s.out[staged] = key
+        s.out[at + staged] = key
         staged += 1
         s.counters[PREFETCH_ISSUED] += 1
     return staged, False
@@ -195,14 +240,14 @@ def take(s: LedgerState, layer: int, expert: int) -> tuple[int, int]:
     """The expert of the current layer the caller computes next, if it is not CACHED (a cached one needs nothing
     here): returns what it was (ABSENT if it was not requested, or was taken) and how many reads to start now
     (experts in ``s.out``). A WAITING expert, taken out of order, is the caller's to read first."""
-    if layer != s.meta[LAYER] or s.current[expert] in (ABSENT, CACHED):
+    if layer != s.layer[0] or s.current[expert] in (ABSENT, CACHED):
         return ABSENT, 0
     was = s.current[expert]
     s.current[expert] = ABSENT
     if was == WAITING:
         _unwait(s, expert)
     elif was == READING:
-        s.meta[IN_FLIGHT] -= 1
+        s.in_flight[0] -= 1
     return was, _read_ahead(s)
 
 
@@ -210,16 +255,16 @@ def take(s: LedgerState, layer: int, expert: int) -> tuple[int, int]:
 def admit(s: LedgerState, layer: int, expert: int) -> tuple[int, bool]:
     """An expert read for the current layer has arrived: offer it to the cache. Returns how many keys it evicted
     (in ``s.cache.evicted``, first victim first) and whether it is cached now."""
-    key = layer * s.meta[EXPERTS] + expert
-    evicted = cache_admit(s.cache, key, s.meta[ENTRY_BYTES])
+    key = layer * s.num_experts + expert
+    evicted = cache_admit(s.cache, key, s.entry_bytes)
     return evicted, cache_contains(s.cache, key)
 
 
 @njit(cache=True, inline="always")
 def count_routing(s: LedgerState, layer: int, experts: np.ndarray) -> None:
     """The static policy's profile: the tokens each expert of ``layer`` served ([T, k] choices)."""
-    if s.meta[PROFILING]:
-        base = layer * s.meta[EXPERTS]
+    if s.profiling[0]:
+        base = layer * s.num_experts
         for t in range(experts.shape[0]):
             for expert in experts[t]:
                 s.profile[base + expert] += 1
@@ -228,16 +273,16 @@ def count_routing(s: LedgerState, layer: int, experts: np.ndarray) -> None:
 @njit(cache=True, inline="always")
 def cached_experts(s: LedgerState, layer: int, resident: np.ndarray) -> None:
     """``resident[e]``: whether expert e of ``layer`` is cached."""
-    base = layer * s.meta[EXPERTS]
-    for expert in range(s.meta[EXPERTS]):
+    base = layer * s.num_experts
+    for expert in range(s.num_experts):
         resident[expert] = cache_contains(s.cache, base + expert)
 
 
 @njit(cache=True, inline="always")
 def _cancel_unused(s: LedgerState, layer: int) -> int:
     """Cancel the staged keys of earlier layers, and those of ``layer`` it has not requested, in issue order."""
-    num_experts, kept, cancelled = s.meta[EXPERTS], 0, 0
-    for n in range(s.meta[STAGED]):
+    num_experts, kept, cancelled = s.num_experts, 0, 0
+    for n in range(s.staged_count[0]):
         key = s.staged[n]
         owner = key // num_experts
         if owner < layer or (owner == layer and s.current[key % num_experts] == ABSENT):
@@ -247,43 +292,43 @@ def _cancel_unused(s: LedgerState, layer: int) -> int:
         else:
             s.staged[kept] = key
             kept += 1
-    s.meta[STAGED] = kept
+    s.staged_count[0] = kept
     s.counters[PREFETCH_WASTED] += cancelled
     return cancelled
 
 
 @njit(cache=True, inline="always")
 def _unstage(s: LedgerState, key: int) -> None:
-    count = s.meta[STAGED]
+    count = s.staged_count[0]
     n = 0
     while s.staged[n] != key:
         n += 1
     for m in range(n, count - 1):
         s.staged[m] = s.staged[m + 1]
-    s.meta[STAGED] = count - 1
+    s.staged_count[0] = count - 1
     s.is_staged[key] = 0
 
 
 @njit(cache=True, inline="always")
 def _unwait(s: LedgerState, expert: int) -> None:
-    head, end = s.meta[WAITING_HEAD], s.meta[WAITING_END]
+    head, end = s.waiting_head[0], s.waiting_end[0]
     n = head
     while s.waiting[n] != expert:
         n += 1
     for m in range(n, end - 1):
         s.waiting[m] = s.waiting[m + 1]
-    s.meta[WAITING_END] = end - 1
+    s.waiting_end[0] = end - 1
 
 
 @njit(cache=True, inline="always")
 def _read_ahead(s: LedgerState) -> int:
     """Start the current layer's next reads, up to WINDOW in flight; returns how many (experts in ``s.out``)."""
     started = 0
-    while s.meta[WAITING_HEAD] < s.meta[WAITING_END] and s.meta[IN_FLIGHT] < s.meta[WINDOW]:
-        expert = s.waiting[s.meta[WAITING_HEAD]]
-        s.meta[WAITING_HEAD] += 1
+    while s.waiting_head[0] < s.waiting_end[0] and s.in_flight[0] < s.window:
+        expert = s.waiting[s.waiting_head[0]]
+        s.waiting_head[0] += 1
         s.current[expert] = READING
-        s.meta[IN_FLIGHT] += 1
+        s.in_flight[0] += 1
         s.out[started] = expert
         started += 1
     return started

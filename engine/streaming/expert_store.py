@@ -25,6 +25,7 @@ Buffers are pooled: after warm-up no array is allocated per expert.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -33,9 +34,12 @@ from engine.config import EngineConfig
 from engine.formats.expert_layout import ExpertData, ExpertLayout, ExpertWeights, PackedExpert
 from engine.streaming import expert_ledger as ledger
 from engine.streaming.expert_io import ExpertReader, Fetch, IoStats
-from engine.streaming.predictors import Predictor
+from engine.streaming.predictors import GATE_LOOKAHEAD, NO_PREDICTOR, PREVIOUS_TOKEN, fit, new_predictor
 
 Key = tuple[int, int]
+RouterScores = Callable[[int, np.ndarray], np.ndarray]  # (layer, inputs [T, H]) -> that router's scores [T, E]
+_NO_RANKING = np.empty(0, np.int64)
+_NO_LOOKAHEAD = np.empty((0, 0, 0), np.int64)
 
 
 def _counter(index: int) -> property:
@@ -101,7 +105,7 @@ class ExpertStore:
         config: EngineConfig,
         num_layers: int,
         top_k: int,
-        predictor: Predictor | None = None,
+        router_scores: RouterScores | None = None,
     ) -> None:
         self.layouts = layouts
         self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
@@ -119,9 +123,10 @@ class ExpertStore:
         self.entry_bytes = cache_entry_bytes(self.packed, self.reader.slots.slot_bytes, hidden_size, intermediate_size)
         moe_layers = sorted({layer for layer, _ in layouts})
         state = ledger.new_ledger(config, num_layers, self.num_experts, moe_layers, self.entry_bytes, top_k)
-        self.ledger = ledger.Ledger(state)
+        self.predictor = new_predictor(config.predictor, len(moe_layers), self.num_experts, top_k)
+        self.ledger = ledger.Ledger(state, self.predictor)
         self.stats = StoreStats(counters=state.counters, io=self.reader.stats)
-        self.predictor = predictor
+        self.router_scores = router_scores  # gate_lookahead's input: the decoder's ranking of a layer's experts
         self._cached: dict[Key, ExpertData] = {}
         self._staged: dict[Key, Fetch] = {}
         # expert -> its data, the read bringing it, or None until its read starts; removed by its get
@@ -212,26 +217,30 @@ class ExpertStore:
         return data
 
     def route_done(self, layer: int, h: np.ndarray, experts: np.ndarray, probs: np.ndarray) -> None:
-        """Count the tokens each expert served (the static policy's profile); let the predictor learn from this
-        layer's routing, then prefetch the next layers' likely experts."""
-        state = self.ledger.state
-        if state.meta[ledger.PROFILING]:
-            self.ledger.count_routing(layer, np.asarray(experts, np.int64))
-        predictor = self.predictor
-        if predictor is None:
+        """This layer's routing is known (its input h [T, H], choice [T, k], probabilities [T, E]): count the
+        static policy's profile, let the predictor learn from it, and read the next layers' likely experts ahead."""
+        state, predictor = self.ledger.state, self.predictor
+        if predictor.kind == NO_PREDICTOR and not state.profiling[0]:
             return
-        predictor.observe(layer, h, experts, probs)
-        count = experts.shape[1] + self.config.prefetch_extra
-        for target in state.ahead[layer].tolist():
-            if target < 0:
-                return
-            proposals = predictor.propose(layer, h, experts, target, count)
-            staged, full = self.ledger.stage(target, np.asarray(proposals, np.int64))
-            for key in state.out[:staged].tolist():
-                key = self._key(key)
-                self._staged[key] = self.reader.fetch(self.layouts[key], self._take())
-            if full:
-                return
+        experts = np.ascontiguousarray(experts, np.int64)
+        tokens, k = experts.shape
+        self.predictor = predictor = fit(predictor, tokens, k)
+        ranked = np.argsort(-probs[-1], kind="stable") if predictor.kind == PREVIOUS_TOKEN else _NO_RANKING
+        lookahead = self._lookahead(layer, h, k) if predictor.kind == GATE_LOOKAHEAD else _NO_LOOKAHEAD
+        staged = self.ledger.route_done(predictor, layer, experts, ranked, lookahead)
+        for key in state.out[:staged].tolist() if staged else ():
+            key = self._key(key)
+            self._staged[key] = self.reader.fetch(self.layouts[key], self._take())
+
+    def _lookahead(self, layer: int, h: np.ndarray, k: int) -> np.ndarray:
+        """[T, D, top_k + prefetch_extra]: each later layer's router's ranking of this layer's input."""
+        targets = [target for target in self.ledger.state.ahead[layer].tolist() if target >= 0]
+        count = min(k + self.config.prefetch_extra, self.num_experts)
+        ranked = np.empty((h.shape[0], max(len(targets), 1), count), np.int64)
+        for d, target in enumerate(targets):
+            scores = self.router_scores(target, h)
+            ranked[:, d] = np.argsort(-scores, axis=1, kind="stable")[:, :count]
+        return ranked
 
     def resident(self, layer: int) -> np.ndarray:
         """[E] bool: whether each expert of ``layer`` is in RAM now (cached, or prefetched and arrived): using it

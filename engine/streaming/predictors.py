@@ -1,9 +1,12 @@
 """Expert predictors: which experts of a later MoE layer the current tokens will need, best first.
 
-``propose`` gives, for a call of T tokens, each token's ``count`` best experts of the target layer merged into
-one list, rank by rank (every token's first choice before any token's second). They are plain logic over router
-outputs (no I/O), and their compiled parts (``merge_ranks``, coactivation's counting and chaining) are what the
-trace simulator's replay runs, once per layer for every replayed token.
+One compiled implementation serves the engine and the trace simulator: ``expert_ledger.route_done`` calls
+``observe`` and ``propose`` with the routing the decoder computed, or, in the simulator's replay, with the routing
+the trace recorded. Per MoE layer of a call of T tokens a predictor sees the layer's position among the MoE layers,
+its chosen experts [T, k], its last token's experts ranked by router probability, and the later layers' routers'
+rankings of the layer's input (``lookahead`` [T, D, R], which the decoder computes only for ``gate_lookahead``).
+``propose`` gives each token's ``count`` best experts of a later layer merged into one list, rank by rank (every
+token's first choice before any token's second).
 
 - ``previous_token``: the target layer's experts ranked by the previous token's router probabilities (routing
   is sticky: adjacent tokens share experts 1.3-1.7x more often than chance).
@@ -11,35 +14,115 @@ trace simulator's replay runs, once per layer for every replayed token.
   changes little from one layer to the next).
 - ``coactivation``: learned online, how often expert j of the next MoE layer followed expert i of this one for
   the same token; several layers ahead, the row-normalised counts are chained.
+
+Adding a predictor touches this module only: its name in PREDICTORS, its state in PredictorState, its branches in
+``observe`` and ``propose`` (and the trace recorder, if it needs an input a trace does not hold).
 """
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
-from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 from numba import njit
 
-from engine.config import PREDICTORS
+PREDICTORS = ("none", "previous_token", "gate_lookahead", "coactivation")
+NO_PREDICTOR, PREVIOUS_TOKEN, GATE_LOOKAHEAD, COACTIVATION = range(len(PREDICTORS))  # a predictor's index
+# what a replayed trace must hold for each: rankings of at least top_k + prefetch_extra experts per layer, and
+# the later routers' rankings (``lookahead``) for prefetch_depth layers
+READS_RANKINGS = frozenset({"previous_token", "gate_lookahead"})
+READS_LOOKAHEAD = frozenset({"gate_lookahead"})
 
 
-class Predictor(ABC):
-    """``moe_layers``: the model's MoE layer indices, ascending; ``num_experts``: E."""
+class PredictorState(NamedTuple):
+    """A predictor's state over a model's L MoE layers of E experts; token buffers hold ``capacity`` tokens."""
 
-    name: str
+    kind: int  # NO_PREDICTOR ... COACTIVATION
+    ranked: np.ndarray  # int64 [L, E]: previous_token: each layer's experts by its last token's probability
+    ranked_count: np.ndarray  # int64 [L]: how many of ``ranked`` are known (0: the layer was not seen yet)
+    counts: np.ndarray  # float64 [L - 1, E, E]: coactivation: tokens that chose i at layer n and j at n + 1
+    totals: np.ndarray  # float64 [L - 1, E]: the row sums of ``counts``
+    previous: np.ndarray  # int64 [capacity, k]: coactivation: the last observed layer's choice
+    previous_position: np.ndarray  # int64 [1]: that layer's position (-2: none yet)
+    previous_tokens: np.ndarray  # int64 [1]: its tokens, the first rows of ``previous``
+    chain: np.ndarray  # float64 [capacity, E]: the scores of coactivation's last proposals, see coactivation_propose
+    chained: np.ndarray  # int64 [capacity, k]
+    memo: np.ndarray  # int64 [2]
 
-    def __init__(self, moe_layers: list[int], num_experts: int) -> None:
-        self.moe_layers = moe_layers
-        self.num_experts = num_experts
 
-    def observe(self, layer: int, h: np.ndarray, experts: np.ndarray, probs: np.ndarray) -> None:  # noqa: B027
-        """Learn from ``layer``'s routing of this call: its input h [T, H], chosen experts [T, k], probs [T, E]."""
+def new_predictor(name: str, layers: int, num_experts: int, top_k: int, capacity: int = 1) -> PredictorState:
+    """The state of the predictor called ``name`` (one of PREDICTORS) for ``layers`` MoE layers, ``top_k``
+    experts per token, calls of up to ``capacity`` tokens (``fit`` makes room for more)."""
+    if name not in PREDICTORS:
+        raise ValueError(f"predictor must be one of {', '.join(PREDICTORS)}, got {name!r}")
+    kind = PREDICTORS.index(name)
+    learns = kind == COACTIVATION
+    pairs = max(layers - 1, 0) if learns else 0
+    tokens = capacity if learns else 0
+    return PredictorState(
+        kind,
+        np.zeros((layers, num_experts) if kind == PREVIOUS_TOKEN else (0, 0), np.int64),
+        np.zeros(layers, np.int64),
+        np.zeros((pairs, num_experts, num_experts)),
+        np.zeros((pairs, num_experts)),
+        np.zeros((tokens, top_k), np.int64),
+        np.full(1, -2, np.int64),
+        np.zeros(1, np.int64),
+        np.zeros((tokens, num_experts)),
+        np.zeros((tokens, top_k), np.int64),
+        np.full(2, -1, np.int64),
+    )
 
-    @abstractmethod
-    def propose(self, layer: int, h: np.ndarray, experts: np.ndarray, target: int, count: int) -> list[int]:
-        """The ``count`` best experts of ``target`` for each token, merged into one list, best first; empty when
-        the predictor cannot tell yet."""
+
+def fit(p: PredictorState, tokens: int, top_k: int) -> PredictorState:
+    """``p``, or a copy of it with token buffers for calls of ``tokens`` tokens choosing ``top_k`` experts each."""
+    if p.kind != COACTIVATION or (len(p.previous) >= tokens and p.previous.shape[1] == top_k):
+        return p
+    previous = np.zeros((tokens, top_k), np.int64)
+    if p.previous.shape[1] == top_k:
+        previous[: len(p.previous)] = p.previous
+    else:  # another k: the last choice cannot pair with the next
+        p.previous_position[0] = -2
+    p.memo[0] = -1
+    return p._replace(
+        previous=previous, chain=np.zeros((tokens, p.chain.shape[1])), chained=np.zeros((tokens, top_k), np.int64)
+    )
+
+
+@njit(cache=True, inline="always")
+def observe(p: PredictorState, position: int, experts: np.ndarray, last_ranked: np.ndarray) -> None:
+    """Learn from the routing of the MoE layer at ``position``: its choice [T, k] and its last token's experts
+    ranked by probability (previous_token's input, ignored by the others)."""
+    if p.kind == PREVIOUS_TOKEN:
+        p.ranked[position, : len(last_ranked)] = last_ranked
+        p.ranked_count[position] = len(last_ranked)
+    elif p.kind == COACTIVATION:
+        tokens = experts.shape[0]
+        before = p.previous[: p.previous_tokens[0]]
+        coactivation_observe(p.counts, p.totals, p.previous_position[0], before, position, experts)
+        p.previous[:tokens] = experts
+        p.previous_position[0], p.previous_tokens[0] = position, tokens
+        p.memo[0] = -1  # the counts changed
+
+
+@njit(cache=True, inline="always")
+def propose(
+    p: PredictorState, position: int, ahead: int, experts: np.ndarray, lookahead: np.ndarray, count: int
+) -> np.ndarray:
+    """The ``count`` best experts of the MoE layer ``ahead + 1`` positions after ``position`` for the tokens that
+    chose ``experts`` [T, k] there, merged, best first; empty when the predictor cannot tell yet. ``lookahead``
+    [T, D, R]: each later layer's router's ranking of the current input (gate_lookahead's input)."""
+    target = position + 1 + ahead
+    if count <= 0 or p.kind == NO_PREDICTOR:
+        return np.empty(0, np.int64)
+    if p.kind == PREVIOUS_TOKEN:
+        return p.ranked[target, : min(count, p.ranked_count[target])]
+    if p.kind == GATE_LOOKAHEAD:
+        return merge_ranks(lookahead[:, ahead, :count])
+    tokens = experts.shape[0]
+    return coactivation_propose(
+        p.counts, p.totals, experts, position, target, count, p.chain[:tokens], p.chained[:tokens], p.memo
+    )
 
 
 @njit(cache=True)
@@ -61,69 +144,6 @@ def merge_ranks(best: np.ndarray) -> np.ndarray:
                 merged[n] = expert
                 n += 1
     return merged[:n]
-
-
-class PreviousToken(Predictor):
-    name = "previous_token"
-
-    def __init__(self, moe_layers: list[int], num_experts: int) -> None:
-        super().__init__(moe_layers, num_experts)
-        self._ranked: dict[int, list[int]] = {}  # layer -> its experts by the last token's probability, best first
-
-    def observe(self, layer: int, h: np.ndarray, experts: np.ndarray, probs: np.ndarray) -> None:
-        self._ranked[layer] = np.argsort(-probs[-1], kind="stable").tolist()
-
-    def propose(self, layer: int, h: np.ndarray, experts: np.ndarray, target: int, count: int) -> list[int]:
-        ranked = self._ranked.get(target)
-        return [] if ranked is None or count <= 0 else ranked[:count]
-
-
-RouterScores = Callable[[int, np.ndarray], np.ndarray]  # (layer, inputs [T, H]) -> that router's scores [T, E]
-
-
-class GateLookahead(Predictor):
-    name = "gate_lookahead"
-
-    def __init__(self, moe_layers: list[int], num_experts: int, router_scores: RouterScores) -> None:
-        super().__init__(moe_layers, num_experts)
-        self.router_scores = router_scores  # the decoder's own ranking of a layer's experts
-
-    def propose(self, layer: int, h: np.ndarray, experts: np.ndarray, target: int, count: int) -> list[int]:
-        if count <= 0:
-            return []
-        scores = self.router_scores(target, h)
-        return merge_ranks(np.argsort(-scores, axis=1, kind="stable")[:, :count]).tolist()
-
-
-class Coactivation(Predictor):
-    name = "coactivation"
-
-    def __init__(self, moe_layers: list[int], num_experts: int) -> None:
-        super().__init__(moe_layers, num_experts)
-        self._position = {layer: n for n, layer in enumerate(moe_layers)}
-        # counts[n, i, j]: tokens that chose expert i at MoE layer n and j at layer n + 1; totals: its row sums
-        self.counts = np.zeros((max(len(moe_layers) - 1, 0), num_experts, num_experts))
-        self.totals = np.zeros(self.counts.shape[:2])
-        self._previous: tuple[int, np.ndarray] | None = None  # the last observed MoE position and its choice
-        # the scores of the last proposals, see coactivation_propose
-        self._chain, self._chained, self._memo = np.empty((0, num_experts)), np.empty((0, 0), np.int64), np.full(2, -1)
-
-    def observe(self, layer: int, h: np.ndarray, experts: np.ndarray, probs: np.ndarray) -> None:
-        position = self._position[layer]
-        chosen = np.ascontiguousarray(experts, dtype=np.int64)
-        if self._previous is not None:
-            coactivation_observe(self.counts, self.totals, *self._previous, position, chosen)
-        self._previous = (position, chosen)
-        self._memo[0] = -1  # the counts changed
-
-    def propose(self, layer: int, h: np.ndarray, experts: np.ndarray, target: int, count: int) -> list[int]:
-        chosen = np.ascontiguousarray(experts, dtype=np.int64)
-        start, stop = self._position[layer], self._position[target]
-        if self._chained.shape != chosen.shape:
-            self._chain, self._chained = np.empty((len(chosen), self.num_experts)), np.empty_like(chosen)
-            self._memo[0] = -1
-        chain, chained, memo = self._chain, self._chained, self._memo
-        return coactivation_propose(self.counts, self.totals, chosen, start, stop, count, chain, chained, memo).tolist()
 
 
 @njit(cache=True)
@@ -207,16 +227,3 @@ def _best(scores: np.ndarray, count: int) -> np.ndarray:
             best[t, rank] = top
             taken[top] = True
     return best
-
-
-def make_predictor(name: str, moe_layers: list[int], num_experts: int, router_scores: RouterScores) -> Predictor | None:
-    """The predictor called ``name`` (one of PREDICTORS); None for "none"."""
-    if name == "none":
-        return None
-    if name == "previous_token":
-        return PreviousToken(moe_layers, num_experts)
-    if name == "gate_lookahead":
-        return GateLookahead(moe_layers, num_experts, router_scores)
-    if name == "coactivation":
-        return Coactivation(moe_layers, num_experts)
-    raise ValueError(f"predictor must be one of {', '.join(PREDICTORS)}, got {name!r}")

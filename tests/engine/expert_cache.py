@@ -9,11 +9,6 @@ from operator import index
 import numpy as np
 
 from engine.streaming.cache_policy import (
-    CAPACITY,
-    COUNT,
-    HITS,
-    MISSES,
-    USED,
     cache_access,
     cache_admit,
     cache_contains,
@@ -46,20 +41,20 @@ class ExpertCache:
         self.policy, self.scope = policy, scope
         self.capacity_bytes = capacity_bytes
         self.num_layers, self.num_experts = num_layers, num_experts
-        self.layer_capacity_bytes = int(self.state.meta[CAPACITY])
+        self.layer_capacity_bytes = self.state.capacity
         self.protected_fraction = protected_fraction
 
     @property
     def hits(self) -> int:
-        return int(self.state.meta[HITS])
+        return int(self.state.meta["hits"][0])
 
     @property
     def misses(self) -> int:
-        return int(self.state.meta[MISSES])
+        return int(self.state.meta["misses"][0])
 
     @property
     def used_bytes(self) -> int:
-        return int(self.state.meta[USED])
+        return int(self.state.meta["used"][0])
 
     def _key_id(self, key: Key) -> int:
         layer, expert = key
@@ -95,7 +90,7 @@ class ExpertCache:
         return cache_contains(self.state, self._key_id(key))
 
     def __len__(self) -> int:
-        return int(self.state.meta[COUNT])
+        return int(self.state.meta["count"][0])
 
     def pin(self, ranked: Iterable[tuple[Key, int]]) -> None:
         """Static only: replace the pinned set with every key, hottest first, that still fits (per layer: its

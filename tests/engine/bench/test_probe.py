@@ -14,18 +14,10 @@ from pathlib import Path
 import pytest
 
 from engine.bench import probe
+from engine.bench.device import SCRATCH_NAME, device_name, filesystem_type, machine_id, scratch_file
 from engine.bench.fio import fio_bandwidth
-from engine.bench.probe import (
-    SCRATCH_NAME,
-    ProbeCell,
-    ProbeError,
-    ProbeResult,
-    filesystem_type,
-    format_table,
-    load_or_probe,
-    probe_directory,
-    scratch_file,
-)
+from engine.bench.probe import load_or_probe, probe_directory
+from engine.bench.probe_result import SCHEMA_VERSION, ProbeCell, ProbeError, ProbeResult, format_table
 from engine.buffers import huge_pages_available
 from engine.errors import EngineError
 from engine.streaming import aio
@@ -134,7 +126,7 @@ def test_result_must_be_a_full_grid() -> None:
 
 def test_dict_round_trip(measured: ProbeResult) -> None:
     data = json.loads(json.dumps(measured.to_dict()))
-    assert data["schema_version"] == probe.SCHEMA_VERSION
+    assert data["schema_version"] == SCHEMA_VERSION
     assert ProbeResult.from_dict(data) == measured
 
 
@@ -150,7 +142,7 @@ def test_from_dict_refuses_other_versions_and_missing_fields(measured: ProbeResu
 def test_cache_hit_does_not_measure(tmp_path: Path, measured: ProbeResult, monkeypatch) -> None:
     directory = tmp_path / "disk"
     directory.mkdir()
-    stored = replace(measured, machine=probe.machine_id(), device=probe.device_name(directory))
+    stored = replace(measured, machine=machine_id(), device=device_name(directory))
     path = probe.cache_path(directory, tmp_path / "cache")
     path.parent.mkdir()
     path.write_text(json.dumps(stored.to_dict()))

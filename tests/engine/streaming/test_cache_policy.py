@@ -18,18 +18,8 @@ from hypothesis import strategies as st
 from numba import njit
 
 from engine.streaming.cache_policy import (
-    COUNT,
-    HITS,
-    MISSES,
-    PART_HITS,
-    PART_MISSES,
-    PART_PROTECTED,
-    PART_USED,
     POLICIES,
-    POLICY,
-    PROTECTED_CAPACITY,
     SCOPES,
-    USED,
     CacheState,
     cache_access,
     cache_admit,
@@ -259,7 +249,7 @@ class RefPerLayer:
 
 def partition_used(cache: ExpertCache, key: Key) -> int:
     """The bytes used in the partition that holds ``key``: the whole cache's, or its layer's."""
-    return int(cache.state.parts[key[0] if cache.scope == "per_layer" else 0, PART_USED])
+    return int(cache.state.parts["used"][key[0] if cache.scope == "per_layer" else 0])
 
 
 SIZES = st.one_of(
@@ -375,9 +365,9 @@ def test_byte_accounting_holds_under_any_operations(
         assert [key in cache for key in KEYS] == [key in keys for key in KEYS]
         assert cache.used_bytes == sum(sizes[key] for key in keys) <= cache.capacity_bytes
         parts = cache.state.parts
-        assert (parts[:, PART_USED] <= cache.layer_capacity_bytes).all()
-        assert parts[:, PART_USED].sum() == cache.used_bytes
-        assert (parts[:, PART_HITS].sum(), parts[:, PART_MISSES].sum()) == (cache.hits, cache.misses)
+        assert (parts["used"] <= cache.layer_capacity_bytes).all()
+        assert parts["used"].sum() == cache.used_bytes
+        assert (parts["hits"].sum(), parts["misses"].sum()) == (cache.hits, cache.misses)
     assert cache.hits + cache.misses == accesses
 
 
@@ -438,7 +428,7 @@ def test_njit_functions_called_from_njit_code_agree_with_the_wrapper(
     assert [cache_contains(state, ids[key]) for key in KEYS] == [key in cache for key in KEYS]
     for name, array in zip(CacheState._fields, cache.state, strict=True):
         assert np.array_equal(array, getattr(state, name)), name
-    assert (state.meta[HITS], state.meta[MISSES], state.meta[USED], state.meta[COUNT]) == (
+    assert tuple(int(state.meta[name][0]) for name in ("hits", "misses", "used", "count")) == (
         cache.hits,
         cache.misses,
         cache.used_bytes,
@@ -485,7 +475,7 @@ def use(cache: ExpertCache, key: Key, nbytes: int = 1) -> bool:
 
 
 def protected_bytes(cache: ExpertCache) -> int:
-    return int(cache.state.parts[0, PART_PROTECTED])
+    return int(cache.state.parts["protected"][0])
 
 
 A, B, C, D, E = ((0, i) for i in range(5))
@@ -626,11 +616,11 @@ def test_per_layer_splits_the_budget_and_routes_by_layer() -> None:
     assert cache.admit((1, 0), 4) == []  # fits the budget, not the layer's share
     assert cache.admit((0, 1), 1) == [(0, 0)]
     assert cache.keys() == [(0, 1), (2, 5)]
-    assert cache.state.parts[:, PART_USED].tolist() == [1, 0, 2]
+    assert cache.state.parts["used"].tolist() == [1, 0, 2]
     assert cache.used_bytes == 3
     assert cache.access((2, 5)) and not cache.access((1, 0))
     assert (cache.hits, cache.misses) == (1, 1)
-    assert cache.state.parts[:, [PART_HITS, PART_MISSES]].tolist() == [[0, 0], [0, 1], [1, 0]]
+    assert cache.state.parts[["hits", "misses"]].tolist() == [(0, 0), (0, 1), (1, 0)]
 
 
 def test_per_layer_static_pins_each_layer_within_its_share() -> None:
@@ -649,15 +639,21 @@ def test_make_cache_builds_the_named_policy_in_either_scope(policy: str) -> None
         cache = ExpertCache(policy, scope, 100, 4, 8)
         assert (cache.policy, cache.scope, cache.capacity_bytes) == (policy, scope, 100)
         assert (cache.num_layers, cache.num_experts, cache.layer_capacity_bytes) == (4, 8, share)
-        assert POLICIES[cache.state.meta[POLICY]] == policy
+        assert POLICIES[cache.state.policy] == policy
         assert len(cache.state.parts) == partitions
-        assert all(array.dtype == np.int64 for array in cache.state)
+        arrays = [value for value in cache.state if isinstance(value, np.ndarray)]
+        kinds = {
+            array.dtype[name] if array.dtype.names else array.dtype
+            for array in arrays
+            for name in array.dtype.names or [None]
+        }
+        assert kinds == {np.dtype(np.int64)}
 
 
 def test_per_layer_passes_policy_options_on() -> None:
     cache = ExpertCache("slru", "per_layer", 100, 4, 8, protected_fraction=0.5)
     assert cache.protected_fraction == 0.5
-    assert cache.state.meta[PROTECTED_CAPACITY] == 12
+    assert cache.state.protected_capacity == 12
 
 
 @pytest.mark.parametrize(

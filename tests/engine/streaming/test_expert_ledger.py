@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from engine.config import EngineConfig
 from engine.streaming import expert_ledger as ledger
+from engine.streaming.predictors import new_predictor
 from tests.engine.expert_cache import ExpertCache, Key
 
 LAYERS, EXPERTS, TOP_K, ENTRY = 4, 6, 2, 10
@@ -20,9 +21,10 @@ MOE_LAYERS = [1, 2, 3]  # layer 0 is dense
 CHOICE = st.lists(st.integers(0, EXPERTS - 1), min_size=1, max_size=4, unique=True).map(sorted)
 LAYER_STEP = st.tuples(
     CHOICE,  # the layer's experts
-    st.lists(st.lists(st.integers(0, EXPERTS - 1), max_size=5, unique=True), min_size=3, max_size=3),  # proposals
+    st.lists(st.permutations(range(EXPERTS)), min_size=3, max_size=3),  # each later layer's ranking
     st.integers(0, 2**32),  # seeds the order the experts are taken in
 )
+NO_LOOKAHEAD = np.empty((0, 0, 0), np.int64)
 PASSES = st.lists(st.lists(LAYER_STEP, min_size=3, max_size=3), min_size=1, max_size=6)
 
 
@@ -104,7 +106,9 @@ class ReferenceStore:
 def replay(config: EngineConfig, passes: list) -> tuple[dict, list[Key], list[Key], list[Key]]:
     """The ledger driven as the store drives it: counters, reads in issue order, cancellations, staged keys."""
     state = ledger.new_ledger(config, LAYERS, EXPERTS, MOE_LAYERS, ENTRY, TOP_K)
-    calls = ledger.Ledger(state)
+    predictor = new_predictor(config.predictor, len(MOE_LAYERS), EXPERTS, TOP_K)
+    calls = ledger.Ledger(state, predictor)
+    routing = np.zeros((1, TOP_K), np.int64)  # gate_lookahead reads only the rankings
     reads: list[Key] = []
     cancelled: list[Key] = []
     for steps in passes:
@@ -113,13 +117,9 @@ def replay(config: EngineConfig, passes: list) -> tuple[dict, list[Key], list[Ke
             n_cancelled, starts = calls.request(layer, np.array(experts, np.int64))
             cancelled += [divmod(key, EXPERTS) for key in state.cancelled[:n_cancelled].tolist()]
             reads += [(layer, expert) for expert in state.out[:starts].tolist()]
-            for target, proposed in zip(state.ahead[layer].tolist(), proposals, strict=False):
-                if target < 0:
-                    break
-                staged, full = calls.stage(target, np.array(proposed, np.int64))
-                reads += [divmod(key, EXPERTS) for key in state.out[:staged].tolist()]
-                if full:
-                    break
+            lookahead = np.array(proposals, np.int64)[None]  # [1 token, D, E]
+            staged = calls.route_done(predictor, layer, routing, np.empty(0, np.int64), lookahead)
+            reads += [divmod(key, EXPERTS) for key in state.out[:staged].tolist()]
             taken = [expert for expert in experts if state.current[expert] != ledger.CACHED]
             for expert in random.Random(order).sample(taken, len(taken)):
                 was, starts = calls.take(layer, expert)
@@ -127,7 +127,7 @@ def replay(config: EngineConfig, passes: list) -> tuple[dict, list[Key], list[Ke
                     reads.append((layer, expert))
                 reads += [(layer, started) for started in state.out[:starts].tolist()]
                 calls.admit(layer, expert)
-    staged = [divmod(key, EXPERTS) for key in state.staged[: state.meta[ledger.STAGED]].tolist()]
+    staged = [divmod(key, EXPERTS) for key in state.staged[: state.staged_count[0]].tolist()]
     return dict(zip(ledger.COUNTERS, state.counters.tolist(), strict=True)), reads, cancelled, staged
 
 
@@ -137,7 +137,7 @@ def reference(config: EngineConfig, passes: list) -> tuple[dict, list[Key], list
         for layer, (experts, proposals, order) in zip(MOE_LAYERS, steps, strict=True):
             store.request(layer, experts)
             for target, proposed in zip(store.ahead[layer], proposals, strict=False):
-                if store.stage(target, proposed):
+                if store.stage(target, proposed[: TOP_K + config.prefetch_extra]):
                     break
             taken = [expert for expert in experts if store.current[expert] != "cached"]
             for expert in random.Random(order).sample(taken, len(taken)):
@@ -170,20 +170,25 @@ def test_matches_the_plain_bookkeeping(policy: str, scope: str, slots: int, dept
 def test_static_pins_the_first_pass_most_used_experts_before_the_second() -> None:
     config = EngineConfig(cache_policy="static", cache_bytes=2 * ENTRY)
     state = ledger.new_ledger(config, LAYERS, EXPERTS, MOE_LAYERS, ENTRY, TOP_K)
-    calls = ledger.Ledger(state)
+    predictor = new_predictor(config.predictor, len(MOE_LAYERS), EXPERTS, TOP_K)
+    calls = ledger.Ledger(state, predictor)
+
+    def routed(layer: int, experts: list[list[int]]) -> None:
+        calls.route_done(predictor, layer, np.array(experts, np.int64), np.empty(0, np.int64), NO_LOOKAHEAD)
+
     assert calls.begin_forward() == 0
-    calls.count_routing(1, np.array([[4, 5], [4, 0]], np.int64))
-    calls.count_routing(2, np.array([[3, 5], [1, 0]], np.int64))
+    routed(1, [[4, 5], [4, 0]])
+    routed(2, [[3, 5], [1, 0]])
     assert calls.begin_forward() == 2
     assert sorted(divmod(key, EXPERTS) for key in state.out[:2].tolist()) == [(1, 0), (1, 4)]  # (1, 4) twice
-    calls.count_routing(1, np.array([[2, 3]], np.int64))  # the profile is over
+    routed(1, [[2, 3]])  # the profile is over
     assert calls.begin_forward() == 0
     assert state.profile.sum() == 8
 
 
 def test_taking_an_expert_not_requested_or_twice_is_refused() -> None:
     state = ledger.new_ledger(EngineConfig(), LAYERS, EXPERTS, MOE_LAYERS, ENTRY, TOP_K)
-    calls = ledger.Ledger(state)
+    calls = ledger.Ledger(state, new_predictor("none", len(MOE_LAYERS), EXPERTS, TOP_K))
     calls.request(1, np.array([0, 3], np.int64))
     assert calls.take(1, 5)[0] == ledger.ABSENT
     assert calls.take(2, 0)[0] == ledger.ABSENT

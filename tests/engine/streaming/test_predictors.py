@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from engine.streaming.predictors import Coactivation, GateLookahead, PreviousToken, merge_ranks
+from engine.streaming.predictors import fit, merge_ranks, new_predictor, observe, propose
 
-LAYERS = [1, 2, 4, 5]  # MoE layers; 0 and 3 are dense
-E = 8
+LAYERS = 4  # MoE layers
+E, K = 8, 2
+NOTHING = np.empty(0, np.int64)
+NO_LOOKAHEAD = np.empty((0, 0, 0), np.int64)
 
 
 def test_merge_takes_every_tokens_first_choice_before_any_second() -> None:
@@ -16,22 +18,26 @@ def test_merge_takes_every_tokens_first_choice_before_any_second() -> None:
 
 
 def test_previous_token_ranks_by_the_last_tokens_probabilities() -> None:
-    predictor = PreviousToken(LAYERS, E)
+    p = new_predictor("previous_token", LAYERS, E, K)
     experts = np.array([[0, 1]])
-    assert predictor.propose(1, None, experts, 2, 2) == []  # type: ignore[arg-type]
-    probs = np.zeros((2, E))
-    probs[0, 7] = 1.0  # an earlier token: ignored
-    probs[1, [5, 2, 6]] = [0.5, 0.3, 0.2]
-    predictor.observe(2, None, experts, probs)  # type: ignore[arg-type]
-    assert predictor.propose(1, None, experts, 2, 3) == [5, 2, 6]  # type: ignore[arg-type]
-    assert predictor.propose(1, None, experts, 2, 0) == []  # type: ignore[arg-type]
+    assert propose(p, 0, 0, experts, NO_LOOKAHEAD, 2).tolist() == []  # layer 1 not seen yet
+    observe(p, 1, experts, np.array([5, 2, 6, 0, 1, 3, 4, 7]))
+    assert propose(p, 0, 0, experts, NO_LOOKAHEAD, 3).tolist() == [5, 2, 6]
+    assert propose(p, 0, 0, experts, NO_LOOKAHEAD, 0).tolist() == []
+    assert propose(p, 0, 1, experts, NO_LOOKAHEAD, 3).tolist() == []  # layer 2 not seen yet
 
 
-def test_gate_lookahead_applies_the_target_router_to_the_current_input() -> None:
-    router = np.eye(E, 3)  # expert e scores h[e] for e < 3, zero otherwise
-    predictor = GateLookahead(LAYERS, E, lambda layer, h: h @ router.T if layer == 2 else None)
-    h = np.array([[0.0, 2.0, 1.0], [3.0, 0.0, 0.0]])
-    assert predictor.propose(1, h, np.zeros((2, 2), np.intp), 2, 2) == [1, 0, 2]
+def test_gate_lookahead_merges_the_later_routers_rankings() -> None:
+    p = new_predictor("gate_lookahead", LAYERS, E, K)
+    lookahead = np.array([[[1, 2, 0], [7, 6, 5]], [[0, 1, 2], [6, 7, 5]]])  # [T, D, R]
+    experts = np.zeros((2, K), np.int64)
+    assert propose(p, 0, 0, experts, lookahead, 2).tolist() == [1, 0, 2]
+    assert propose(p, 0, 1, experts, lookahead, 3).tolist() == [7, 6, 5]
+
+
+def test_no_predictor_proposes_nothing() -> None:
+    p = new_predictor("none", LAYERS, E, K)
+    assert propose(p, 0, 0, np.array([[0, 1]]), np.zeros((1, 1, 3), np.int64), 3).tolist() == []
 
 
 def _dense_reference(counts: list[np.ndarray], chosen: np.ndarray, count: int) -> np.ndarray:
@@ -45,33 +51,34 @@ def _dense_reference(counts: list[np.ndarray], chosen: np.ndarray, count: int) -
 
 def test_coactivation_chains_the_row_normalised_follow_counts() -> None:
     rng = np.random.default_rng(0)
-    predictor = Coactivation(LAYERS, E)
-    assert predictor.propose(1, None, np.array([[0, 1]]), 2, 2) == []  # type: ignore[arg-type]
-    seen = [np.zeros((E, E)) for _ in LAYERS[:-1]]
+    p = new_predictor("coactivation", LAYERS, E, K)
+    assert propose(fit(p, 1, K), 0, 0, np.array([[0, 1]]), NO_LOOKAHEAD, 2).tolist() == []
+    seen = [np.zeros((E, E)) for _ in range(LAYERS - 1)]
     for _ in range(40):
         tokens = int(rng.integers(1, 4))
-        previous = np.empty((0, 2), np.intp)
-        for n, layer in enumerate(LAYERS):
-            experts = np.stack([rng.choice(E, 2, replace=False) for _ in range(tokens)])
-            if n:
+        p = fit(p, tokens, K)  # room for the call's tokens, the counts kept
+        previous = np.empty((0, K), np.intp)
+        for position in range(LAYERS):
+            experts = np.stack([rng.choice(E, K, replace=False) for _ in range(tokens)])
+            if position:
                 for t in range(tokens):
                     for i in previous[t]:
-                        seen[n - 1][i, experts[t]] += 1
-            predictor.observe(layer, None, experts, None)  # type: ignore[arg-type]
+                        seen[position - 1][i, experts[t]] += 1
+            observe(p, position, experts, NOTHING)
             previous = experts
-    np.testing.assert_array_equal(predictor.counts, np.stack(seen))
+    np.testing.assert_array_equal(p.counts, np.stack(seen))
     chosen = np.array([[0, 3], [5, 6]])
-    for target, steps in ((2, 1), (4, 2), (5, 3)):
-        expected = merge_ranks(_dense_reference(seen[:steps], chosen, 3)).tolist()
-        assert predictor.propose(1, None, chosen, target, 3) == expected  # type: ignore[arg-type]
+    for ahead in range(3):
+        expected = merge_ranks(_dense_reference(seen[: ahead + 1], chosen, 3)).tolist()
+        assert propose(p, 0, ahead, chosen, NO_LOOKAHEAD, 3).tolist() == expected
 
 
 def test_coactivation_learns_which_expert_follows() -> None:
-    predictor = Coactivation(LAYERS, E)
+    p = new_predictor("coactivation", LAYERS, E, K)
     for _ in range(3):
-        predictor.observe(1, None, np.array([[0, 1]]), None)  # type: ignore[arg-type]
-        predictor.observe(2, None, np.array([[6, 7]]), None)  # type: ignore[arg-type]
-    predictor.observe(1, None, np.array([[2, 3]]), None)  # type: ignore[arg-type]
-    predictor.observe(2, None, np.array([[4, 5]]), None)  # type: ignore[arg-type]
-    assert predictor.propose(1, None, np.array([[0, 1]]), 2, 2) == [6, 7]  # type: ignore[arg-type]
-    assert predictor.propose(1, None, np.array([[3, 7]]), 2, 2) == [4, 5]  # type: ignore[arg-type]
+        observe(p, 0, np.array([[0, 1]]), NOTHING)
+        observe(p, 1, np.array([[6, 7]]), NOTHING)
+    observe(p, 0, np.array([[2, 3]]), NOTHING)
+    observe(p, 1, np.array([[4, 5]]), NOTHING)
+    assert propose(p, 0, 0, np.array([[0, 1]]), NO_LOOKAHEAD, 2).tolist() == [6, 7]
+    assert propose(p, 0, 0, np.array([[3, 7]]), NO_LOOKAHEAD, 2).tolist() == [4, 5]

@@ -17,7 +17,6 @@ from engine import load_model
 from engine.bench.streaming import stream_throughput
 from engine.config import CACHE_FORMATS, CACHE_POLICIES, IO_MODES, PREDICTORS, EngineConfig
 from engine.errors import CheckpointError
-from engine.streaming.expert_ledger import STAGED_LIMIT
 from engine.synth import SynthShape, synthesize
 
 SHAPE = SynthShape("qwen3_moe", 64, 4, 4, 2, 16, 16, 2, 32, 512)
@@ -130,7 +129,7 @@ def test_prefetch_bounds_what_is_in_flight(model_dir) -> None:
     model = load_model(model_dir, EngineConfig(predictor="gate_lookahead", prefetch_depth=2, prefetch_extra=3))
     try:
         store = model.decoder.store
-        limit = store.ledger.state.meta[STAGED_LIMIT]
+        limit = store.ledger.state.staged_limit
         assert limit == 2 * (SHAPE.top_k + 3)
         seen = []
         real = store.route_done
