@@ -9,7 +9,6 @@ own buffer; threads measured 0.75-0.8 of fio's bandwidth at queue depth 8 here (
 
 from __future__ import annotations
 
-import errno
 import json
 import math
 import os
@@ -25,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from numba import carray, njit
+from numba import njit
 
 from engine.bench.device import (
     ALIGN,
@@ -162,35 +161,22 @@ def _measure(
 
 # _aio_random_reads statuses; the detail is an errno, or the result of a failed read
 _AIO_OK, _AIO_SETUP, _AIO_SUBMIT, _AIO_GETEVENTS, _AIO_READ = range(5)
-_EINTR = errno.EINTR
 
 
-@njit(nogil=True)
-def _now_ns(timespec: np.ndarray) -> int:
-    aio.CLOCK_GETTIME(aio.CLOCK_MONOTONIC, np.int64(timespec.ctypes.data))
-    return timespec[0] * 1_000_000_000 + timespec[1]
-
-
-@njit(nogil=True)
-def _errno() -> int:
-    return carray(aio.ERRNO_LOCATION(), 1)[0]
-
-
-@njit(nogil=True)
+@njit(nogil=True, cache=True)
 def _aio_random_reads(
-    numbers: tuple[int, int, int, int], fd: int, base: int, block: int, depth: int, ring: int, nblocks: int,
-    seed: int, nanoseconds: int,
-) -> tuple[int, int, int, int, int]:  # fmt: skip
+    fd: int, base: int, block: int, depth: int, ring: int, nblocks: int, seed: int, nanoseconds: int
+) -> tuple[int, int, int, int, int]:
     """fio's libaio loop: ``depth`` random block reads in flight, each completion resubmitted at a new offset.
 
     Reads land in ``ring`` block-sized buffers from ``base`` in turn. Returns (requests completed, start and end
     in CLOCK_MONOTONIC ns, status, detail).
     """
-    setup, destroy, getevents, submit = numbers
     np.random.seed(seed)
     context, timespec = np.zeros(1, np.int64), np.zeros(2, np.int64)
-    if aio.SYSCALL(setup, depth, np.int64(context.ctypes.data), 0, 0, 0) != 0:
-        return 0, 0, 0, _AIO_SETUP, _errno()
+    failed = aio.io_setup(depth, np.int64(context.ctypes.data))
+    if failed:
+        return 0, 0, 0, _AIO_SETUP, -failed
     ctx = context[0]
     iocbs = np.zeros((depth, aio.IOCB_WORDS), np.uint64)
     events = np.zeros((depth, aio.EVENT_WORDS), np.int64)
@@ -204,31 +190,29 @@ def _aio_random_reads(
         iocbs[slot, 5] = np.random.randint(0, nblocks) * block
         pointers[slot] = first + slot * aio.IOCB_WORDS * 8
     status, detail, requests, in_flight, batch, buffer = _AIO_OK, 0, 0, 0, depth, 0
-    started = _now_ns(timespec)
+    started = aio.now_ns(timespec)
     deadline = started + nanoseconds
     while True:
         # One request per io_submit, as fio's libaio does by default (iodepth_batch_submit=1): submitting the
         # batch in one call read 10-15% less at 16 KiB x 8-32 on a virtio disk (docs/benchmarks/protocol.md).
         for i in range(batch):
-            queued = aio.SYSCALL(submit, ctx, 1, np.int64(pointers.ctypes.data) + 8 * i, 0, 0)
+            queued = aio.io_submit(ctx, 1, np.int64(pointers.ctypes.data) + 8 * i)
             if queued != 1:
-                status, detail = _AIO_SUBMIT, _errno() if queued < 0 else 0
+                status, detail = _AIO_SUBMIT, max(-queued, 0)
                 break
             in_flight += 1
         if status != _AIO_OK:
             break
-        got = aio.SYSCALL(getevents, ctx, 1, depth, np.int64(events.ctypes.data), 0)
-        while got < 0 and _errno() == _EINTR:
-            got = aio.SYSCALL(getevents, ctx, 1, depth, np.int64(events.ctypes.data), 0)
+        got = aio.io_getevents(ctx, 1, depth, np.int64(events.ctypes.data), 0)
         if got < 0:
-            status, detail = _AIO_GETEVENTS, _errno()
+            status, detail = _AIO_GETEVENTS, -got
             break
         in_flight -= got
         for i in range(got):
             if events[i, 2] != block and status == _AIO_OK:
                 status, detail = _AIO_READ, events[i, 2]
         requests += got
-        if status != _AIO_OK or _now_ns(timespec) >= deadline:
+        if status != _AIO_OK or aio.now_ns(timespec) >= deadline:
             break
         for i in range(got):
             slot = events[i, 0]
@@ -238,14 +222,13 @@ def _aio_random_reads(
                 iocbs[slot, 3] = base + ((depth + buffer) % ring) * block
             pointers[i] = first + slot * aio.IOCB_WORDS * 8
         batch = got
-    finished = _now_ns(timespec)
+    finished = aio.now_ns(timespec)
     while in_flight > 0:  # the buffer must outlive every read
-        got = aio.SYSCALL(getevents, ctx, in_flight, depth, np.int64(events.ctypes.data), 0)
-        if got > 0:
-            in_flight -= got
-        elif _errno() != _EINTR:
+        got = aio.io_getevents(ctx, in_flight, depth, np.int64(events.ctypes.data), 0)
+        if got <= 0:
             break
-    aio.SYSCALL(destroy, ctx, 0, 0, 0, 0)
+        in_flight -= got
+    aio.io_destroy(ctx)
     return requests, started, finished, status, detail
 
 
@@ -260,12 +243,11 @@ def _measure_aio(
     seed: int,
     buffer_bytes: int | None = None,
 ) -> _Run:
-    assert aio.NUMBERS is not None
     ring = max(depth, (buffer_bytes or 0) // block)
     with AlignedBuffer(block * ring, huge) as buffer:
         buffer.array.fill(0)  # memory faulted in before the clock starts, as a reader's reused buffers are
         requests, started, finished, status, detail = _aio_random_reads(
-            aio.NUMBERS, fd, buffer.address, block, depth, ring, file_bytes // block, seed, int(seconds * 1e9)
+            fd, buffer.address, block, depth, ring, file_bytes // block, seed, int(seconds * 1e9)
         )
     if status == _AIO_READ:
         what = os.strerror(-detail) if detail < 0 else f"a short read of {detail} bytes"

@@ -1,11 +1,12 @@
-"""Linux native asynchronous I/O (``io_setup``/``io_submit``/``io_getevents``) through ctypes.
+"""Linux native asynchronous I/O (``io_setup``/``io_submit``/``io_getevents``).
 
 Many reads are submitted in one system call and reaped in another, from one thread, which is how fio's
 ``libaio`` engine keeps a queue of requests in flight. With ``O_DIRECT`` the reads are truly asynchronous.
 Only Linux on x86_64 and aarch64 is supported; ``available()`` says whether this process can use it.
 
-``SYSCALL``, ``CLOCK_GETTIME`` and ``ERRNO_LOCATION`` are the C functions as typed pointers, which numba can
-call in nopython mode (all arguments as 64-bit integers), for loops too tight for Python.
+The system calls are compiled functions (``io_setup``, ``io_submit``, ``io_getevents``, ``io_destroy``,
+``now_ns``), callable from Python, releasing the GIL, and from compiled loops too tight for Python (the disk
+probe's): one binding for the engine's ``ReadQueue`` and the probe. The iocbs and events are ctypes structures.
 """
 
 from __future__ import annotations
@@ -20,6 +21,12 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any
+
+import numpy as np
+from llvmlite import ir
+from numba import carray, njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 # (io_setup, io_destroy, io_getevents, io_submit) system call numbers
 _SYSCALLS = {"x86_64": (206, 207, 208, 209), "aarch64": (0, 1, 4, 2)}
@@ -57,25 +64,86 @@ def _numbers() -> tuple[int, int, int, int] | None:
     return _SYSCALLS.get(platform.machine())
 
 
-_libc = ctypes.CDLL(None, use_errno=True) if _numbers() else None
-if _libc is not None:
-    _libc.syscall.restype = ctypes.c_long
-
-
-def _pointer(name: str, restype: type | None, *argtypes: type) -> ctypes._CFuncPtr | None:
-    if _libc is None:
-        return None
-    return ctypes.CFUNCTYPE(restype, *argtypes)(ctypes.cast(getattr(_libc, name), ctypes.c_void_p).value)
-
-
-_L = ctypes.c_long
-NUMBERS = _numbers()  # (io_setup, io_destroy, io_getevents, io_submit), or None where AIO is unsupported
-SYSCALL = _pointer("syscall", _L, _L, _L, _L, _L, _L, _L)  # number and five arguments; unused ones ignored
-CLOCK_GETTIME = _pointer("clock_gettime", ctypes.c_int, ctypes.c_int, _L)
-ERRNO_LOCATION = _pointer("__errno_location", ctypes.POINTER(ctypes.c_int))
+_SETUP, _DESTROY, _GETEVENTS, _SUBMIT = _numbers() or (-1, -1, -1, -1)
 CLOCK_MONOTONIC = 1  # what time.perf_counter reads on Linux
 IOCB_WORDS = 8  # a struct iocb as uint64 words: data, key|rw_flags, opcode|reqprio|fildes, buf, nbytes, offset, ...
 EVENT_WORDS = 4  # a struct io_event: data, obj, res, res2
+_I64 = ir.IntType(64)
+
+
+def _libc_call(name: str, result: ir.Type, arguments: int) -> Callable:
+    """Code calling the C library's ``name`` with int64 arguments. The symbol is resolved when the code is
+    loaded, so functions using it can be cached (ctypes pointers cannot: numba calls them dynamic globals)."""
+
+    def codegen(context: Any, builder: ir.IRBuilder, signature: Any, args: list) -> Any:
+        function = cgutils.get_or_insert_function(builder.module, ir.FunctionType(result, [_I64] * arguments), name)
+        return builder.call(function, args)
+
+    return codegen
+
+
+@intrinsic
+def _syscall(typingctx: Any, number: Any, a1: Any, a2: Any, a3: Any, a4: Any, a5: Any) -> tuple:
+    return types.int64(*[types.int64] * 6), _libc_call("syscall", _I64, 6)
+
+
+@intrinsic
+def _errno_location(typingctx: Any) -> tuple:
+    return types.CPointer(types.int32)(), _libc_call("__errno_location", ir.IntType(32).as_pointer(), 0)
+
+
+@intrinsic
+def _clock_gettime(typingctx: Any, clock: Any, timespec: Any) -> tuple:
+    return types.int32(types.int64, types.int64), _libc_call("clock_gettime", ir.IntType(32), 2)
+
+
+@njit(nogil=True, cache=True)
+def last_errno() -> int:
+    return carray(_errno_location(), 1)[0]
+
+
+@njit(nogil=True, cache=True)
+def now_ns(timespec: np.ndarray) -> int:
+    """CLOCK_MONOTONIC in ns, through ``timespec`` (int64 [2])."""
+    _clock_gettime(CLOCK_MONOTONIC, np.int64(timespec.ctypes.data))
+    return timespec[0] * 1_000_000_000 + timespec[1]
+
+
+@njit(nogil=True, cache=True)
+def io_setup(slots: int, context: int) -> int:
+    """A context for ``slots`` requests, written at the address ``context``: 0, or -errno."""
+    return 0 if _syscall(_SETUP, slots, context, 0, 0, 0) == 0 else -last_errno()
+
+
+@njit(nogil=True, cache=True)
+def io_destroy(ctx: int) -> int:
+    return 0 if _syscall(_DESTROY, ctx, 0, 0, 0, 0) == 0 else -last_errno()
+
+
+@njit(nogil=True, cache=True)
+def io_submit(ctx: int, count: int, pointers: int) -> int:
+    """Queue the ``count`` iocbs whose addresses are at ``pointers``: how many the kernel took, or -errno (the
+    first was refused); interrupted calls are made again."""
+    while True:
+        got = _syscall(_SUBMIT, ctx, count, pointers, 0, 0)
+        if got >= 0:
+            return got
+        code = last_errno()
+        if code != errno.EINTR:
+            return -code
+
+
+@njit(nogil=True, cache=True)
+def io_getevents(ctx: int, min_events: int, max_events: int, events: int, timeout: int) -> int:
+    """Wait for ``min_events`` to ``max_events`` completions, written at ``events`` (a ``struct timespec`` at
+    ``timeout`` bounds the wait; 0: none): how many, or -errno; interrupted calls are made again."""
+    while True:
+        got = _syscall(_GETEVENTS, ctx, min_events, max_events, events, timeout)
+        if got >= 0:
+            return got
+        code = last_errno()
+        if code != errno.EINTR:
+            return -code
 
 
 def available() -> bool:
@@ -102,16 +170,13 @@ class AioContext:
     """
 
     def __init__(self, slots: int) -> None:
-        numbers = _numbers()
-        if numbers is None or _libc is None:
+        if _numbers() is None:
             raise OSError(errno.ENOSYS, f"native AIO needs Linux on x86_64 or aarch64, not {sys.platform}")
         if not isinstance(slots, int) or slots <= 0:
             raise ValueError(f"slots must be a positive integer, got {slots!r}")
-        self._setup, self._destroy, self._getevents, self._submit = numbers
-        self._syscall = _libc.syscall
         self._ctx = ctypes.c_ulong(0)
-        if self._syscall(self._setup, slots, ctypes.byref(self._ctx)) != 0:
-            code = ctypes.get_errno()
+        code = -io_setup(slots, ctypes.addressof(self._ctx))
+        if code:
             raise OSError(code, f"io_setup({slots}) failed: {os.strerror(code)}")
         self.slots = slots
         self._iocbs = (Iocb * slots)()
@@ -119,6 +184,7 @@ class AioContext:
         for slot, cb in enumerate(self._iocbs):
             cb.data, cb.opcode = slot, _PREAD
         self._pointers = (ctypes.c_void_p * slots)()
+        self._pointers_address = ctypes.addressof(self._pointers)
         self._events = (IoEvent * slots)()
         self._timeout = _Timespec()
 
@@ -135,35 +201,28 @@ class AioContext:
         pointers, addresses = self._pointers, self._addresses
         for i, slot in enumerate(slots):
             pointers[i] = addresses[slot]
-        while True:
-            got = self._syscall(self._submit, self._ctx, len(slots), pointers)
-            if got >= 0:
-                return got
-            code = ctypes.get_errno()
-            if code != errno.EINTR:
-                raise OSError(code, f"io_submit failed: {os.strerror(code)}")
+        got = io_submit(self._ctx.value, len(slots), self._pointers_address)
+        if got < 0:
+            raise OSError(-got, f"io_submit failed: {os.strerror(-got)}")
+        return got
 
     def reap(self, min_events: int = 1, timeout: float | None = None) -> list[tuple[int, int]]:
         """Wait for at least ``min_events`` completions, or ``timeout`` seconds; ``(slot, result)`` pairs."""
-        deadline = None
+        deadline = 0
         if timeout is not None:
             seconds, fraction = divmod(max(timeout, 0.0), 1.0)
             self._timeout.seconds, self._timeout.nanoseconds = int(seconds), int(fraction * 1e9)
-            deadline = ctypes.byref(self._timeout)
-        while True:
-            got = self._syscall(self._getevents, self._ctx, min_events, self.slots, self._events, deadline)
-            if got >= 0:
-                break
-            code = ctypes.get_errno()
-            if code != errno.EINTR:
-                raise OSError(code, f"io_getevents failed: {os.strerror(code)}")
+            deadline = ctypes.addressof(self._timeout)
+        got = io_getevents(self._ctx.value, min_events, self.slots, ctypes.addressof(self._events), deadline)
+        if got < 0:
+            raise OSError(-got, f"io_getevents failed: {os.strerror(-got)}")
         events = self._events
         return [(events[i].data, events[i].res) for i in range(got)]
 
     def close(self) -> None:
         """Free the context; the kernel first waits for (or cancels) the requests still in flight."""
         if self._ctx.value:
-            self._syscall(self._destroy, self._ctx)
+            io_destroy(self._ctx.value)
             self._ctx = ctypes.c_ulong(0)
 
     def __enter__(self) -> AioContext:

@@ -6,6 +6,8 @@ import ctypes
 import errno
 import mmap
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -129,3 +131,23 @@ def test_read_queue_fails_what_is_left_when_reaping_fails(tmp_path: Path, monkey
         monkeypatch.undo()
         queue.close()
         os.close(fd)
+
+
+def test_a_second_process_loads_the_system_calls_from_numbas_cache() -> None:
+    script = """
+from engine.streaming import aio
+
+with aio.AioContext(2) as context:
+    assert context.reap(0, timeout=0) == []
+functions = [aio.io_setup, aio.io_getevents, aio.io_destroy]
+print("recompiled", [fn.__name__ for fn in functions if fn.stats.cache_misses])
+print("loaded", all(fn.stats.cache_hits for fn in functions))
+"""
+    root = Path(__file__).resolve().parents[3]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    runs = [
+        subprocess.run([sys.executable, "-W", "error", "-c", script], capture_output=True, text=True, env=env, cwd=root)
+        for _ in range(2)
+    ]  # the first stores whatever the cache lacked; a function numba cannot cache warns, which -W error fails
+    assert all(run.returncode == 0 for run in runs), [run.stderr for run in runs]
+    assert runs[1].stdout.splitlines() == ["recompiled []", "loaded True"]
