@@ -21,7 +21,9 @@ $(VENV)/.test: pyproject.toml | $(BIN)/python
 run: $(VENV)/.runtime
 	$(BIN)/autoresearch tune experiments/quickstart.toml
 
+# Chromium is for the test that opens the MLflow UI in a browser; where apt cannot install it, that test is skipped.
 test: $(VENV)/.test
+	command -v chromium >/dev/null || apt-get install -y -q chromium >/dev/null || echo "chromium unavailable: the browser test will be skipped"
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 

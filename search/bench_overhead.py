@@ -23,7 +23,7 @@ from mlflow.tracking import MlflowClient
 from search import bench_stats as stats
 from search.experiment import Experiment
 from search.study import journal
-from search.tracking import default_tracking_uri
+from search.ui import default_tracking_uri
 
 NAME = "overhead"
 TARGET = 0.03

@@ -66,10 +66,11 @@ def _tune(args: argparse.Namespace) -> int:
     start = min((report.find(h) for h in ("## Confirmation", "## Best trials") if h in report), default=len(report))
     print("\n" + report[start : report.find("## Plots") if "## Plots" in report else None].strip() + "\n")
     print(f"study and log:  {outcome.results}/ (study.journal, tune.log)")
-    print(f"report:         {outcome.report}")
+    print(f"report:         {outcome.report} (and report.html, its plots inside)")
     print(f"tuned config:   {outcome.tuned or 'none (nothing exported; why below)'}")
     store = f"--tracking-uri {args.tracking_uri}" if args.tracking_uri else f"--runs {args.runs}"
-    print(f"MLflow UI:      {sys.argv[0]} ui {store}   (then http://127.0.0.1:5000)")
+    print(f"MLflow UI:      {sys.argv[0]} ui {store}   (it prints the runs table's address)")
+    print(f"Optuna:         optuna-dashboard {outcome.results / 'study.journal'}   (pip install optuna-dashboard)")
     if outcome.interrupted:
         print("interrupted: run the same command again to continue the study", file=sys.stderr)
         return 130
@@ -117,26 +118,22 @@ def _export(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from search.report import write_report
+    from search.report import write_html, write_report
     from search.tune import results_dir
 
     study = _open_study(args.experiment, args.runs)
     out = Path(args.out) if args.out else results_dir(Path(args.runs), study.study_name) / "report.md"
-    print(f"wrote {write_report(study, study.user_attrs['objectives'], out)}")
+    report = write_report(study, study.user_attrs["objectives"], out)
+    print(f"wrote {report} and {write_html(report)}")
     return 0
 
 
 def _ui(args: argparse.Namespace) -> int:
-    import os
     from pathlib import Path
 
-    from search.tracking import default_tracking_uri
+    from search.ui import default_tracking_uri, serve
 
-    uri = args.tracking_uri or default_tracking_uri(Path(args.runs))
-    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1"]
-    command += ["--port", str(args.port)]
-    print(f"MLflow UI on http://127.0.0.1:{args.port} over {uri} (Ctrl-C stops it)", flush=True)
-    os.execv(sys.executable, command)
+    return serve(args.tracking_uri or default_tracking_uri(Path(args.runs)), args.port)
 
 
 SEARCH_VERBS = {

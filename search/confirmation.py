@@ -29,7 +29,8 @@ def confirm(session: Session) -> None:
     rounds = experiment.confirm_repeats
     session.progress.event(f"confirmation: {', '.join(list(configs)[1:])} against the default, {rounds} "
                         "interleaved rounds")  # fmt: skip
-    runs = {name: session.tracker.start_trial(f"confirm {name}", figures.explicit_config(c), {"phase": "confirm"})
+    runs = {name: session.tracker.start_trial(f"confirm {name}", figures.run_params(c, session.context),
+                                              {"phase": "confirm"})
             for name, c in configs.items()}  # fmt: skip
     measured: dict[str, list[dict | None]] = {name: [] for name in configs}  # per round; None: failed
     failed: dict[str, str] = {}

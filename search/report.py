@@ -9,6 +9,8 @@ history, parameter importances, the speed / quality Pareto front, and speed agai
 
 from __future__ import annotations
 
+import base64
+import re
 import warnings
 from collections import Counter
 from collections.abc import Sequence
@@ -27,6 +29,13 @@ from search.export import no_choice
 from search.trials import ATTR_BOUNDS, ATTR_CONFIG, ATTR_SUMMARY
 
 TOP_TRIALS = 10
+MEMORY_FIGURES = (
+    "Memory peak: what the budget is judged on, the enforced limit's own peak (the cgroup's maximum usage: the "
+    "process's memory and the page cache it filled) where the limit was enforced, else the peak RSS. Peak RSS: the "
+    "measuring process's largest resident set (its heap and every mapped file page it touched); it can exceed the "
+    "limit's peak, because file pages already in the page cache when the process started stay charged to whoever "
+    "read them first (Linux memory accounting), not to the limit."
+)
 
 
 def write_report(study: optuna.Study, objectives: list | tuple, out: Path, notes: Sequence[str] = ()) -> Path:
@@ -52,7 +61,7 @@ def write_report(study: optuna.Study, objectives: list | tuple, out: Path, notes
         lines += ["## Nothing exported", "", why[0].upper() + why[1:]]
         lines += ["", *notes, ""] if notes else [""]
     states = Counter(t.state.name for t in trials)
-    lines += ["## Trials", "", " ".join(f"{n} {s.lower()};" for s, n in sorted(states.items())), ""]
+    lines += ["## Trials", "", ", ".join(f"{n} {s.lower()}" for s, n in sorted(states.items())) + ".", ""]
     failures = [t for t in trials if t.state == TrialState.FAIL]
     if failures:
         lines += ["| trial | failure |", "|---|---|"]
@@ -77,21 +86,21 @@ def write_report(study: optuna.Study, objectives: list | tuple, out: Path, notes
     best = sorted(complete, key=lambda t: (not feasible(t), sign * t.values[0]))[:TOP_TRIALS]
     if best:
         lines += [f"## Best trials (by {metric})", ""]
-        lines += ["| trial | feasible | decode tok/s [95% CI] | top-1 | KL | memory peak | settings |"]
-        lines += ["|---|---|---|---|---|---|---|"]
+        lines += ["| trial | feasible | decode tok/s [95% CI] | top-1 | KL | memory peak | peak RSS | settings |"]
+        lines += ["|---|---|---|---|---|---|---|---|"]
         for t in best:
             s = t.user_attrs[ATTR_SUMMARY]
             ci = ""
             if "decode_tok_s_ci_low" in s:
                 ci = f" [{s['decode_tok_s_ci_low']:.2f}, {s['decode_tok_s_ci_high']:.2f}]"
-            peak = figures.memory_peak(s)
             lines.append(
                 f"| {t.number} | {'yes' if feasible(t) else 'no'} | "
                 f"{s.get('decode_tok_s', float('nan')):.2f}{ci} | {_num(s.get('quality_top1'))} | "
-                f"{_num(s.get('quality_kl'), 5)} | {format_bytes(peak) if peak else 'n/a'} | "
+                f"{kl_text(s.get('quality_kl'))} | {_bytes(figures.memory_peak(s))} | "
+                f"{_bytes(s.get('peak_rss_bytes'))} | "
                 f"{_cell(figures.describe(t.user_attrs.get(ATTR_CONFIG, {}), attrs.get('context', {})))} |"
             )
-        lines.append("")
+        lines += ["", MEMORY_FIGURES, ""]
     plots = _plots(study, trials, objectives, out.parent)
     if plots:
         lines += ["## Plots", ""] + [f"![{title}]({path.name})" for title, path in plots] + [""]
@@ -135,20 +144,9 @@ def _plots(study: optuna.Study, trials: list[FrozenTrial], objectives, folder: P
         ax.set(xlabel=f"importance for {metric} (fANOVA)", title="Parameter importances")
         plots.append(("parameter importances", _save(fig, folder / "importances.png")))
 
-    front = figures.speed_quality_front(complete)
+    front = figures.speed_quality_front(feasible)
     if front:
-        fig, ax = plt.subplots(figsize=(7, 4))
-        measured = [
-            t.user_attrs[ATTR_SUMMARY] for t in complete if t.user_attrs[ATTR_SUMMARY].get("quality_kl") is not None
-        ]
-        ax.scatter([m["decode_tok_s"] for m in measured], [m["quality_kl"] for m in measured], color="tab:blue",
-                   alpha=0.5, label="trials")  # fmt: skip
-        on_front = [t.user_attrs[ATTR_SUMMARY] for t in front]
-        ax.plot([m["decode_tok_s"] for m in on_front], [m["quality_kl"] for m in on_front], "o-", color="tab:orange",
-                label="Pareto front")  # fmt: skip
-        ax.set(xlabel="decode tok/s", ylabel="KL against the original weights (nats)", title="Speed against quality")
-        ax.legend()
-        plots.append(("speed against quality", _save(fig, folder / "pareto.png")))
+        plots.append(("speed against quality", _quality_plot(complete, feasible, front, folder)))
 
     fig, ax = plt.subplots(figsize=(7, 4))
     by_policy: dict[str, list[tuple[float, float]]] = {}
@@ -162,6 +160,59 @@ def _plots(study: optuna.Study, trials: list[FrozenTrial], objectives, folder: P
     ax.legend(title="cache_policy")
     plots.append(("speed against cache size", _save(fig, folder / "cache.png")))
     return plots
+
+
+def write_html(markdown: Path) -> Path:
+    """The page as one HTML file beside it, its plots embedded: what MLflow's artifact view renders (it shows a
+    markdown file as text, its image links pointing nowhere)."""
+    from markdown_it import MarkdownIt
+
+    body = MarkdownIt("commonmark").enable("table").render(markdown.read_text())
+
+    def embed(match: re.Match) -> str:
+        image = markdown.parent / match.group(1)
+        if not image.is_file():
+            return match.group(0)
+        return f'<img src="data:image/png;base64,{base64.b64encode(image.read_bytes()).decode()}"'
+
+    body = re.sub(r'<img src="([^"/]+\.png)"', embed, body)
+    out = markdown.with_suffix(".html")
+    out.write_text(f"<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>{markdown.stem}</title>"
+                   f"<style>{_CSS}</style></head><body>\n{body}</body></html>\n")  # fmt: skip
+    return out
+
+
+_CSS = (
+    "body{font-family:sans-serif;max-width:70em;margin:1em auto;padding:0 1em}"
+    "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 6px}img{max-width:100%}"
+)
+
+
+def _quality_plot(
+    complete: list[FrozenTrial], feasible: list[FrozenTrial], front: list[FrozenTrial], folder: Path
+) -> Path:
+    """Decode speed against KL and against top-1 agreement, each trial labelled with its number; the Pareto front
+    (speed up, KL down) is drawn through feasible trials only, as only they can be exported."""
+    fig, (by_kl, by_top1) = plt.subplots(1, 2, figsize=(11, 4.5))
+    ok = {t.number for t in feasible}
+    for ax, key, label in ((by_kl, "quality_kl", "KL against the original weights (nats)"),
+                           (by_top1, "quality_top1", "top-1 agreement with the original weights")):  # fmt: skip
+        infeasible_style = {"facecolors": "none", "edgecolors": "tab:red", "label": "infeasible"}
+        for group, style in ((True, {"color": "tab:blue", "label": "feasible"}), (False, infeasible_style)):
+            points = [(t.number, t.user_attrs[ATTR_SUMMARY]) for t in complete if (t.number in ok) == group]
+            points = [(n, s) for n, s in points if s.get(key) is not None and s.get("decode_tok_s") is not None]
+            ax.scatter([s["decode_tok_s"] for _, s in points], [s[key] for _, s in points], **style)
+            for number, s in points:
+                ax.annotate(str(number), (s["decode_tok_s"], s[key]), textcoords="offset points", xytext=(3, 3),
+                            fontsize=7)  # fmt: skip
+        ax.set(xlabel="decode tok/s", ylabel=label)
+    on_front = [t.user_attrs[ATTR_SUMMARY] for t in front]
+    by_kl.plot([m["decode_tok_s"] for m in on_front], [m["quality_kl"] for m in on_front], "-", color="tab:orange",
+               label="Pareto front (feasible)")  # fmt: skip
+    by_kl.set_title("Speed against KL")
+    by_top1.set_title("Speed against top-1")
+    by_kl.legend()
+    return _save(fig, folder / "pareto.png")
 
 
 def _importances(study: optuna.Study, n_objectives: int) -> dict[str, float]:
@@ -182,6 +233,18 @@ def _save(fig, path: Path) -> Path:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def kl_text(value: float | None) -> str:
+    """A KL for people: three significant digits; below 1e-9 in size it is float32 rounding of 0 (the sum of
+    p log p/q over a vocabulary in float32), shown as 0 rather than as a signed zero."""
+    if value is None:
+        return "n/a"
+    return "0" if abs(value) < 1e-9 else f"{value:.3g}"
+
+
+def _bytes(value: float | None) -> str:
+    return format_bytes(value) if value else "n/a"
 
 
 def _num(value: float | None, digits: int = 4) -> str:

@@ -25,7 +25,7 @@ from search.progress import format_duration
 from search.screening import Simulation
 from search.session import Session
 from search.study import ATTR_FAILURE, ATTR_SOURCE, STOPPED, requeue
-from search.tracking import REPEAT_METRICS
+from search.tracking import REPEAT_METRICS, STOPPED_EARLY
 from search.trials import ATTR_CONFIG, ATTR_FIDELITY, ATTR_RUN, ATTR_STOP, ATTR_SUMMARY, SIMULATOR
 
 log = logging.getLogger("autoresearch.tune")
@@ -154,13 +154,17 @@ class Scheduler:
             trial.set_user_attr(ATTR_FAILURE, f"invalid config: {e}")
             self.study.tell(trial, state=TrialState.FAIL)
             tags = {"trial": trial.number, "phase": "search", "source": source, "state": "FAIL", "failure": str(e)}
-            self.tracker.end_trial(self.tracker.start_trial(f"trial {trial.number}", trial.params, tags), "FAILED",
-                                   {}, {"failure_kind": "invalid config"}, {})  # fmt: skip
+            run_id = self.tracker.start_trial(f"trial {trial.number}", figures.search_params(trial.params), tags)
+            self.tracker.end_trial(run_id, "FAILED", {}, {"failure_kind": "invalid config"}, {})
             self.progress.event(f"trial {trial.number}: invalid config ({e})")
             return
         trial.set_user_attr(ATTR_CONFIG, config.to_dict())
+        engine_values = figures.run_params(config, self.session.context)
+        for name in trial.params:  # beside each searched parameter, the engine's value it gave
+            trial.set_user_attr(f"engine.{name}", engine_values.get(f"{name}_readable", engine_values[name]))
         tags = {"trial": trial.number, "phase": "search", "source": source}
-        run_id = self.tracker.start_trial(f"trial {trial.number}", figures.explicit_config(config), tags)
+        params = figures.run_params(config, self.session.context, trial.params)
+        run_id = self.tracker.start_trial(f"trial {trial.number}", params, tags)
         trial.set_user_attr(ATTR_RUN, run_id)
         running = _Running(trial, config, run_id, source)
         started = f" ({source})" if source else ""
@@ -201,7 +205,7 @@ class Scheduler:
         trial.set_user_attr(ATTR_FIDELITY, SIMULATOR)
         self.study.tell(trial, state=TrialState.PRUNED)
         tags = {"state": "SCREENED", "fidelity": SIMULATOR}
-        self.tracker.end_trial(running.run_id, "FINISHED", {}, tags, {"simulation.json": sim})
+        self.tracker.end_trial(running.run_id, STOPPED_EARLY, {}, tags, {"simulation.json": sim})
         self.last = f"#{trial.number} screened"
         self.progress.event(f"trial {trial.number}: screened out by the simulator ({predicted:.4g} tok/s predicted, "
                             f"best {best:.4g})  {self.session.describe(running.config)}")  # fmt: skip
@@ -236,8 +240,7 @@ class Scheduler:
 
     def _complete(self, running: _Running, summary: dict, constraints: dict, stopped: str | None) -> None:
         trial = running.trial
-        for key, value in constraints.items():
-            trial.set_constraint(key, value)
+        figures.set_constraints(trial, constraints)
         trial.set_user_attr(ATTR_SUMMARY, summary)
         if stopped:
             trial.set_user_attr(ATTR_STOP, stopped)
@@ -251,14 +254,15 @@ class Scheduler:
         tags = {"state": "COMPLETE", "feasible": feasible, "stopped_early": stopped}
         text = figures.values_text(self.experiment, values)
         why = "" if feasible else f" (infeasible: {_violations(constraints)})"
-        self._ended(running, "FINISHED", summary, tags, text + ("" if feasible else " (infeasible)"), text + why)
+        short = text + ("" if feasible else " (infeasible)")
+        self._ended(running, "FINISHED", {**summary, "feasible": float(feasible)}, tags, short, text + why)
 
     def _prune(self, running: _Running, summary: dict) -> None:
         trial = running.trial
         trial.set_user_attr(ATTR_SUMMARY, summary)
         self.study.tell(trial, state=TrialState.PRUNED)
         line = f"pruned after {len(running.results)} repeats ({summary.get('decode_tok_s', float('nan')):.2f} tok/s)"
-        self._ended(running, "FINISHED", summary, {"state": "PRUNED"}, "pruned", line)
+        self._ended(running, STOPPED_EARLY, summary, {"state": "PRUNED"}, "pruned", line)
 
     def _fail(self, running: _Running, reason: str) -> None:
         trial = running.trial

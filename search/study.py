@@ -24,7 +24,7 @@ from engine.config import EngineConfig
 from engine.units import format_bytes
 from search.experiment import Experiment, ExperimentError
 from search.space import Space
-from search.trials import ATTR_BOUNDS
+from search.trials import ATTR_BOUNDS, explicit
 
 log = logging.getLogger("autoresearch.study")
 
@@ -53,6 +53,7 @@ def open_study(experiment: Experiment, results: Path) -> optuna.Study:
             pruner=make_pruner(experiment),
             load_if_exists=True,
         )
+        study.set_metric_names([metric for metric, _ in experiment.objectives])  # the plots' axes, the dashboard's
         # A resumed study must not replay the proposals its first run's seed already made.
         study.sampler = make_sampler(experiment, seed_offset=len(study.get_trials(deepcopy=False)))
     return study
@@ -148,7 +149,7 @@ def engine_recipes(budget: int) -> dict[str, EngineConfig]:
 
 def project(space: Space, config: EngineConfig, context: dict[str, int]) -> dict[str, Any]:
     """The space's parameters that give ``config``; ValueError naming the field if no choice of them does."""
-    settings = _explicit(config, context)
+    settings = explicit(config, context)
     params: dict[str, Any] = {}
     for param in space.params:
         if not param.active(params):
@@ -165,20 +166,12 @@ def project(space: Space, config: EngineConfig, context: dict[str, int]) -> dict
             params[param.name] = wanted
         if not param.choices and not param.low <= params[param.name] <= param.high:
             log.warning("%s = %r lies outside the space's range [%s, %s]", param.name, wanted, param.low, param.high)
-    sampled = _explicit(space.sample(optuna.trial.FixedTrial(params), context), context)
+    sampled = explicit(space.sample(optuna.trial.FixedTrial(params), context), context)
     differ = [name for name in settings if sampled[name] != settings[name]]
     if differ:
         name = differ[0]
         raise ValueError(f"{name} = {settings[name]!r}, but the space can only give {sampled[name]!r}")
     return params
-
-
-def _explicit(config: EngineConfig, context: dict[str, int]) -> dict[str, Any]:
-    """``config``'s settings with the model's own top-k and every core made explicit, for comparing."""
-    values = dataclasses.asdict(config)
-    values["top_k"] = config.top_k or context["model_top_k"]
-    values["compute_threads"] = config.compute_threads or context["cpu_cores"]
-    return values
 
 
 def _resolved(space: Space, name: str, value: Any) -> Any:
@@ -232,6 +225,17 @@ def record_bounds(study: optuna.Study, experiment: Experiment) -> None:
     if before is not None and before != bounds:
         log.info("constraints changed from %s to %s: every trial is judged against the new ones", before, bounds)
     study.set_user_attr(ATTR_BOUNDS, bounds)
+
+
+def study_params(experiment: Experiment) -> dict[str, Any]:
+    """The parent run's parameters: what ``record_identity`` holds fixed for the study's life."""
+    return {
+        "objective": ", ".join(f"{direction} {metric}" for metric, direction in experiment.objectives),
+        "memory_budget": experiment.memory_budget,
+        "memory_budget_readable": format_bytes(experiment.memory_budget),
+        "workload": experiment.workload.name,
+        "model": str(experiment.model),
+    }
 
 
 def study_tags(study: optuna.Study, experiment: Experiment, results: Path) -> dict[str, Any]:

@@ -1,9 +1,14 @@
 """Every trial in MLflow: one experiment per experiment file, one parent run per study, one nested run per trial.
 
 The store is a local SQLite file by default (``runs/mlflow.db``, artifacts beside it in ``runs/artifacts``);
-any tracking URI works. A nested run holds the trial's config as parameters, each repeat's figures as metric
-steps (``repeat_decode_tok_s`` at step 0, 1, ...), the trial's summary figures (``decode_tok_s``, the median),
-its state and failure reason as tags, and its BenchResults as an artifact. Runs a killed driver left open are
+any tracking URI works. A nested run holds the trial's config as parameters (``trials.run_params``: engine values,
+byte counts also readable, the search's encoding as ``search.<param>``), each repeat's figures as metric steps
+(``repeat_decode_tok_s`` at step 0, 1, ...), the trial's summary figures (``decode_tok_s``, the median), its
+state and failure reason as tags, and its BenchResults as an artifact. A complete trial has the metric
+``feasible`` (1 or 0), so the runs table sorts and filters on it; a trial stopped before its last repeat (pruned,
+or screened out by the simulator) ends KILLED, not FINISHED. The parent run carries the study's best feasible
+trial: its figures as metrics, its config as ``best.<param>`` tags (tags, as a resumed study may find another
+best and a run's parameters cannot change), the tuned config and the report. Runs a killed driver left open are
 closed as KILLED when the study resumes.
 """
 
@@ -34,8 +39,7 @@ REPEAT_METRICS = (
 )
 
 
-def default_tracking_uri(runs: Path) -> str:
-    return f"sqlite:///{(runs / 'mlflow.db').resolve()}"
+STOPPED_EARLY = "KILLED"  # a trial's run status when it stopped before its last repeat: pruned, or screened out
 
 
 class Tracker:
@@ -51,12 +55,14 @@ class Tracker:
         )
         self.parent_id: str | None = None
 
-    def start_study(self, run_id: str | None, name: str, tags: dict[str, Any]) -> str:
-        """The study's parent run: ``run_id`` reopened if the store still has it, else a new run."""
+    def start_study(self, run_id: str | None, name: str, tags: dict[str, Any], params: dict[str, Any]) -> str:
+        """The study's parent run: ``run_id`` reopened if the store still has it, else a new run with ``params``
+        (what identifies the study, so the same on every resume)."""
         if run_id is not None and self._exists(run_id):
             self.client.update_run(run_id, status="RUNNING")
         else:
             run_id = self.client.create_run(self.experiment_id, run_name=name, tags=_strings(tags)).info.run_id
+            self.client.log_batch(run_id, params=[Param(k, str(v)) for k, v in sorted(params.items())])
         self.parent_id = run_id
         for run in self.client.search_runs(
             [self.experiment_id], f"tags.mlflow.parentRunId = '{run_id}' and attributes.status = 'RUNNING'"
@@ -93,6 +99,20 @@ class Tracker:
     def log_study_artifacts(self, files: list[Path]) -> None:
         for path in files:
             self.client.log_artifact(self.parent_id, str(path))
+
+    def log_best(self, trial: int | None, params: dict[str, Any], metrics: dict[str, Any]) -> None:
+        """The study's best feasible trial on the parent run: ``best_trial`` and its figures as metrics, its config
+        as ``best.<param>`` tags; those a previous best left and this one lacks are deleted (all of them when no
+        trial is feasible now: ``trial`` None)."""
+        stale = [k for k in self.client.get_run(self.parent_id).data.tags if k.startswith("best.")]
+        tags = {f"best.{k}": v for k, v in params.items()}
+        for key in stale:
+            if key not in tags:
+                self.client.delete_tag(self.parent_id, key)
+        if trial is None:
+            return
+        self.log_metrics(self.parent_id, {"best_trial": trial, **metrics})
+        self.client.log_batch(self.parent_id, tags=[RunTag(k, v) for k, v in _strings(tags).items()])
 
     def end_study(self, status: str, tags: dict[str, Any]) -> None:
         for key, value in _strings(tags).items():

@@ -25,6 +25,7 @@ ATTR_RUN = "mlflow_run_id"  # a trial's (and the study's) MLflow run
 ATTR_STOP = "stopped_early"  # why a trial ran fewer repeats than asked
 ATTR_FIDELITY = "fidelity"  # "simulator" on trials the simulator screened out (the others were measured)
 SIMULATOR = "simulator"
+DASHBOARD_CONSTRAINTS = "constraints"  # a trial's system attribute: its constraints as optuna-dashboard reads them
 FILE_KEYS = {"quality_top1": "min_quality_top1", "quality_kl": "max_quality_kl", "memory": "memory_budget"}
 
 
@@ -86,13 +87,27 @@ def quality_constraints(bounds: dict[str, float], summary: dict[str, Any]) -> di
     return values
 
 
+def set_constraints(trial: optuna.Trial, values: dict[str, float]) -> None:
+    """Optuna 5's named constraints, and the same values as the unnamed list optuna-dashboard 0.21 reads (the
+    system attribute ``constraints``, Optuna's older form), by which its plots tell infeasible trials apart.
+    Optuna reads that list back under the keys "0", "1", ...: ``named`` leaves them out."""
+    for key, value in values.items():
+        trial.set_constraint(key, value)
+    trial.storage.set_trial_system_attr(trial._trial_id, DASHBOARD_CONSTRAINTS, list(values.values()))
+
+
+def named(constraint_values: dict[str, float]) -> dict[str, float]:
+    """A trial's constraints by name, without the unnamed copies ``set_constraints`` writes for the dashboard."""
+    return {k: v for k, v in constraint_values.items() if not k.isdigit()}
+
+
 def judged(trial: FrozenTrial, bounds: dict[str, float] | None) -> dict[str, float]:
     """A trial's constraints as the study's latest run sees them: its quality judged again against ``bounds``
     (that run's [constraints] table, when the study records one), so trials measured under other bounds are
     neither exported nor reported against the current ones; its memory as stored (the budget cannot change)."""
     if bounds is None or ATTR_SUMMARY not in trial.user_attrs:
-        return dict(trial.constraints)
-    kept = {k: v for k, v in trial.constraints.items() if k not in ("quality_top1", "quality_kl")}
+        return named(trial.constraints)
+    kept = {k: v for k, v in named(trial.constraints).items() if k not in ("quality_top1", "quality_kl")}
     return kept | quality_constraints(bounds, trial.user_attrs[ATTR_SUMMARY])
 
 
@@ -198,8 +213,26 @@ def best_trials(study: optuna.Study, experiment: Experiment, count: int) -> list
     return chosen[:count]
 
 
-def explicit_config(config: EngineConfig) -> dict[str, Any]:
-    return {k: ("model's own" if v is None else v) for k, v in dataclasses.asdict(config).items()}
+def explicit(config: EngineConfig, context: dict[str, int]) -> dict[str, Any]:
+    """``config``'s settings with the model's own top-k and every core made explicit numbers, so that a default and
+    the same value spelled out compare (and read) alike."""
+    values = dataclasses.asdict(config)
+    values["top_k"] = config.top_k or context["model_top_k"]
+    values["compute_threads"] = config.compute_threads or context["cpu_cores"]
+    return values
+
+
+def run_params(config: EngineConfig, context: dict[str, int], search: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A config as every MLflow run logs it: ``explicit`` values, each byte count also readable
+    (``cache_bytes_readable`` = "1.5 GiB"), and the search's own encoding of them, when there is one, as
+    ``search.<param>`` (a cache size as a fraction of the budget, say): what Optuna stores."""
+    values = explicit(config, context)
+    readable = {f"{k}_readable": format_bytes(v) for k, v in values.items() if k.endswith("_bytes") and v}
+    return values | readable | search_params(search or {})
+
+
+def search_params(params: dict[str, Any]) -> dict[str, Any]:
+    return {f"search.{k}": v for k, v in params.items()}
 
 
 def values_text(experiment: Experiment, values: list[float] | None) -> str:

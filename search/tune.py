@@ -51,9 +51,18 @@ from search.progress import Progress, format_duration
 from search.scheduler import Scheduler
 from search.screening import ensure_trace
 from search.session import Session
-from search.study import enqueue_warm_start, open_study, record_bounds, record_identity, recover_stopped, study_tags
-from search.tracking import Tracker, default_tracking_uri
-from search.trials import ATTR_RUN
+from search.study import (
+    enqueue_warm_start,
+    open_study,
+    record_bounds,
+    record_identity,
+    recover_stopped,
+    study_params,
+    study_tags,
+)
+from search.tracking import Tracker
+from search.trials import ATTR_RUN, ATTR_SUMMARY, run_params
+from search.ui import default_tracking_uri
 
 log = logging.getLogger("autoresearch.tune")
 
@@ -125,7 +134,10 @@ def _run(experiment: Experiment, options: TuneOptions, results: Path) -> TuneOut
     artifacts = options.runs / "artifacts" if options.tracking_uri is None else None
     tracker = Tracker(tracking_uri, experiment.name, artifacts)
     parent = tracker.start_study(
-        study.user_attrs.get(ATTR_RUN), f"{experiment.name} study", study_tags(study, experiment, results)
+        study.user_attrs.get(ATTR_RUN),
+        f"{experiment.name} study",
+        study_tags(study, experiment, results),
+        study_params(experiment),
     )
     study.set_user_attr(ATTR_RUN, parent)
     progress = Progress(lambda: _budget_text(experiment))
@@ -150,7 +162,7 @@ def _run(experiment: Experiment, options: TuneOptions, results: Path) -> TuneOut
 
 def _finish(session: Session, results: Path, tracking_uri: str, interrupted: bool) -> TuneOutcome:
     from search.export import export, no_choice, pick
-    from search.report import write_report
+    from search.report import write_html, write_report
 
     study, experiment, tracker = session.study, session.experiment, session.tracker
     tuned = unmet = None
@@ -158,7 +170,11 @@ def _finish(session: Session, results: Path, tracking_uri: str, interrupted: boo
     choice = pick(study, experiment.objectives, "fastest")
     if choice is not None:
         tuned = export(study, choice, results / TUNED)
+        summary = choice.trial.user_attrs[ATTR_SUMMARY]
+        params = run_params(choice.config, session.context, choice.trial.params)
+        tracker.log_best(choice.trial.number, params, {**summary, "feasible": 1.0})
     else:  # nothing that meets every constraint: no tuned.toml, and none from an earlier run left as current
+        tracker.log_best(None, {}, {})
         unmet = no_choice(study, "fastest")
         if (results / TUNED).exists():
             os.replace(results / TUNED, results / STALE)
@@ -166,9 +182,10 @@ def _finish(session: Session, results: Path, tracking_uri: str, interrupted: boo
                          "now.")  # fmt: skip
         log.warning("nothing exported: %s", " ".join([unmet, *notes]))
     report = write_report(study, experiment.objectives, results / "report.md", notes)
+    report_html = write_html(report)
     table = results / "trials.csv"
     study.trials_dataframe(attrs=TRIAL_COLUMNS).to_csv(table, index=False)
-    artifacts = [p for p in (tuned, report, table, experiment.path) if p is not None]
+    artifacts = [p for p in (tuned, report, report_html, table, experiment.path) if p is not None]
     artifacts += sorted(results.glob("*.png"))
     tracker.log_study_artifacts(artifacts)
     states = [t.state for t in study.get_trials(deepcopy=False)]

@@ -15,7 +15,7 @@ from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
-from search.tracking import default_tracking_uri
+from search.ui import default_tracking_uri
 from tests.search.conftest import bench_children, tune_command, write_experiment
 
 TRIALS = 4

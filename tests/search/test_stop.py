@@ -15,8 +15,8 @@ from optuna.trial import TrialState
 
 from search.experiment import load_experiment
 from search.study import journal, open_study
-from search.tracking import default_tracking_uri
 from search.tune import TuneOptions, tune
+from search.ui import default_tracking_uri
 from tests.search.conftest import bench_children, tune_command, write_experiment
 
 

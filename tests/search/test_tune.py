@@ -4,13 +4,20 @@ measurement crashes (SIGSEGV) and one hangs (SIGSTOP) past its timeout, and the 
 
 from __future__ import annotations
 
+import contextlib
+import io
+import itertools
 import json
+import re
+import shutil
 import signal
 import socket
 import subprocess
-import time
+import sys
 import tomllib
 import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
@@ -18,9 +25,11 @@ from optuna.trial import TrialState
 
 from engine.config import EngineConfig
 from engine.synth import SynthShape, synthesize
+from engine.units import format_bytes
+from search import trials as figures
 from search.experiment import load_experiment
-from search.tracking import default_tracking_uri
 from search.tune import TuneOptions, tune
+from search.ui import FEASIBLE_FASTEST, default_tracking_uri
 from tests.search.conftest import AUTORESEARCH, ChildSaboteur, write_experiment
 
 TRIALS = 5
@@ -91,22 +100,66 @@ def test_mlflow_holds_the_parent_run_and_one_nested_run_per_trial(tuned) -> None
     assert parent.info.status == "FINISHED" and parent.data.tags["machine.cores"]
     assert parent.data.tags["model.model_type"] == "qwen3_moe" and parent.data.tags["experiment_file"]
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert {"tuned.toml", "report.md", "history.png", "e2e.toml"} <= artifacts
+    assert {"tuned.toml", "report.md", "report.html", "history.png", "e2e.toml"} <= artifacts
+    exported = tomllib.loads(outcome.tuned.read_text())
+    best = study.trials[exported["provenance"]["trial"]]
+    assert parent.data.metrics["best_trial"] == best.number and parent.data.metrics["feasible"] == 1
+    assert parent.data.metrics["decode_tok_s"] == pytest.approx(best.values[0])
+    assert parent.data.tags["best.io_mode"] == best.user_attrs["config"]["io_mode"]
+    assert parent.data.params["workload"] == experiment.workload.name
     nested = [r for r in all_runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     search = {int(r.data.tags["trial"]): r for r in nested if r.data.tags["phase"] == "search"}
     assert sorted(search) == list(range(TRIALS))
+    bounds = study.user_attrs["constraints"]
     for t in study.get_trials():
         run = search[t.number]
         assert run.data.params["io_mode"] == t.user_attrs["config"]["io_mode"]
+        assert {f"search.{name}" for name in t.params} <= run.data.params.keys()
         if t.state == TrialState.COMPLETE:
             assert run.info.status == "FINISHED" and run.data.tags["state"] == "COMPLETE"
             history = client.get_metric_history(run.info.run_id, "repeat_decode_tok_s")
             assert sorted(m.step for m in history) == [0, 1]
             assert run.data.metrics["decode_tok_s"] == pytest.approx(t.values[0])
+            assert run.data.metrics["feasible"] == figures.feasible(figures.judged(t, bounds))
         else:
             assert run.info.status == "FAILED" and run.data.tags["failure"] == t.user_attrs["failure"]
     confirm = [r for r in nested if r.data.tags["phase"] == "confirm"]
     assert len(confirm) == 2  # the default and the best trial
+    for run in [*search.values(), *confirm]:  # one vocabulary: the model's own top-k and the cores as numbers
+        if "top_k" in run.data.params:
+            assert int(run.data.params["top_k"]) > 0 and int(run.data.params["compute_threads"]) > 0
+            cache = int(run.data.params["cache_bytes"])
+            assert run.data.params.get("cache_bytes_readable") == (format_bytes(cache) if cache else None)
+
+
+def test_optuna_and_optuna_dashboard_read_the_same_study(tuned) -> None:
+    """optuna-dashboard's own server, on the study's journal: the metric's name, each trial's feasibility and the
+    best trial as Optuna and the export have them."""
+    from optuna_dashboard import wsgi
+
+    _, _, outcome, study, _ = tuned
+    assert study.metric_names == ["decode_tok_s"]
+    for t in study.get_trials(states=(TrialState.COMPLETE,)):
+        assert {f"engine.{name}" for name in t.params} <= t.user_attrs.keys()
+    app = wsgi(study._storage)
+    detail = _get(app, f"/api/studies/{study._study_id}")
+    assert detail["objective_names"] == ["decode_tok_s"]
+    shown = {t["number"]: t for t in detail["trials"]}
+    bounds = study.user_attrs["constraints"]
+    for t in study.get_trials(states=(TrialState.COMPLETE,)):
+        assert all(c <= 0 for c in shown[t.number]["constraints"]) == figures.feasible(figures.judged(t, bounds))
+    exported = tomllib.loads(outcome.tuned.read_text())["provenance"]["trial"]
+    assert [t["number"] for t in detail["best_trials"]] == [study.best_trial.number] == [exported]
+
+
+def _get(app, path: str) -> dict:
+    environ = {"REQUEST_METHOD": "GET", "PATH_INFO": path, "QUERY_STRING": "", "SERVER_NAME": "test",
+               "SERVER_PORT": "80", "wsgi.url_scheme": "http", "wsgi.input": io.BytesIO(),
+               "wsgi.errors": sys.stderr}  # fmt: skip
+    status = []
+    body = b"".join(app(environ, lambda code, headers, exc_info=None: status.append(code)))
+    assert status[0].startswith("200"), (status, body[:500])
+    return json.loads(body)
 
 
 def test_confirmation_and_export(tuned, tmp_path) -> None:
@@ -155,35 +208,110 @@ def test_report_verb(tuned, tmp_path) -> None:
     text = out.read_text()
     assert "## Confirmation" in text and "timeout" in text and "crashed" in text
     assert (tmp_path / "history.png").stat().st_size > 0 and (tmp_path / "cache.png").exists()
+    html = (tmp_path / "r.html").read_text()
+    assert html.count('<img src="data:image/png;base64,') == text.count("![") > 0 and "<table>" in html
 
 
-def test_ui_serves_the_runs_on_loopback(tuned) -> None:
-    experiment, runs, _, _, _ = tuned
+@contextlib.contextmanager
+def _ui(runs: Path) -> Iterator[tuple[str, list[str], int]]:
+    """``autoresearch ui`` on a free port: its address, the lines it printed once its server answered (each
+    experiment's runs table, then its feasible trials fastest first) and its pid; stopped, and checked gone,
+    after."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     ui = subprocess.Popen([AUTORESEARCH, "ui", "--runs", str(runs), "--port", str(port)],
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)  # fmt: skip
     try:
-        base = f"http://127.0.0.1:{port}/api/2.0/mlflow"
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(f"{base}/experiments/get-by-name?experiment_name={experiment.name}") as r:
-                    experiment_id = json.load(r)["experiment"]["experiment_id"]
-                break
-            except OSError:
-                if time.monotonic() > deadline or ui.poll() is not None:
-                    raise
-                time.sleep(0.5)
-        body = json.dumps({"experiment_ids": [experiment_id], "max_results": 100}).encode()
-        request = urllib.request.Request(f"{base}/runs/search", body, {"Content-Type": "application/json"})
-        with urllib.request.urlopen(request) as r:
-            listed = json.load(r)["runs"]
-        assert len(listed) == 1 + TRIALS + 2  # parent, trials, confirmation runs
+        assert ui.stdout is not None
+        printed = [ui.stdout.readline() for _ in range(4)]
+        yield f"http://127.0.0.1:{port}", printed, ui.pid
     finally:
         ui.terminate()
         ui.wait(timeout=30)
+    assert not _listening(port)  # nothing of the server outlives the UI
+
+
+def test_ui_serves_the_runs_on_loopback(tuned) -> None:
+    """``autoresearch ui`` prints the runs table's address once its server answers; MLflow's REST API there names
+    the exported trial as the best; the server runs one web worker and no job runners, and goes with the UI."""
+    experiment, runs, outcome, _, _ = tuned
+    with _ui(runs) as (base, printed, pid):
+        table = f"{base}/#/experiments/1/runs?workflowType=machine_learning"
+        assert printed[2].split() == [f"{experiment.name}:", table], printed
+        assert printed[3].split() == [table + FEASIBLE_FASTEST], printed
+        body = json.dumps({"experiment_ids": ["1"], "max_results": 100}).encode()
+        request = urllib.request.Request(
+            f"{base}/api/2.0/mlflow/runs/search", body, {"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(request) as r:
+            listed = json.load(r)["runs"]
+        assert len(listed) == 1 + TRIALS + 2  # parent, trials, confirmation runs
+        (parent,) = [r for r in listed if "mlflow.parentRunId" not in {t["key"] for t in r["data"]["tags"]}]
+        metrics = {m["key"]: m["value"] for m in parent["data"]["metrics"]}
+        assert metrics["best_trial"] == tomllib.loads(outcome.tuned.read_text())["provenance"]["trial"]
+        started = _descendants(pid)
+        assert not [c for c in started if "huey" in c or "jobs" in c], started  # no job runners
+        assert len(started) <= 2, started  # MLflow's server and its one web worker
+
+
+BROWSER = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
+
+
+@pytest.mark.skipif(
+    BROWSER is None, reason="no Chromium here (Debian: apt-get install chromium, which make test tries)"
+)
+def test_a_browser_finds_the_trials_in_the_mlflow_ui(tuned) -> None:
+    """Headless Chromium renders the UI at the printed address: the feasible trials, the exported one first, and
+    on that trial's page its decode_tok_s."""
+    _, runs, outcome, study, _ = tuned
+    best = tomllib.loads(outcome.tuned.read_text())["provenance"]["trial"]
+    bounds = study.user_attrs["constraints"]
+    feasible = {t.number for t in study.get_trials(states=(TrialState.COMPLETE,))
+                if figures.feasible(figures.judged(t, bounds))}  # fmt: skip
+    with _ui(runs) as (base, printed, _):
+        listed = [int(n) for n in re.findall(r"(?<!confirm )\btrial (\d+)\b", _rendered(printed[3].split()[0]))]
+        assert listed[0] == best and set(listed) == feasible, listed
+        run_id = study.trials[best].user_attrs["mlflow_run_id"]
+        page = _rendered(f"{base}/#/experiments/1/runs/{run_id}?workflowType=machine_learning")
+        assert "decode_tok_s" in page and f"trial {best}" in page
+
+
+def _rendered(url: str) -> str:
+    """The text of ``url`` once headless Chromium has run its scripts."""
+    assert BROWSER is not None
+    command = [BROWSER, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom", "--virtual-time-budget=30000"]
+    done = subprocess.run([*command, url], capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    text = re.sub(r"<(script|style)\b.*?</\1>", " ", done.stdout, flags=re.S)
+    return " ".join(re.sub(r"<[^>]+>", " ", text).split())
+
+
+def _listening(port: int) -> list[str]:
+    """The command lines of processes started with ``--port port``."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError):
+            words = cmdline.read_text().split("\0")
+            if any(a == "--port" and b == str(port) for a, b in itertools.pairwise(words)):
+                found.append(" ".join(words))
+    return found
+
+
+def _descendants(pid: int) -> list[str]:
+    """The command lines of ``pid``'s descendants (Linux's /proc)."""
+    children: dict[int, list[int]] = {}
+    for status in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            fields = status.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(status.parent.name))
+    found, todo = [], list(children.get(pid, []))
+    while todo:
+        child = todo.pop()
+        with contextlib.suppress(OSError):
+            found.append((Path("/proc") / str(child) / "cmdline").read_text().replace("\0", " "))
+        todo += children.get(child, [])
+    return found
 
 
 @pytest.mark.parametrize(
