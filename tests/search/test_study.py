@@ -15,6 +15,7 @@ from search.experiment import SAMPLERS, ExperimentError, load_experiment
 from search.export import parse_pick, pick
 from search.space import load_space
 from search.study import engine_recipes, enqueue_warm_start, open_study, project
+from search.trials import speed_quality_front
 from tests.search.conftest import AUTORESEARCH, write_experiment
 
 CONTEXT = {"memory_budget": 1 << 30, "model_top_k": 8, "cpu_cores": 2}
@@ -111,6 +112,16 @@ def test_picks() -> None:
     assert pick(study, objectives, "min-quality=1.0").config.io_threads == 1
     with pytest.raises(ValueError, match="--pick"):
         parse_pick("min-quality=2")
+
+
+def test_the_front_takes_kls_within_float_rounding_as_equal() -> None:
+    """Two lossless trials whose KLs differ by rounding alone: the slower is not on the front, nor the knee."""
+    study = optuna.create_study(direction="maximize")
+    for i, (speed, kl) in enumerate([(11, 1.9201e-9), (38, 1.9208e-9), (56, 0.0017), (60, 0.2)]):
+        study.add_trial(_trial(i, speed, kl, 1.0))
+    front = speed_quality_front(study.trials)
+    assert [t.user_attrs["config"]["io_threads"] for t in front] == [2, 3, 4]
+    assert pick(study, [("decode_tok_s", "maximize")], "knee").config.io_threads == 3
 
 
 def test_toml_values_parse_back() -> None:
