@@ -159,11 +159,10 @@ class Scheduler:
             self.progress.event(f"trial {trial.number}: invalid config ({e})")
             return
         trial.set_user_attr(ATTR_CONFIG, config.to_dict())
-        engine_values = figures.run_params(config, self.session.context)
-        for name in trial.params:  # beside each searched parameter, the engine's value it gave
-            trial.set_user_attr(f"engine.{name}", engine_values.get(f"{name}_readable", engine_values[name]))
-        tags = {"trial": trial.number, "phase": "search", "source": source}
         params = figures.run_params(config, self.session.context, trial.params)
+        for name in trial.params:  # beside each searched parameter, the engine's value it gave
+            trial.set_user_attr(f"engine.{name}", params.get(f"{name}_readable", params[name]))
+        tags = {"trial": trial.number, "phase": "search", "source": source}
         run_id = self.tracker.start_trial(f"trial {trial.number}", params, tags)
         trial.set_user_attr(ATTR_RUN, run_id)
         running = _Running(trial, config, run_id, source)
