@@ -1,27 +1,36 @@
 """Where trials run: one measurement (one cold repeat of one config) per Ray task, in a Ray worker process.
 
 By default the command starts a local Ray instance for the run (no dashboard, a small object store) and
-stops it at the end; ``ray_address`` joins an existing cluster instead. Every measurement asks for one unit
+stops it at the end, even if the driver is killed (``search.reaper``); ``ray_address`` joins an existing cluster
+instead. Every measurement asks for one unit
 of the custom resource ``autoresearch_bench``, which each node offers once, so two measurements never share
 a machine. The task itself runs ``run_bench``, whose child process holds the memory limit and the timeout;
 a failure comes back as data (``reason``, ``message``), never as an exception that would stop the study.
+
+Each result names the node that measured it (``node``: Ray's node id and the host). Speeds measured on different
+machines are not comparable, so a trial's later repeats and the confirmation's rounds ask for that node by id
+(``submit(..., node=...)``, Ray's hard node affinity: if the node is gone, the measurement fails, it never moves).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from engine.bench.probe_result import ProbeResult
 from engine.bench.protocol import BenchFailure, BenchRequest, run_bench
 from engine.bench.workloads import get_workload
 from engine.config import EngineConfig
 from search.errors import SearchError
+from search.reaper import reaped
 from search.screening import Simulation, run_simulation
 
 BENCH_RESOURCE = "autoresearch_bench"  # one per node: real measurements never run side by side
@@ -67,7 +76,21 @@ def _measure(m: Measurement) -> dict:
         return {"reason": e.reason, "message": str(e)}
     except Exception as e:  # a bug or a bad model must fail this trial, not the study
         return {"reason": "crashed", "message": f"crashed: {type(e).__name__}: {e}\n{traceback.format_exc(limit=8)}"}
-    return {"result": result.to_dict()}
+    return {"result": result.to_dict() | {"node": this_node()}}
+
+
+def this_node() -> dict[str, str]:
+    """The Ray node this runs on: its id (what affinity asks for) and its host (what a user reads)."""
+    return {"id": ray.get_runtime_context().get_node_id(), "host": socket.gethostname()}
+
+
+def _auth_hint() -> str:
+    """Ray 2.60 turns token authentication on for a head node wherever ~/.ray/auth_token exists (a local Ray
+    instance writes one), but a driver that joins it must be told."""
+    if "RAY_AUTH_MODE" in os.environ:
+        return ""
+    return (". If the cluster uses token authentication, run with RAY_AUTH_MODE=token and the cluster's token in "
+            "RAY_AUTH_TOKEN or ~/.ray/auth_token")  # fmt: skip
 
 
 class RayExecutor:
@@ -77,10 +100,12 @@ class RayExecutor:
         self.address = address
         self._measure = ray.remote(resources={BENCH_RESOURCE: 1}, max_retries=0)(measure)
         self._simulate = ray.remote(num_cpus=1, max_retries=0)(run_simulation)
+        self._reaped = contextlib.ExitStack()
 
     def __enter__(self) -> RayExecutor:
         if self.address == "local":
-            ray.init(
+            watch = self._reaped.enter_context(reaped())
+            context = ray.init(
                 address="local",  # a new instance even where RAY_ADDRESS or a `ray start` cluster exists
                 num_cpus=os.cpu_count(),
                 resources={BENCH_RESOURCE: 1},
@@ -89,8 +114,12 @@ class RayExecutor:
                 configure_logging=False,
                 log_to_driver=False,
             )
+            watch(Path(context.address_info["session_dir"]))
         else:
-            ray.init(address=self.address, configure_logging=False, log_to_driver=False)
+            try:
+                ray.init(address=self.address, configure_logging=False, log_to_driver=False)
+            except ConnectionError as e:
+                raise SearchError(f"could not join the Ray cluster at {self.address}: {e}{_auth_hint()}") from e
             if self.slots < 1:
                 ray.shutdown()
                 raise SearchError(
@@ -101,6 +130,7 @@ class RayExecutor:
 
     def __exit__(self, *exc: object) -> None:
         ray.shutdown()
+        self._reaped.close()
 
     @property
     def slots(self) -> int:
@@ -111,9 +141,25 @@ class RayExecutor:
     def simulation_slots(self) -> int:
         return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
-    def submit(self, measurement: Measurement) -> ray.ObjectRef:
-        """A measurement holds every core of its node, so nothing (a simulation) runs beside it."""
-        return self._measure.options(num_cpus=self._measuring_cpus()).remote(measurement)
+    def submit(self, measurement: Measurement, node: str | None = None) -> ray.ObjectRef:
+        """A measurement holds every core of its node, so nothing (a simulation) runs beside it; ``node``: on
+        that node (its Ray id) and no other."""
+        options: dict = {"num_cpus": self._measuring_cpus()}
+        if node is not None:
+            options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node, soft=False)
+        return self._measure.options(**options).remote(measurement)
+
+    def find(self, node: dict[str, str]) -> dict[str, str] | None:
+        """``node`` (a ``this_node()``) if it still offers a measurement slot, else a node of the same host that
+        does (a new Ray instance on the same machine: a resumed local study), else None."""
+        nodes = [n for n in ray.nodes() if n["Alive"] and BENCH_RESOURCE in n["Resources"]]
+        for n in nodes:
+            if n["NodeID"] == node["id"]:
+                return node
+        for n in nodes:
+            if n["NodeManagerHostname"] == node["host"]:
+                return {"id": n["NodeID"], "host": node["host"]}
+        return None
 
     def simulate(self, simulation: Simulation) -> ray.ObjectRef:
         return self._simulate.remote(simulation)

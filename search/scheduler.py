@@ -26,7 +26,7 @@ from search.screening import Simulation
 from search.session import Session
 from search.study import ATTR_FAILURE, ATTR_SOURCE, STOPPED, requeue
 from search.tracking import REPEAT_METRICS, STOPPED_EARLY
-from search.trials import ATTR_CONFIG, ATTR_FIDELITY, ATTR_RUN, ATTR_STOP, ATTR_SUMMARY, SIMULATOR
+from search.trials import ATTR_CONFIG, ATTR_FIDELITY, ATTR_NODE, ATTR_RUN, ATTR_STOP, ATTR_SUMMARY, SIMULATOR
 
 log = logging.getLogger("autoresearch.tune")
 
@@ -45,6 +45,7 @@ class _Running:
     results: list[dict] = field(default_factory=list)
     submitted: float = 0.0  # when its current task was submitted (time.monotonic)
     measure_seconds: float = 0.0  # its measurements' own wall time, summed (logged to MLflow at its end)
+    node: dict | None = None  # the node its first repeat ran on (this_node()); the later ones are pinned there
 
 
 class Scheduler:
@@ -211,7 +212,8 @@ class Scheduler:
 
     def _submit(self, running: _Running, quality: bool) -> None:
         running.submitted = time.monotonic()
-        self.running[self.executor.submit(self.session.measurement(running.config, quality))] = running
+        node = running.node["id"] if running.node else None
+        self.running[self.executor.submit(self.session.measurement(running.config, quality), node)] = running
 
     def _on_measured(self, running: _Running, out: dict) -> None:
         trial = running.trial
@@ -221,6 +223,9 @@ class Scheduler:
             return
         result = out["result"]
         running.results.append(result)
+        if running.node is None:
+            running.node = result["node"]
+            trial.set_user_attr(ATTR_NODE, running.node)
         step = len(running.results) - 1
         self.tracker.log_repeat(running.run_id, step, figures.repeat_figures(result))
         summary = figures.summarize(running.results)
@@ -276,7 +281,8 @@ class Scheduler:
         """A measured trial's end, told to Optuna already: its MLflow run closed, the console and log told."""
         artifacts = {"bench_results.json": running.results} if running.results else {}
         summary = {**summary, "measure_seconds": running.measure_seconds}
-        self.tracker.end_trial(running.run_id, status, summary, {**tags, "fidelity": "engine"}, artifacts)
+        tags = {**tags, "fidelity": "engine", **figures.node_tags(running.node)}
+        self.tracker.end_trial(running.run_id, status, summary, tags, artifacts)
         self.last = f"#{running.trial.number} {short}"
         self.progress.event(f"trial {running.trial.number}: {line}  {self.session.describe(running.config)}")
         self._save_search_time()

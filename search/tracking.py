@@ -1,8 +1,9 @@
 """Every trial in MLflow: one experiment per experiment file, one parent run per study, one nested run per trial.
 
-The store is a local SQLite file by default (``runs/mlflow.db``, artifacts beside it in ``runs/artifacts``);
-any tracking URI works. A nested run holds the trial's config as parameters (``trials.run_params``: engine values,
-byte counts also readable, the search's encoding as ``search.<param>``), each repeat's figures as metric steps
+The store is a local SQLite file by default (``runs/mlflow.db``, artifacts beside it in ``runs/artifacts``,
+addressed relative to the folder: ``search.runs_folder``); any tracking URI works. A nested run holds the trial's
+config as parameters (``trials.run_params``: engine values, byte counts also readable, the search's encoding as
+``search.<param>``), each repeat's figures as metric steps
 (``repeat_decode_tok_s`` at step 0, 1, ...), the trial's summary figures (``decode_tok_s``, the median), its
 state and failure reason as tags, and its BenchResults as an artifact. A complete trial has the metric
 ``feasible`` (1 or 0), so the runs table sorts and filters on it; a trial stopped before its last repeat (pruned,
@@ -21,6 +22,9 @@ from typing import Any
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
+from mlflow.store.artifact.artifact_repository_registry import get_registered_artifact_repositories
+
+from search.errors import SearchError
 
 # Per-repeat figures logged as steps; the same names without the prefix are the trial's summary.
 REPEAT_METRICS = (
@@ -39,17 +43,22 @@ REPEAT_METRICS = (
 )
 
 
+RUNS_FOLDER_ARTIFACTS = "autoresearch-runs:/artifacts"  # a new experiment's location in the default store
 STOPPED_EARLY = "KILLED"  # a trial's run status when it stopped before its last repeat: pruned, or screened out
 
 
 class Tracker:
     """The MLflow side of one study."""
 
-    def __init__(self, tracking_uri: str, experiment_name: str, artifacts: Path | None) -> None:
-        """``artifacts``: where a new experiment keeps its artifacts (None: the tracking server's default)."""
+    def __init__(self, tracking_uri: str, experiment_name: str, location: str | None) -> None:
+        """``location``: where a new experiment keeps its artifacts (None: the tracking server's default)."""
+        if location == RUNS_FOLDER_ARTIFACTS and "autoresearch-runs" not in get_registered_artifact_repositories():
+            raise SearchError(
+                "MLflow has not registered the autoresearch-runs artifact repository (the entry point in "
+                "pyproject.toml): reinstall the project (make .venv/.runtime)"
+            )
         self.client = MlflowClient(tracking_uri)
         found = self.client.get_experiment_by_name(experiment_name)
-        location = artifacts.resolve().as_uri() if artifacts is not None else None
         self.experiment_id = (
             found.experiment_id if found is not None else self.client.create_experiment(experiment_name, location)
         )

@@ -25,6 +25,7 @@ ATTR_RUN = "mlflow_run_id"  # a trial's (and the study's) MLflow run
 ATTR_STOP = "stopped_early"  # why a trial ran fewer repeats than asked
 ATTR_FIDELITY = "fidelity"  # "simulator" on trials the simulator screened out (the others were measured)
 SIMULATOR = "simulator"
+ATTR_NODE = "node"  # the Ray node that measured it ({"id", "host"}): its repeats all ran there
 DASHBOARD_CONSTRAINTS = "constraints"  # a trial's system attribute: its constraints as optuna-dashboard reads them
 # KL differences below this are float32 rounding: the original weights against themselves measure 1e-9 to 2e-9
 # nats on the synthetic checkpoints, the sum over a vocabulary of terms that are 0 in exact arithmetic.
@@ -35,6 +36,11 @@ FILE_KEYS = {"quality_top1": "min_quality_top1", "quality_kl": "max_quality_kl",
 def repeat_figures(result: dict) -> dict[str, Any]:
     """One repeat's figures (a BenchResult of one repeat)."""
     return {k: result.get(k) for k in REPEAT_METRICS}
+
+
+def node_tags(node: dict | None) -> dict[str, str]:
+    """The MLflow tags that name the node a run was measured on."""
+    return {"node": node["host"], "node_id": node["id"]} if node else {}
 
 
 def summarize(results: list[dict]) -> dict[str, Any]:

@@ -60,7 +60,7 @@ from search.study import (
     study_params,
     study_tags,
 )
-from search.tracking import Tracker
+from search.tracking import RUNS_FOLDER_ARTIFACTS, Tracker
 from search.trials import ATTR_RUN, ATTR_SUMMARY, run_params
 from search.ui import default_tracking_uri
 
@@ -131,8 +131,7 @@ def _run(experiment: Experiment, options: TuneOptions, results: Path) -> TuneOut
     for source in enqueue_warm_start(study, experiment, context):
         log.info("warm start: %s queued", source)
     tracking_uri = options.tracking_uri or default_tracking_uri(options.runs)
-    artifacts = options.runs / "artifacts" if options.tracking_uri is None else None
-    tracker = Tracker(tracking_uri, experiment.name, artifacts)
+    tracker = Tracker(tracking_uri, experiment.name, RUNS_FOLDER_ARTIFACTS if options.tracking_uri is None else None)
     parent = tracker.start_study(
         study.user_attrs.get(ATTR_RUN),
         f"{experiment.name} study",

@@ -1,5 +1,6 @@
-"""A driver killed with SIGKILL mid-trial: running the same command again continues the study, keeps every
-finished trial as it was, records the interrupted one as failed and measures its config again."""
+"""A driver killed with SIGKILL mid-trial: every process of its local Ray instance ends with it, and running the
+same command again continues the study, keeps every finished trial as it was, records the interrupted one as
+failed and measures its config again."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import subprocess
 import time
 
 import optuna
+import psutil
 from mlflow import MlflowClient
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
@@ -24,6 +26,16 @@ TRIALS = 4
 def _load(runs):
     storage = JournalStorage(JournalFileBackend(str(runs / "resume" / "study.journal")))
     return optuna.load_study(study_name="resume", storage=storage)
+
+
+def _in_session(session: int) -> list[str]:
+    """The names of the live processes in the session ``session``."""
+    found = []
+    for process in psutil.process_iter():
+        with contextlib.suppress(psutil.Error, OSError):
+            if os.getsid(process.pid) == session and process.status() != psutil.STATUS_ZOMBIE:
+                found.append(process.name())
+    return found
 
 
 def test_killed_driver_resumes_without_losing_finished_trials(tiny_model, tmp_path) -> None:
@@ -46,8 +58,12 @@ def test_killed_driver_resumes_without_losing_finished_trials(tiny_model, tmp_pa
         driver.send_signal(signal.SIGKILL)
         driver.wait()
         before = _load(runs).get_trials()
+        deadline = time.monotonic() + 60  # its local Ray instance goes with it, agents and measurement included
+        while left := _in_session(driver.pid):
+            assert time.monotonic() < deadline, f"outlived their driver: {left}"
+            time.sleep(0.5)
     finally:
-        with contextlib.suppress(ProcessLookupError):  # what the lost driver left of its Ray instance
+        with contextlib.suppress(ProcessLookupError):  # if the test failed: what the driver left
             os.killpg(driver.pid, signal.SIGKILL)
     kept = {t.number: t.values for t in before if t.state == TrialState.COMPLETE}
     (interrupted,) = [t for t in before if t.state == TrialState.RUNNING]

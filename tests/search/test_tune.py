@@ -255,6 +255,31 @@ def test_ui_serves_the_runs_on_loopback(tuned) -> None:
         assert len(started) <= 2, started  # MLflow's server and its one web worker
 
 
+def test_a_moved_runs_folder_keeps_its_artifacts(tuned, tmp_path) -> None:
+    """Artifacts are addressed relative to the runs folder: a copy, with the original gone, still serves every
+    run's artifacts to MLflow's client and to the UI's server."""
+    _, runs, outcome, study, _ = tuned
+    parent, tuned_toml = study.user_attrs["mlflow_run_id"], outcome.tuned.read_text()
+    moved = tmp_path / "elsewhere" / "runs"
+    shutil.copytree(runs, moved)
+    hidden = runs.rename(runs.with_name("hidden"))  # as if moved: nothing is left at the old place
+    try:
+        client = MlflowClient(default_tracking_uri(moved))
+        assert Path(client.download_artifacts(parent, "tuned.toml")).read_text() == tuned_toml
+        logged = 0
+        for run in client.search_runs([client.get_experiment_by_name("e2e").experiment_id]):
+            assert run.info.artifact_uri.startswith("autoresearch-runs:/artifacts/"), run.info.artifact_uri
+            logged += bool(client.list_artifacts(run.info.run_id))
+        assert logged >= 1 + (TRIALS - 2) + 2  # the parent, the complete trials, the confirmation runs
+        with _ui(moved) as (base, _, _):
+            with urllib.request.urlopen(f"{base}/ajax-api/2.0/mlflow/artifacts/list?run_uuid={parent}") as r:
+                assert {"tuned.toml", "report.html"} <= {f["path"] for f in json.load(r)["files"]}
+            with urllib.request.urlopen(f"{base}/get-artifact?path=tuned.toml&run_uuid={parent}") as r:
+                assert r.read().decode() == tuned_toml
+    finally:
+        hidden.rename(runs)
+
+
 BROWSER = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
 
 
