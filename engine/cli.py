@@ -131,6 +131,15 @@ def _trace_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="the trace file to write (.npz)")
 
 
+def _import_trace_arguments(parser: argparse.ArgumentParser) -> None:
+    from engine.synth.shapes import DTYPE_BYTES
+
+    parser.add_argument("log", help="routing log, JSON Lines: token_idx, layer, experts, gating_probs[, problem_id]")
+    parser.add_argument("--model-config", required=True, help="the model's config.json (no weights needed)")
+    parser.add_argument("--dtype", default="bf16", choices=list(DTYPE_BYTES), help="how its experts are stored")
+    parser.add_argument("--out", required=True, help="the trace file to write (.npz)")
+
+
 def _simulate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trace", required=True, help="a file written by `autoresearch trace`")
     parser.add_argument("--config", help="engine config TOML to simulate (default: the engine's defaults)")
@@ -316,6 +325,21 @@ def _trace(args: argparse.Namespace) -> int:
     return 0
 
 
+def _import_trace(args: argparse.Namespace) -> int:
+    from engine.analysis.trace_import import import_trace
+    from engine.units import format_bytes
+
+    trace = import_trace(args.log, args.model_config, args.dtype)
+    path = trace.save(args.out)
+    n, layers, _ = trace.top_ids.shape
+    print(
+        f"wrote {path} ({format_bytes(path.stat().st_size)}): {n} tokens of {trace.meta['workload']['sequences']} "
+        f"sequence(s), {layers} MoE layers, top-{trace.top_k} of {trace.num_experts}; no gate_lookahead proposals, "
+        "no compute time (give simulate --compute-ms-per-token)"
+    )
+    return 0
+
+
 def _simulate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -342,6 +366,9 @@ def _simulate(args: argparse.Namespace) -> int:
         else:
             bandwidth = disk_bandwidth(load_or_probe(where, default_cache_dir(), **ENGINE_GRID), config)
     compute = None if args.compute_ms_per_token is None else args.compute_ms_per_token / 1e3
+    if compute is None and trace.meta["decode_seconds_per_token"] is None:
+        print("note: the trace holds no compute time (imported): the prediction counts reads only; "
+              "give --compute-ms-per-token", file=sys.stderr)  # fmt: skip
     result = simulate(trace, config, bandwidth, compute, warmup=args.warmup, repeats=args.repeats)
     print(json.dumps(result.to_dict()) if args.json else format_result(result))
     return 0
@@ -401,6 +428,11 @@ VERBS = {
         "record a routing trace of a model on a workload, for `simulate`",
         _trace_arguments,
         _trace,
+    ),
+    "import-trace": Verb(
+        "make a trace from a routing log (JSON Lines) and the model's config.json, for `simulate`",
+        _import_trace_arguments,
+        _import_trace,
     ),
     "simulate": Verb(
         "replay a trace through the engine's cache and prefetch logic, no weights",

@@ -42,7 +42,7 @@ from engine.model.decoder import prefer_resident
 from engine.streaming import expert_ledger as ledger
 from engine.streaming.expert_io import issues_reads
 from engine.streaming.expert_ledger import LedgerState
-from engine.streaming.expert_store import cache_entry_bytes
+from engine.streaming.expert_store import cache_entry_bytes, cached_experts_per_layer
 from engine.streaming.predictors import READS_LOOKAHEAD, READS_RANKINGS, PredictorState, new_predictor
 from engine.units import format_bytes
 
@@ -65,6 +65,8 @@ class SimResult:
     hits: int
     hit_rate: float
     optimal_hit_rate: float | None  # Belady's bound for the same budget, scope and accesses; None: not asked
+    cache_entry_bytes: int  # what the cache charges per expert under the config's cache_format
+    cached_experts_per_layer: float  # experts per MoE layer the budget holds (under global scope: on average)
     bytes_read_per_token: float  # decode tokens of the measured passes
     wasted_bytes_per_token: float
     prefetch_issued: int
@@ -150,6 +152,10 @@ def simulate(
         hits=counters["hits"],
         hit_rate=counters["hits"] / accesses if accesses else 0.0,
         optimal_hit_rate=None if best is None else best / accesses if accesses else 0.0,
+        cache_entry_bytes=entry_bytes,
+        cached_experts_per_layer=cached_experts_per_layer(
+            config.cache_scope, state.cache.capacity, entry_bytes, len(moe_layers)
+        ),
         bytes_read_per_token=counters["bytes_read"] / per_token,
         wasted_bytes_per_token=counters["wasted_bytes"] / per_token,
         prefetch_issued=issued,
@@ -582,7 +588,12 @@ def format_result(result: SimResult) -> str:
         return "-" if value is None else f"{100 * value:.1f}%"
 
     tok_s = result.predicted_decode_tok_s
+    fmt = result.config["cache_format"]
+    each = f"{format_bytes(result.cache_entry_bytes)} each as {fmt}"
+    shared = " on average (cache_scope global)" if result.config["cache_scope"] == "global" else ""
+    held = f"{result.cached_experts_per_layer:.3g} experts per MoE layer{shared} ({each})"
     rows = [
+        ("cache holds", held if result.config["cache_policy"] != "none" else "nothing (cache_policy none)"),
         ("hit rate", f"{share(result.hit_rate)} (optimal {share(result.optimal_hit_rate)})"),
         ("bytes read per token", format_bytes(result.bytes_read_per_token)),
         ("wasted prefetch bytes per token", format_bytes(result.wasted_bytes_per_token)),
@@ -619,6 +630,12 @@ def _check(trace: Trace, config: EngineConfig) -> int:
         raise ValueError(
             f"prefetch_extra {config.prefetch_extra} needs {k + config.prefetch_extra} candidates per layer; "
             f"the trace recorded {trace.candidates}"
+        )
+    if config.predictor in READS_LOOKAHEAD and trace.depth == 0:
+        raise ValueError(
+            f"predictor {config.predictor!r} replays gate_lookahead's proposals, and this trace has none (imported "
+            "from a routing log): choose another predictor (previous_token, coactivation) or record the trace with "
+            "`autoresearch trace`"
         )
     if config.predictor in READS_LOOKAHEAD and config.prefetch_depth > trace.depth:
         raise ValueError(f"prefetch_depth {config.prefetch_depth} exceeds the {trace.depth} layers the trace recorded")

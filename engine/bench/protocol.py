@@ -285,6 +285,7 @@ def _result(
         window_seconds=span,
         prefill_tok_s=float(np.median([r["prefill_tok_s"] for r in repeats])),
         ttft_s=_median([r["ttft_s"] for r in repeats]),
+        cached_experts_per_layer=runs[0]["repeats"][0]["cached_experts_per_layer"],
         hit_rate=totals["hits"] / accesses
         if config.cache_bytes and config.cache_policy != "none" and accesses
         else None,

@@ -10,9 +10,12 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from engine.config import EngineConfig
 from engine.units import format_bytes
 
-SCHEMA_VERSION = 3  # 3: quality_top1 over decided positions, quality_top1_excluded; 2: prefetch_timeliness
+# 4: cached_experts_per_layer; 3: quality_top1 over decided positions, quality_top1_excluded;
+# 2: prefetch_timeliness
+SCHEMA_VERSION = 4
 
 
 @dataclass
@@ -34,6 +37,7 @@ class BenchResult:
     prefill_tok_s: float | None
     ttft_s: float | None
     hit_rate: float | None
+    cached_experts_per_layer: float | None  # what the cache budget holds under the config's cache_format
     bytes_read_per_token: float | None  # expert bytes the engine asked for, per decoded token
     disk_bytes_per_token: float | None  # bytes that really came from storage (Linux), per decoded token
     read_gbps: float | None  # disk bytes over decode time
@@ -84,6 +88,7 @@ class BenchResult:
             ("time to first token", _num(self.ttft_s, " s")),
             ("expert bytes / token", _bytes(self.bytes_read_per_token)),
             ("disk bytes / token", _bytes(self.disk_bytes_per_token)),
+            ("cache holds", _held(self.cached_experts_per_layer, self.config)),
             ("hit rate", _num(self.hit_rate and 100 * self.hit_rate, " %", 1)),
             ("prefetch precision", _num(self.prefetch_precision and 100 * self.prefetch_precision, " %", 1)),
             ("prefetch recall", _num(self.prefetch_recall and 100 * self.prefetch_recall, " %", 1)),
@@ -112,6 +117,14 @@ class BenchResult:
 
 def _num(value: float | None, unit: str = "", digits: int = 2) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}{unit}"
+
+
+def _held(experts: float | None, values: dict) -> str:
+    config = EngineConfig.from_dict(values)
+    if experts is None or config.cache_policy == "none":
+        return "nothing (no cache)"
+    shared = " on average" if config.cache_scope == "global" else ""
+    return f"{experts:.3g} experts per MoE layer{shared}, as {config.cache_format}"
 
 
 def _bytes(value: float | None) -> str:

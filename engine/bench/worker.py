@@ -78,11 +78,12 @@ def run_reference(model: Model, workload: Workload, prompt: list[int], request: 
 def measure(model: Model, workload: Workload, prompt: list[int]) -> dict:
     """One pass of the workload with its timings and I/O counters (decode counters exclude the prefill)."""
     counters = _Counters(model)
+    held = {"cached_experts_per_layer": model.decoder.store.experts_per_layer}
     if workload.kind == "score":
         start = time.perf_counter()
         score(model, prompt)
         seconds = time.perf_counter() - start
-        return {"prompt_tokens": len(prompt), "prefill_seconds": seconds, "prefill": counters.take()}
+        return {"prompt_tokens": len(prompt), "prefill_seconds": seconds, "prefill": counters.take(), **held}
     sampler = workload.sampler(model)
     start = time.perf_counter()
     stamps: list[float] = []
@@ -104,6 +105,7 @@ def measure(model: Model, workload: Workload, prompt: list[int]) -> dict:
         "decode_seconds": float(sum(steps)),
         "prefill": prefill,
         "decode": counters.take(),
+        **held,
     }
 
 

@@ -94,6 +94,13 @@ def cache_entry_bytes(packed: bool, slot_bytes: int, hidden_size: int, intermedi
     return slot_bytes if packed else 3 * hidden_size * intermediate_size * 4
 
 
+def cached_experts_per_layer(scope: str, partition_bytes: int, entry_bytes: int, moe_layer_count: int) -> float:
+    """Experts per MoE layer a cache holds whose partitions have ``partition_bytes`` each: a partition's count
+    under ``per_layer`` scope, its share of every MoE layer's under ``global`` (an average)."""
+    slots = partition_bytes // entry_bytes
+    return float(slots) if scope == "per_layer" else slots / moe_layer_count
+
+
 class ExpertStore:
     """Serves expert weights by (layer, expert): carries out the ledger's decisions with the reader's reads."""
 
@@ -125,6 +132,9 @@ class ExpertStore:
         state = ledger.new_ledger(config, num_layers, self.num_experts, moe_layers, self.entry_bytes, top_k)
         self.predictor = new_predictor(config.predictor, len(moe_layers), self.num_experts, top_k)
         self.ledger = ledger.Ledger(state, self.predictor)
+        self.experts_per_layer = cached_experts_per_layer(
+            config.cache_scope, state.cache.capacity, self.entry_bytes, len(moe_layers)
+        )
         self.stats = StoreStats(counters=state.counters, io=self.reader.stats)
         self.router_scores = router_scores  # gate_lookahead's input: the decoder's ranking of a layer's experts
         self._cached: dict[Key, ExpertData] = {}

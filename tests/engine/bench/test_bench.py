@@ -63,8 +63,9 @@ def test_result_under_an_enforced_limit(model_dir, tmp_path):
     assert all(r["prefill"]["disk_bytes"] >= expert_bytes for r in result.per_repeat)
     assert result.quality_top1 == 1.0 and abs(result.quality_kl) < 1e-6  # the defaults are the reference (stored fp32)
     assert result.quality_top1_excluded < 0.05  # a tie-free model decides (nearly) every position
-    assert result.to_dict()["schema_version"] == 3
+    assert result.to_dict()["schema_version"] == 4
     assert result.hit_rate is None and result.prefetch_precision is None  # no cache, no predictor
+    assert "nothing (no cache)" in result.summary()
     assert "decode tok/s" in result.summary()
 
 
@@ -163,6 +164,8 @@ def test_cache_and_prefetch_metrics(model_dir, tmp_path):
     config = EngineConfig(cache_policy="lru", cache_bytes=4 * expert, predictor="gate_lookahead", prefetch_extra=1)
     result = run_bench(_request(model_dir, tmp_path, config=config, repeats=1, cold=False))
     assert 0 <= result.hit_rate <= 1
+    assert result.cached_experts_per_layer == 4 / SHAPE.num_layers  # float32 experts: the dequantized format
+    assert f"{4 / SHAPE.num_layers:.3g} experts per MoE layer on average, as dequantized" in result.summary()
     assert 0 <= result.prefetch_precision <= 1 and 0 <= result.prefetch_recall <= 1
     assert 0 <= result.prefetch_timeliness <= 1
     assert result.wasted_bytes_per_token >= 0
