@@ -129,6 +129,13 @@ def _trace_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workload", default="decode-short", help="a named workload (see `autoresearch workloads`)")
     parser.add_argument("--config", help="engine config TOML the recording runs with (its weights are the trace's)")
     parser.add_argument("--out", required=True, help="the trace file to write (.npz)")
+    parser.add_argument(
+        "--backend",
+        choices=("engine", "transformers"),
+        default="engine",
+        help="who runs the pass: the engine, or Hugging Face transformers (needs torch; no compute time recorded)",
+    )
+    parser.add_argument("--device", default="cpu", help="transformers backend: the torch device, e.g. cuda")
 
 
 def _import_trace_arguments(parser: argparse.ArgumentParser) -> None:
@@ -314,8 +321,15 @@ def _trace(args: argparse.Namespace) -> int:
     from engine.config import EngineConfig
     from engine.units import format_bytes
 
-    config = EngineConfig.load(args.config) if args.config else EngineConfig()
-    trace = record_trace(args.model, get_workload(args.workload), config)
+    if args.backend == "transformers":
+        from engine.analysis.trace_transformers import record_trace_transformers
+
+        if args.config:
+            raise ValueError("--config is the engine's: the transformers backend runs the checkpoint as stored")
+        trace = record_trace_transformers(args.model, get_workload(args.workload), args.device)
+    else:
+        config = EngineConfig.load(args.config) if args.config else EngineConfig()
+        trace = record_trace(args.model, get_workload(args.workload), config)
     path = trace.save(args.out)
     n, layers, r = trace.top_ids.shape
     print(

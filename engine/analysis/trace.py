@@ -32,6 +32,7 @@ from engine.errors import FileError
 from engine.formats.expert_layout import ByteRange, ExpertLayout
 from engine.model.decoder import Routing
 from engine.model.load import Model, load_model
+from engine.streaming.expert_store import RouterScores
 
 TRACE_VERSION = 1
 RECORDED_EXTRA = 8  # router candidates recorded beyond the top-k: the most prefetch_extra a replay can ask for
@@ -182,26 +183,30 @@ def load_trace(path: str | Path) -> Trace:
     return trace
 
 
-class _Recorder:
-    """Attached to a decoder as its route observer: keeps each MoE layer's candidates and lookahead proposals."""
+class Recorder:
+    """Keeps each MoE layer's candidates and lookahead proposals: attached to a decoder as its route observer, or
+    given the routing another implementation computed (``observe``)."""
 
-    def __init__(self, model: Model, candidates: int, depth: int) -> None:
-        decoder = model.decoder
-        self.moe_layers = [i for i, layer in enumerate(decoder.layers) if layer.router is not None]
-        self.router_scores = decoder.router_scores  # what gate_lookahead ranks a later layer's experts by
+    def __init__(self, moe_layers: list[int], router_scores: RouterScores, candidates: int, depth: int) -> None:
+        self.moe_layers = moe_layers
+        self.router_scores = router_scores  # what gate_lookahead ranks a later layer's experts by
         self.candidates, self.depth = candidates, depth
         self.calls: list[int] = []
         self.seconds: list[float] = []  # per forward call, spent recording
         self.rows: dict[int, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {i: [] for i in self.moe_layers}
 
     def __call__(self, layer: int, h: np.ndarray, routing: Routing) -> None:
+        self.observe(layer, h, routing.probs)
+
+    def observe(self, layer: int, h: np.ndarray, scores: np.ndarray) -> None:
+        """MoE layer ``layer``'s input ``h`` [T, hidden] and its router's ``scores`` [T, E] for one forward call."""
         began = time.perf_counter()
         if layer == self.moe_layers[0]:
             self.calls.append(h.shape[0])
             self.seconds.append(0.0)
         r = self.candidates
-        order = np.argsort(-routing.probs, axis=1, kind="stable")[:, :r]  # the decoder's own order
-        probs = np.take_along_axis(routing.probs, order, axis=1)
+        order = np.argsort(-scores, axis=1, kind="stable")[:, :r]  # the decoder's own order
+        probs = np.take_along_axis(scores, order, axis=1)
         position = self.moe_layers.index(layer)
         ahead = np.full((h.shape[0], self.depth, r), -1, np.int16)
         for d, target in enumerate(self.moe_layers[position + 1 : position + 1 + self.depth]):
@@ -233,28 +238,57 @@ def record_trace(model_dir: str | Path, workload: Workload, config: EngineConfig
 
 
 def _record(model: Model, workload: Workload, config: EngineConfig) -> Trace:
-    from engine.bench.fingerprint import model_identity
     from engine.bench.worker import measure
 
     decoder = model.decoder
-    spec = decoder.spec
-    candidates = min(spec.num_experts, spec.top_k + RECORDED_EXTRA)
-    recorder = _Recorder(model, candidates, LOOKAHEAD_DEPTH)
+    recorder = new_recorder(model)
     prompt = workload.tokens(model)
     decoder.route_observer = recorder
     try:
         run = measure(model, workload, prompt)
     finally:
         decoder.route_observer = None
+    prefill = _compute_per_token(run, "prefill", run.get("ttft_seconds"), len(prompt), recorder.seconds[0])
+    if workload.kind == "score":
+        prefill = _compute_per_token(run, "prefill", run["prefill_seconds"], len(prompt), recorder.seconds[0])
+    decode = _compute_per_token(
+        run, "decode", run.get("decode_seconds"), len(run.get("step_seconds", [])), sum(recorder.seconds[1:])
+    )
+    fed = prompt + run.get("tokens", [])[:-1]  # the last sampled token is never fed back
+    return assemble(model, workload, prompt, fed, recorder, config.to_dict(), prefill, decode)
+
+
+def new_recorder(model: Model, router_scores: RouterScores | None = None) -> Recorder:
+    """A recorder of ``model``'s MoE layers, its lookahead ranked by ``router_scores`` (default: the model's own
+    routers)."""
+    decoder = model.decoder
+    moe_layers = [i for i, layer in enumerate(decoder.layers) if layer.router is not None]
+    candidates = min(decoder.spec.num_experts, decoder.spec.top_k + RECORDED_EXTRA)
+    return Recorder(moe_layers, router_scores or decoder.router_scores, candidates, LOOKAHEAD_DEPTH)
+
+
+def assemble(
+    model: Model,
+    workload: Workload,
+    prompt: list[int],
+    fed: list[int],
+    recorder: Recorder,
+    recorded_with: dict[str, Any],
+    prefill_seconds_per_token: float | None,
+    decode_seconds_per_token: float | None,
+) -> Trace:
+    """The trace of one recorded pass of ``workload`` (``fed``: every token id the forward calls took)."""
+    from engine.bench.fingerprint import model_identity
+
+    spec = model.decoder.spec
     top_ids, top_probs, lookahead = recorder.arrays()
-    token_ids = prompt + run.get("tokens", [])[:-1]  # the last sampled token is never fed back
-    offsets, nbytes, repacked = _expert_ranges(decoder.store.layouts, recorder.moe_layers, spec.num_experts)
+    offsets, nbytes, repacked = _expert_ranges(model.decoder.store.layouts, recorder.moe_layers, spec.num_experts)
     meta = {
         "version": TRACE_VERSION,
         "model": str(model.path),
         "model_identity": model_identity(model.path),
         "workload": workload.identity(prompt),
-        "recorded_with": config.to_dict(),
+        "recorded_with": recorded_with,
         "num_experts": spec.num_experts,
         "top_k": spec.top_k,
         "moe_layers": recorder.moe_layers,
@@ -262,21 +296,13 @@ def _record(model: Model, workload: Workload, config: EngineConfig) -> Trace:
         "hidden_size": spec.hidden_size,
         "intermediate_size": spec.moe_intermediate_size,
         "repacked": repacked,
-        "prefill_seconds_per_token": _compute_per_token(
-            run, "prefill", run.get("ttft_seconds"), len(prompt), recorder.seconds[0]
-        ),
-        "decode_seconds_per_token": _compute_per_token(
-            run, "decode", run.get("decode_seconds"), len(run.get("step_seconds", [])), sum(recorder.seconds[1:])
-        ),
+        "prefill_seconds_per_token": prefill_seconds_per_token,
+        "decode_seconds_per_token": decode_seconds_per_token,
         "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    if workload.kind == "score":
-        meta["prefill_seconds_per_token"] = _compute_per_token(
-            run, "prefill", run["prefill_seconds"], len(prompt), recorder.seconds[0]
-        )
     return Trace(
         meta,
-        np.asarray(token_ids, np.int32),
+        np.asarray(fed, np.int32),
         np.asarray(recorder.calls, np.int32),
         top_ids,
         top_probs,

@@ -14,7 +14,7 @@ from numba import njit
 from threadpoolctl import ThreadpoolController
 
 from engine.architectures.rope import Rope
-from engine.architectures.spec import DecoderSpec
+from engine.architectures.spec import DecoderSpec, GroupedSigmoidRouter
 from engine.compute.int8_activations import BLOCK as INT8_BLOCK
 from engine.compute.int8_activations import supported as int8_supported
 from engine.compute.moe_kernel import routed_experts
@@ -349,11 +349,7 @@ class Decoder:
         """[T, E]: what ``layer``'s router ranks its experts by for inputs ``h``: softmax probabilities, or under
         the grouped sigmoid router the biased scores, -inf outside each token's best groups."""
         mine = self.layers[layer]
-        logits = linear(h, mine.router)
-        grouped = self.spec.grouped_router
-        if grouped is None:
-            return softmax(logits)
-        return _best_groups(sigmoid(logits) + mine.router_bias, grouped.n_group, grouped.topk_group)
+        return router_scores_of(linear(h, mine.router), self.spec.grouped_router, mine.router_bias)
 
     def route(self, layer: int, h: np.ndarray) -> Routing:
         """Rank the E experts by ``router_scores``, keep the top k (Shazeer et al. 2017); their weights are the
@@ -379,6 +375,14 @@ class Decoder:
 
 
 _NONE = np.zeros(0, np.float32)  # an absent weight or bias, for compiled code that takes arrays only
+
+
+def router_scores_of(logits: np.ndarray, grouped: GroupedSigmoidRouter | None, bias: np.ndarray | None) -> np.ndarray:
+    """[T, E]: what a router ranks its experts by, from its logits (``Decoder.router_scores``; the transformers
+    trace backend scores the logits transformers computed with it too)."""
+    if grouped is None:
+        return softmax(logits)
+    return _best_groups(sigmoid(logits) + bias, grouped.n_group, grouped.topk_group)
 
 
 @njit(cache=True)
