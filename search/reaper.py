@@ -53,7 +53,14 @@ def reaped() -> Iterator[Callable[[Path], None]]:
     os.close(read)
 
     def watch(folder: Path) -> None:
-        os.write(write, f"{folder.resolve()}\n".encode())
+        try:
+            os.write(write, f"{folder.resolve()}\n".encode())
+        except BrokenPipeError:
+            watchdog.wait()
+            raise RuntimeError(
+                f"the watchdog that ends the local Ray instance with this process exited (status "
+                f"{watchdog.returncode}, its error above), so a killed run would leave Ray's processes behind"
+            ) from None
 
     try:
         yield watch
