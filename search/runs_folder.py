@@ -37,8 +37,8 @@ class RunsFolderArtifactRepository(LocalArtifactRepository):
 
 def _server_store() -> str:
     """The store of the MLflow server this runs in ("" elsewhere): the server does not pass its tracking URI to
-        the repositories it makes. Imported here: MLflow loads this module while ``import mlflow`` runs, and the package
-    ``mlflow.server`` imports MLflow's client (circular, and slow)."""
+    the repositories it makes. Imported here: MLflow loads this module while ``import mlflow`` runs, and the
+    package ``mlflow.server`` imports MLflow's client (circular, and slow)."""
     from mlflow.server.constants import BACKEND_STORE_URI_ENV_VAR
 
     return os.environ.get(BACKEND_STORE_URI_ENV_VAR, "")

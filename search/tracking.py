@@ -3,14 +3,13 @@
 The store is a local SQLite file by default (``runs/mlflow.db``, artifacts beside it in ``runs/artifacts``,
 addressed relative to the folder: ``search.runs_folder``); any tracking URI works. A nested run holds the trial's
 config as parameters (``trials.run_params``: engine values, byte counts also readable, the search's encoding as
-``search.<param>``), each repeat's figures as metric steps
-(``repeat_decode_tok_s`` at step 0, 1, ...), the trial's summary figures (``decode_tok_s``, the median), its
-state and failure reason as tags, and its BenchResults as an artifact. A complete trial has the metric
-``feasible`` (1 or 0), so the runs table sorts and filters on it; a trial stopped before its last repeat (pruned,
-or screened out by the simulator) ends KILLED, not FINISHED. The parent run carries the study's best feasible
-trial: its figures as metrics, its config as ``best.<param>`` tags (tags, as a resumed study may find another
-best and a run's parameters cannot change), the tuned config and the report. Runs a killed driver left open are
-closed as KILLED when the study resumes.
+``search.<param>``), each repeat's figures as metric steps (``repeat_decode_tok_s`` at step 0, 1, ...), the trial's
+summary figures (``decode_tok_s``, the median), its state and failure reason as tags, and its BenchResults as an
+artifact. A complete trial has the metric ``feasible`` (1 or 0), so the runs table sorts and filters on it; a trial
+stopped before its last repeat (pruned, or screened out by the simulator) ends KILLED, not FINISHED. The parent run
+carries the study's best feasible trial: its figures as metrics, its config as ``best.<param>`` tags (tags, as a
+resumed study may find another best and a run's parameters cannot change), the tuned config and the report. Runs a
+killed driver left open are closed as KILLED when the study resumes.
 """
 
 from __future__ import annotations
@@ -52,10 +51,11 @@ class Tracker:
 
     def __init__(self, tracking_uri: str, experiment_name: str, location: str | None) -> None:
         """``location``: where a new experiment keeps its artifacts (None: the tracking server's default)."""
-        if location == RUNS_FOLDER_ARTIFACTS and "autoresearch-runs" not in get_registered_artifact_repositories():
+        scheme = location.split(":")[0] if location else None
+        if location == RUNS_FOLDER_ARTIFACTS and scheme not in get_registered_artifact_repositories():
             raise SearchError(
-                "MLflow has not registered the autoresearch-runs artifact repository (the entry point in "
-                "pyproject.toml): reinstall the project (make .venv/.runtime)"
+                f"MLflow has not registered the {scheme} artifact repository (the entry point in pyproject.toml): "
+                "reinstall the project (make .venv/.runtime)"
             )
         self.client = MlflowClient(tracking_uri)
         found = self.client.get_experiment_by_name(experiment_name)

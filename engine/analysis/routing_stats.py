@@ -34,7 +34,7 @@ class RoutingRecorder:
 
     def __init__(self, decoder: Decoder):
         self.decoder = decoder
-        self.moe_layers = [i for i, layer in enumerate(decoder.layers) if layer.router is not None]
+        self.moe_layers = decoder.spec.moe_layers
         self.next_moe = dict(zip(self.moe_layers, self.moe_layers[1:], strict=False))
         self.experts: dict[int, list[np.ndarray]] = {i: [] for i in self.moe_layers}  # [T, k] per call
         self.guesses: dict[int, list[np.ndarray]] = {i: [] for i in self.moe_layers[1:]}

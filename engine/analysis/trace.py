@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from engine.architectures.spec import DecoderSpec
 from engine.bench.workloads import Workload
 from engine.config import EngineConfig
 from engine.errors import FileError
@@ -262,9 +263,8 @@ def new_recorder(model: Model, router_scores: RouterScores | None = None) -> Rec
     """A recorder of ``model``'s MoE layers, its lookahead ranked by ``router_scores`` (default: the model's own
     routers)."""
     decoder = model.decoder
-    moe_layers = [i for i, layer in enumerate(decoder.layers) if layer.router is not None]
     candidates = min(decoder.spec.num_experts, decoder.spec.top_k + RECORDED_EXTRA)
-    return Recorder(moe_layers, router_scores or decoder.router_scores, candidates, LOOKAHEAD_DEPTH)
+    return Recorder(decoder.spec.moe_layers, router_scores or decoder.router_scores, candidates, LOOKAHEAD_DEPTH)
 
 
 def assemble(
@@ -283,23 +283,8 @@ def assemble(
     spec = model.decoder.spec
     top_ids, top_probs, lookahead = recorder.arrays()
     offsets, nbytes, repacked = _expert_ranges(model.decoder.store.layouts, recorder.moe_layers, spec.num_experts)
-    meta = {
-        "version": TRACE_VERSION,
-        "model": str(model.path),
-        "model_identity": model_identity(model.path),
-        "workload": workload.identity(prompt),
-        "recorded_with": recorded_with,
-        "num_experts": spec.num_experts,
-        "top_k": spec.top_k,
-        "moe_layers": recorder.moe_layers,
-        "num_layers": spec.num_layers,
-        "hidden_size": spec.hidden_size,
-        "intermediate_size": spec.moe_intermediate_size,
-        "repacked": repacked,
-        "prefill_seconds_per_token": prefill_seconds_per_token,
-        "decode_seconds_per_token": decode_seconds_per_token,
-        "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
+    meta = header(spec, model.path, model_identity(model.path), workload.identity(prompt), recorded_with, repacked,
+                  prefill_seconds_per_token, decode_seconds_per_token)  # fmt: skip
     return Trace(
         meta,
         np.asarray(fed, np.int32),
@@ -310,6 +295,36 @@ def assemble(
         offsets,
         nbytes,
     )
+
+
+def header(
+    spec: DecoderSpec,
+    model: Path,
+    identity: dict[str, Any],
+    workload: dict[str, Any],
+    recorded_with: dict[str, Any],
+    repacked: bool,
+    prefill_seconds_per_token: float | None,
+    decode_seconds_per_token: float | None,
+) -> dict[str, Any]:
+    """A trace's JSON header (``META_FIELDS``) for the model ``spec`` describes."""
+    return {
+        "version": TRACE_VERSION,
+        "model": str(model),
+        "model_identity": identity,
+        "workload": workload,
+        "recorded_with": recorded_with,
+        "num_experts": spec.num_experts,
+        "top_k": spec.top_k,
+        "moe_layers": spec.moe_layers,
+        "num_layers": spec.num_layers,
+        "hidden_size": spec.hidden_size,
+        "intermediate_size": spec.moe_intermediate_size,
+        "repacked": repacked,
+        "prefill_seconds_per_token": prefill_seconds_per_token,
+        "decode_seconds_per_token": decode_seconds_per_token,
+        "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
 
 
 def _compute_per_token(run: dict, phase: str, seconds: float | None, tokens: int, recording: float) -> float | None:

@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from engine.analysis.trace import TRACE_VERSION, Trace, TraceError
+from engine.analysis.trace import Trace, TraceError, header
 from engine.architectures import parse_config
 from engine.architectures.spec import DecoderSpec
 from engine.formats.checkpoint import read_json
@@ -42,7 +41,7 @@ def import_trace(log: str | Path, model_config: str | Path, dtype: str = "bf16")
     if dtype not in DTYPE_BYTES:
         raise ValueError(f"dtype {dtype!r}: expected one of {sorted(DTYPE_BYTES)}")
     spec = parse_config(read_json(model_config), model_config)
-    moe_layers = [i for i, sparse in enumerate(spec.sparse_layers) if sparse]
+    moe_layers = spec.moe_layers
     tokens = _read(log, spec, moe_layers)
     n, layers, k = len(tokens), len(moe_layers), spec.top_k
     top_ids = np.zeros((n, layers, k), np.int16)
@@ -58,28 +57,11 @@ def import_trace(log: str | Path, model_config: str | Path, dtype: str = "bf16")
             top_probs[t, li] = np.asarray(probs)[order]
     offsets, nbytes = _expert_ranges(spec, dtype, layers)
     sequences = list(dict.fromkeys(sequence for sequence, _, _ in tokens))
-    meta = {
-        "version": TRACE_VERSION,
-        "model": str(model_config.resolve().parent),
-        "model_identity": {"config_sha256": hashlib.sha256(model_config.read_bytes()).hexdigest(), "dtype": dtype},
-        "workload": {
-            "imported": str(log.resolve()),
-            "sha256": hashlib.sha256(log.read_bytes()).hexdigest(),
-            "sequences": len(sequences),
-        },
-        "recorded_with": {"weights": "original"},
-        "imported_from": str(log.resolve()),
-        "num_experts": spec.num_experts,
-        "top_k": k,
-        "moe_layers": moe_layers,
-        "num_layers": spec.num_layers,
-        "hidden_size": spec.hidden_size,
-        "intermediate_size": spec.moe_intermediate_size,
-        "repacked": False,
-        "prefill_seconds_per_token": None,
-        "decode_seconds_per_token": None,
-        "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
+    identity = {"config_sha256": hashlib.sha256(model_config.read_bytes()).hexdigest(), "dtype": dtype}
+    imported = {"imported": str(log.resolve()), "sha256": hashlib.sha256(log.read_bytes()).hexdigest(),
+                "sequences": len(sequences)}  # fmt: skip
+    meta = header(spec, model_config.resolve().parent, identity, imported, {"weights": "original"}, False, None, None)
+    meta["imported_from"] = str(log.resolve())
     return Trace(
         meta,
         token_ids=np.full(n, -1, np.int32),

@@ -64,7 +64,7 @@ def record_trace_transformers(model_dir: str | Path, workload: Workload, device:
 def _gates(hf: Any, model: Model) -> dict[int, Any]:
     """Each MoE layer's router module in transformers' model, by layer index; the engine's MoE layers exactly."""
     gates = {int(m.group(1)): module for name, module in hf.named_modules() if (m := GATE.search(name))}
-    expected = [i for i, layer in enumerate(model.decoder.layers) if layer.router is not None]
+    expected = model.decoder.spec.moe_layers
     if sorted(gates) != expected:
         raise ValueError(
             f"{model.path}: transformers' model has routers (modules named layers.<i>.<block>.gate) at layers "

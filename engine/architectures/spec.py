@@ -172,6 +172,11 @@ class DecoderSpec:
     expert_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")  # per-expert gate, up, down
     quantization: WeightQuantization | None = None  # None: every weight a float tensor
 
+    @property
+    def moe_layers(self) -> list[int]:
+        """The indices of the layers with a MoE block, in order."""
+        return [i for i, sparse in enumerate(self.sparse_layers) if sparse]
+
 
 def read_eos(fields: ConfigFields) -> tuple[int, ...]:
     eos = fields.get("eos_token_id", (int, list), None)

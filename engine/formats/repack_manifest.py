@@ -290,7 +290,7 @@ class _Parser:
         return MatrixEntry(offset, nbytes, shape, format, group_size)
 
     def check_complete(self, experts: dict[tuple[int, int], ExpertEntry]) -> None:
-        layers = [i for i, sparse in enumerate(self.spec.sparse_layers) if sparse]
+        layers = self.spec.moe_layers
         missing = [(i, e) for i in layers for e in range(self.spec.num_experts) if (i, e) not in experts]
         if missing:
             layer, expert = missing[0]
