@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 
 from engine.config import EngineConfig, read_toml
 from engine.errors import FileError
@@ -84,13 +85,20 @@ class Param:
     def active(self, chosen: dict[str, Any]) -> bool:
         return all(chosen.get(name) in allowed for name, allowed in self.when)
 
-    def suggest(self, trial: optuna.Trial) -> Any:
+    def distribution(self) -> BaseDistribution:
         if self.choices is not None:
-            return trial.suggest_categorical(self.name, list(self.choices))
+            return CategoricalDistribution(list(self.choices))
         if self.is_int:
-            step = int(self.step or 1)
-            return trial.suggest_int(self.name, int(self.low), int(self.high), step=step, log=self.log)
-        return trial.suggest_float(self.name, float(self.low), float(self.high), step=self.step, log=self.log)
+            return IntDistribution(int(self.low), int(self.high), step=int(self.step or 1), log=self.log)
+        return FloatDistribution(float(self.low), float(self.high), step=self.step, log=self.log)
+
+    def suggest(self, trial: optuna.Trial) -> Any:
+        d = self.distribution()
+        if isinstance(d, CategoricalDistribution):
+            return trial.suggest_categorical(self.name, list(d.choices))
+        if isinstance(d, IntDistribution):
+            return trial.suggest_int(self.name, d.low, d.high, step=d.step, log=d.log)
+        return trial.suggest_float(self.name, d.low, d.high, step=d.step, log=d.log)
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+from optuna.distributions import check_distribution_compatibility
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
@@ -215,6 +216,25 @@ def record_identity(study: optuna.Study, experiment: Experiment, model: Path, co
     study.set_user_attr("memory_budget", experiment.memory_budget)
     study.set_user_attr("objectives", [list(o) for o in experiment.objectives])
     study.set_user_attr("context", context)
+
+
+def check_space(study: optuna.Study, experiment: Experiment, results: Path) -> None:
+    """A resumed study's parameters must come from distributions Optuna accepts beside those its trials were
+    sampled from (the same kind; for a list of choices, the same list): ExperimentError naming the first that
+    does not, rather than a failure of every new trial."""
+    wanted = {param.name: param.distribution() for param in experiment.space.params}
+    for trial in study.get_trials(deepcopy=False):
+        for name, had in trial.distributions.items():
+            if name in wanted:
+                try:
+                    check_distribution_compatibility(had, wanted[name])
+                except ValueError:
+                    raise ExperimentError(
+                        experiment.space.path,
+                        f"gives {wanted[name]}, but the study in {results} sampled it from {had}, and Optuna "
+                        "cannot resume a study with that change: give the experiment a new name, or move that folder",
+                        field=f"params.{name}",
+                    ) from None
 
 
 def record_bounds(study: optuna.Study, experiment: Experiment) -> None:

@@ -52,6 +52,7 @@ from search.scheduler import Scheduler
 from search.screening import ensure_trace
 from search.session import Session
 from search.study import (
+    check_space,
     enqueue_warm_start,
     open_study,
     record_bounds,
@@ -124,6 +125,7 @@ def _run(experiment: Experiment, options: TuneOptions, results: Path) -> TuneOut
             log.info("recorded the routing trace %s for screening", experiment.trace)
     study = open_study(experiment, results)
     record_identity(study, experiment, model, context, results)
+    check_space(study, experiment, results)
     record_bounds(study, experiment)
     stopped = recover_stopped(study)
     if stopped:

@@ -28,6 +28,7 @@ from engine.streaming.cache_policy import (
     cache_contains,
     cache_keys,
     cache_pin,
+    cache_visit,
     new_cache_state,
     rank_keys,
 )
@@ -164,6 +165,7 @@ def request(s: LedgerState, layer: int, experts: np.ndarray) -> tuple[int, int]:
     for expert in experts:
         current[expert] = REQUESTED
     cancelled = _cancel_unused(s, layer) if s.staged_count[0] else 0
+    cache_visit(s.cache, layer)
     s.layer[0] = layer
     s.waiting_head[0] = 0
     s.waiting_end[0] = 0

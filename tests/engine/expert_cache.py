@@ -15,6 +15,7 @@ from engine.streaming.cache_policy import (
     cache_discard,
     cache_keys,
     cache_pin,
+    cache_visit,
     new_cache_state,
 )
 
@@ -61,6 +62,12 @@ class ExpertCache:
         if not (0 <= layer < self.num_layers and 0 <= expert < self.num_experts):
             raise ValueError(f"key {key!r} is outside {self.num_layers} layers x {self.num_experts} experts")
         return index(layer) * self.num_experts + index(expert)
+
+    def visit(self, layer: int) -> None:
+        """A forward pass reaches ``layer`` (next_use keeps time in visits; the others ignore it)."""
+        if not 0 <= layer < self.num_layers:
+            raise ValueError(f"layer {layer!r} is outside {self.num_layers} layers")
+        cache_visit(self.state, index(layer))
 
     def access(self, key: Key) -> bool:
         """A demand access: True on a hit, which counts as a use; a miss changes only ``misses``."""

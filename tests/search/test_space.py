@@ -7,7 +7,7 @@ import dataclasses
 import optuna
 import pytest
 
-from engine.config import EngineConfig
+from engine.config import CACHE_POLICIES, PREDICTORS, EngineConfig
 from search.space import SpaceError, load_space
 
 CONTEXT = {"memory_budget": 3 << 30, "model_top_k": 8, "cpu_cores": 2}
@@ -36,7 +36,7 @@ def test_sampled_configs_are_valid_and_respect_conditions(tmp_path) -> None:
             assert 0.05 * CONTEXT["memory_budget"] - 1 <= config.cache_bytes <= 0.6 * CONTEXT["memory_budget"] + 1
         assert 4 <= config.top_k <= 8 and 1 <= config.compute_threads <= 2
         study.tell(trial, 1.0)
-    assert len(seen_policies) == 5 and len(seen_predictors) == 4
+    assert seen_policies == set(CACHE_POLICIES) and seen_predictors == set(PREDICTORS)
     assert len(optuna.load_study(study_name=study.study_name, storage=storage).trials) == 60
 
 

@@ -14,7 +14,7 @@ from engine.config import EngineConfig, toml_value
 from search.experiment import SAMPLERS, ExperimentError, load_experiment
 from search.export import parse_pick, pick
 from search.space import load_space
-from search.study import engine_recipes, enqueue_warm_start, open_study, project
+from search.study import check_space, engine_recipes, enqueue_warm_start, open_study, project
 from search.trials import speed_quality_front
 from tests.search.conftest import AUTORESEARCH, write_experiment
 
@@ -77,6 +77,23 @@ def test_resumed_study_does_not_replay_its_first_proposals(tmp_path, tiny_model)
     resumed = open_study(experiment, tmp_path / "runs")
     again = [experiment.space.sample(resumed.ask(), CONTEXT) for _ in range(3)]
     assert again != proposals
+
+
+def test_a_resumed_study_whose_choices_changed_is_refused_by_name(tmp_path, tiny_model) -> None:
+    experiment = load_experiment(write_experiment(tmp_path, tiny_model, "grown", "[budget]\ntrials = 2\n"))
+    study = open_study(experiment, tmp_path / "runs")
+    trial = study.ask()
+    experiment.space.sample(trial, CONTEXT)
+    study.tell(trial, 1.0)
+    check_space(study, experiment, tmp_path / "runs")  # unchanged: resumes
+    space = tmp_path / "small.toml"
+    space.write_text(space.read_text().replace('["none", "lru", "slru"]', '["none", "lru", "slru", "next_use"]'))
+    grown = load_experiment(tmp_path / "grown.toml")
+    with pytest.raises(ExperimentError, match="new name") as e:
+        check_space(open_study(grown, tmp_path / "runs"), grown, tmp_path / "runs")
+    assert e.value.field == "params.cache_policy"
+    with pytest.raises(ValueError, match="dynamic value space"):  # what Optuna would have said at every trial
+        grown.space.sample(open_study(grown, tmp_path / "runs").ask(), CONTEXT)
 
 
 def test_grid_lists_every_value(tmp_path, tiny_model) -> None:

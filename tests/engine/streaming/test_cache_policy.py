@@ -7,6 +7,7 @@ import math
 import os
 import subprocess
 import sys
+from fractions import Fraction
 from itertools import chain
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from hypothesis import strategies as st
 from numba import njit
 
 from engine.streaming.cache_policy import (
+    HORIZON,
     POLICIES,
     SCOPES,
     CacheState,
@@ -27,6 +29,7 @@ from engine.streaming.cache_policy import (
     cache_discard,
     cache_keys,
     cache_pin,
+    cache_visit,
     new_cache_state,
     rank_keys,
 )
@@ -220,7 +223,77 @@ class RefNone:
         return []
 
 
+class RefNextUse:
+    """Both scopes: keys in admission order per partition, each access's time (per layer) kept, rates exact."""
+
+    def __init__(self, capacity: int, scope: str, num_layers: int, num_experts: int) -> None:
+        self.per_layer = scope == "per_layer"
+        self.capacity = capacity // num_layers if self.per_layer else capacity
+        self.num_layers = num_layers
+        self.decay = 1 - 1 / (Fraction(HORIZON) * num_experts)
+        self.order: list[list[Key]] = [[] for _ in range(num_layers if self.per_layer else 1)]
+        self.size: dict[Key, int] = {}
+        self.times: dict[Key, list[int]] = {}
+        self.clock = [0] * num_layers
+        self.layer, self.visits, self.accesses = -1, 0, 0
+
+    def _part(self, key: Key) -> list[Key]:
+        return self.order[key[0] if self.per_layer else 0]
+
+    def used(self) -> int:
+        return sum(self.size[key] for part in self.order for key in part)
+
+    def visit(self, layer: int) -> None:
+        self.layer, self.visits = layer, self.visits + 1
+
+    def expected_next_use(self, key: Key) -> float | Fraction:
+        layer = key[0]
+        share = sum((1 - self.decay) * self.decay ** (self.clock[layer] - t) for t in self.times.get(key, []))
+        rate = min(1, Fraction(self.accesses, self.visits) * share if self.visits else share)
+        if rate == 0:
+            return math.inf
+        return (layer - self.layer - 1) % self.num_layers + 1 + self.num_layers * (1 / rate - 1)
+
+    def access(self, key: Key) -> bool:
+        self.clock[key[0]] += 1
+        self.times.setdefault(key, []).append(self.clock[key[0]])
+        self.accesses += 1
+        return key in self._part(key)
+
+    def admit(self, key: Key, nbytes: int) -> list[Key]:
+        part = self._part(key)
+        if key in part or nbytes > self.capacity:
+            return []
+        need = sum(self.size[k] for k in part) + nbytes - self.capacity
+        mine, victims = self.expected_next_use(key), []
+        while need > 0:
+            victim = max((k for k in part if k not in victims), key=self.expected_next_use)  # the first of equals
+            if self.expected_next_use(victim) < mine:
+                return []
+            victims.append(victim)
+            need -= self.size[victim]
+        for victim in victims:
+            part.remove(victim)
+        part.append(key)
+        self.size[key] = nbytes
+        return victims
+
+    def discard(self, key: Key) -> None:
+        if key in self._part(key):
+            self._part(key).remove(key)
+
+    def keys(self) -> list[Key]:
+        return list(chain.from_iterable(self.order))
+
+
 REFERENCES: dict[str, Any] = {"lru": RefLRU, "lfu": RefLFU, "slru": RefSLRU, "static": RefStatic, "none": RefNone}
+
+
+def reference(policy: str, scope: str, capacity: int, **kw: Any) -> Any:
+    if policy == "next_use":
+        return RefNextUse(capacity, scope, NUM_LAYERS, NUM_EXPERTS)
+    model = REFERENCES[policy]
+    return model(capacity, **kw) if scope == "global" else RefPerLayer(model, capacity, NUM_LAYERS, **kw)
 
 
 class RefPerLayer:
@@ -256,7 +329,9 @@ SIZES = st.one_of(
     st.integers(1, 4).map(lambda size: dict.fromkeys(KEYS, size)),
     st.fixed_dictionaries({key: st.integers(0, 10) for key in KEYS}),
 )
-ENGINE_OPS = st.lists(st.tuples(st.sampled_from(("use", "use", "use", "prefetch", "discard")), KEY), max_size=60)
+ENGINE_OPS = st.lists(
+    st.tuples(st.sampled_from(("visit", "use", "use", "use", "prefetch", "discard")), KEY), max_size=60
+)
 
 
 @pytest.mark.parametrize("policy", POLICIES)
@@ -280,15 +355,18 @@ def test_matches_reference_model(
 ) -> None:
     kw = {"protected_fraction": fraction} if policy == "slru" else {}
     cache = ExpertCache(policy, scope, capacity, NUM_LAYERS, NUM_EXPERTS, **kw)
-    model = REFERENCES[policy]
-    ref = model(capacity, **kw) if scope == "global" else RefPerLayer(model, capacity, NUM_LAYERS, **kw)
+    ref = reference(policy, scope, capacity, **kw)
     if policy == "static":
         ranked = [(key, sizes[key]) for key in ranking]
         cache.pin(ranked)
         ref.pin(ranked)
     hits = misses = 0
     for op, key in ops:
-        if op == "use":
+        if op == "visit":
+            cache.visit(key[0])
+            if policy == "next_use":
+                ref.visit(key[0])
+        elif op == "use":
             hit = cache.access(key)
             assert hit == ref.access(key)
             hits, misses = hits + hit, misses + (not hit)
@@ -311,6 +389,7 @@ ANY_OPS = st.lists(
         st.tuples(st.just("access"), KEY, st.just(0)),
         st.tuples(st.just("admit"), KEY, st.integers(0, 40)),
         st.tuples(st.just("discard"), KEY, st.just(0)),
+        st.tuples(st.just("visit"), KEY, st.just(0)),
     ),
     max_size=60,
 )
@@ -349,13 +428,19 @@ def test_byte_accounting_holds_under_any_operations(
         elif op == "discard":
             cache.discard(key)
             assert set(cache.keys()) == set(before) - {key}
+        elif op == "visit":
+            cache.visit(key[0])
+            assert cache.keys() == before
         else:
             room = cache.layer_capacity_bytes - partition_used(cache, key)
             evicted = cache.admit(key, nbytes)
             if key in cache and not was:
                 sizes[key] = nbytes
             inserts = policy not in ("static", "none") and nbytes <= cache.layer_capacity_bytes
-            assert (key in cache) == (was or inserts)
+            if policy == "next_use" and inserts and not was and key not in cache:  # declined
+                assert room < nbytes and not evicted and cache.keys() == before
+            else:
+                assert (key in cache) == (was or inserts)
             assert len(set(evicted)) == len(evicted) and set(evicted) <= set(before) - {key}
             assert not any(victim in cache for victim in evicted)
             if evicted:  # without its last victim, the key would not have fit
@@ -371,13 +456,13 @@ def test_byte_accounting_holds_under_any_operations(
     assert cache.hits + cache.misses == accesses
 
 
-ACCESS, ADMIT, DISCARD = range(3)
+ACCESS, ADMIT, DISCARD, VISIT = range(4)
 
 
 @njit
 def replay(state: CacheState, ops: np.ndarray) -> np.ndarray:
-    """Run (op, key id, nbytes) rows on ``state``; a row's outcome is the hit, or the number of victims
-    followed by the victims."""
+    """Run (op, key id, nbytes) rows on ``state`` (a visit's third column is its layer); a row's outcome is the
+    hit, or the number of victims followed by the victims."""
     log = np.full(len(ops) * (1 + len(state.evicted)), -1, np.int64)
     n = 0
     for op, key, nbytes in ops:
@@ -389,6 +474,8 @@ def replay(state: CacheState, ops: np.ndarray) -> np.ndarray:
             log[n] = evicted
             log[n + 1 : n + 1 + evicted] = state.evicted[:evicted]
             n += 1 + evicted
+        elif op == VISIT:
+            cache_visit(state, nbytes)
         else:
             cache_discard(state, key)
     return log[:n]
@@ -418,9 +505,14 @@ def test_njit_functions_called_from_njit_code_agree_with_the_wrapper(
         elif op == "admit":
             evicted = cache.admit(key, nbytes)
             expected += [len(evicted), *(ids[victim] for victim in evicted)]
+        elif op == "visit":
+            cache.visit(key[0])
         else:
             cache.discard(key)
-    rows = [(("access", "admit", "discard").index(op), ids[key], nbytes) for op, key, nbytes in ops]
+    rows = [
+        (("access", "admit", "discard", "visit").index(op), ids[key], key[0] if op == "visit" else nbytes)
+        for op, key, nbytes in ops
+    ]
     log = replay(state, np.array(rows, np.int64).reshape(-1, 3))
     assert log.tolist() == expected
     resident = cache.keys()
@@ -572,6 +664,31 @@ def test_slru_resists_a_scan_that_flushes_lru(policy: str, keeps_hot_set: bool) 
     assert [key in cache for key in hot] == [keeps_hot_set] * len(hot)
 
 
+@pytest.mark.parametrize(("policy", "kept"), [("next_use", [(0, 0), (1, 0)]), ("lru", [(1, 0), (2, 0)])])
+def test_next_use_keeps_the_layers_about_to_come(policy: str, kept: list[Key]) -> None:
+    cache = ExpertCache(policy, "global", 2, 3, 4)
+    for layer in (0, 1, 2, 0, 1, 2):  # each layer's one expert at every visit: used again in 3 visits
+        cache.visit(layer)
+        use(cache, (layer, 0))
+    assert cache.keys() == kept  # next_use: layer 2's is needed last, so it is not admitted over layer 0's
+    cache.visit(0)
+    assert cache.access((0, 0)) == (policy == "next_use")
+
+
+def test_next_use_does_not_let_an_expert_used_once_push_out_a_steady_one() -> None:
+    cache = ExpertCache("next_use", "per_layer", 2, 2, 4)
+    for _ in range(5):
+        cache.visit(0)
+        use(cache, (0, 0))
+    cache.visit(0)
+    assert not use(cache, (0, 1))
+    assert cache.keys() == [(0, 0)]
+    for _ in range(20):  # (0, 1) becomes the steady one
+        cache.visit(0)
+        use(cache, (0, 1))
+    assert cache.keys() == [(0, 1)]
+
+
 def test_static_pins_every_ranked_key_that_still_fits() -> None:
     cache = make_policy("static", 10)
     assert len(cache) == 0 and not cache.access(A)
@@ -647,7 +764,8 @@ def test_make_cache_builds_the_named_policy_in_either_scope(policy: str) -> None
             for array in arrays
             for name in array.dtype.names or [None]
         }
-        assert kinds == {np.dtype(np.int64)}
+        assert kinds == {np.dtype(np.int64), np.dtype(np.float64)}  # next_use's use rates are float64
+        assert len(cache.state.uses) == (32 if policy == "next_use" else 0)
 
 
 def test_per_layer_passes_policy_options_on() -> None:
@@ -664,7 +782,7 @@ def test_per_layer_passes_policy_options_on() -> None:
         (lambda: make_policy("slru", True), "capacity_bytes"),
         (lambda: make_policy("slru", 1 << 63), "capacity_bytes"),
         (lambda: ExpertCache("lru", "per_layer", -1, 2, 2), "capacity_bytes"),
-        (lambda: make_policy("arc", 1), "policy must be one of lru, lfu, slru, static, none"),
+        (lambda: make_policy("arc", 1), "policy must be one of lru, lfu, slru, next_use, static, none"),
         (lambda: ExpertCache("arc", "per_layer", 1, 2, 2), "policy"),
         (lambda: ExpertCache("lru", "everywhere", 1, 2, 2), "scope"),
         (lambda: ExpertCache("lru", "per_layer", 1, 0, 2), "num_layers"),
