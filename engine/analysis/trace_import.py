@@ -58,8 +58,8 @@ def import_trace(log: str | Path, model_config: str | Path, dtype: str = "bf16")
     offsets, nbytes = _expert_ranges(spec, dtype, layers)
     sequences = list(dict.fromkeys(sequence for sequence, _, _ in tokens))
     identity = {"config_sha256": hashlib.sha256(model_config.read_bytes()).hexdigest(), "dtype": dtype}
-    imported = {"imported": str(log.resolve()), "sha256": hashlib.sha256(log.read_bytes()).hexdigest(),
-                "sequences": len(sequences)}  # fmt: skip
+    imported = {"name": f"routing log {log.name}", "imported": str(log.resolve()),
+                "sha256": hashlib.sha256(log.read_bytes()).hexdigest(), "sequences": len(sequences)}  # fmt: skip
     meta = header(spec, model_config.resolve().parent, identity, imported, {"weights": "original"}, False, None, None)
     meta["imported_from"] = str(log.resolve())
     return Trace(

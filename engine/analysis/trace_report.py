@@ -5,7 +5,9 @@
 - per-layer expert load: each expert's share of its layer's selections;
 - adjacent-token reuse per layer, beside the rate random routing would give;
 - predictor accuracy per layer: the share of a layer's experts that ``gate_lookahead`` (from 1 to D layers
-  before) and ``previous_token`` had among their top-k.
+  before) and ``previous_token`` had among their top-k;
+- each predictor's prefetch precision and recall through the simulator's replay (``coactivation`` learning
+  online as the tokens pass), one layer ahead, top-k proposals.
 
 Figures are over the decode tokens (the calls of one token after the prompt), as the benchmark's are.
 """
@@ -23,7 +25,8 @@ import numpy as np
 from engine.analysis.routing_stats import adjacent_reuse, overlap
 from engine.analysis.simulator import simulate
 from engine.analysis.trace import Trace
-from engine.config import CACHE_POLICIES, EngineConfig
+from engine.config import CACHE_POLICIES, PREDICTORS, EngineConfig
+from engine.streaming.predictors import READS_LOOKAHEAD
 
 CACHE_FRACTIONS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75)  # of all experts
 
@@ -82,6 +85,7 @@ def write_report(trace: Trace, out_dir: str | Path, name: str = "trace") -> Path
         _plot_per_layer(accuracy, None, None),
         [f"{label}: mean {np.nanmean(values):.2f}" for label, values in accuracy.items()],
     )
+    sections += ["", "## Prefetch", "", *_prefetch_table(trace)]
     path = out / f"{name}.md"
     path.write_text("\n".join(sections) + "\n")
     return path
@@ -199,6 +203,34 @@ def _predictor_accuracy(trace: Trace, decode: np.ndarray, experts: np.ndarray) -
             accuracy[f"gate_lookahead, {depth} layer(s) before"] = values
     accuracy["previous_token"] = _adjacent_reuse(experts)
     return accuracy
+
+
+def _prefetch_table(trace: Trace) -> list[str]:
+    """Each predictor the trace can replay: its prefetch precision and recall, one layer ahead, no cache."""
+    lines = [
+        "Through the simulator's replay over the decode tokens after one warm-up pass: one layer ahead, each token's"
+        " top-k proposed, no cache. Precision: the share of prefetched experts used; recall: the share of misses"
+        " prefetched.",
+        "",
+        "| predictor | precision | recall |",
+        "|---|---|---|",
+    ]
+    for predictor in (p for p in PREDICTORS if p != "none"):
+        if predictor in READS_LOOKAHEAD and trace.depth == 0:
+            lines.append(f"| {predictor} | n/a: the trace has no lookahead | |")
+            continue
+        config = EngineConfig(
+            weights=trace.meta["recorded_with"].get("weights", "original"),
+            group_size=trace.meta["recorded_with"].get("group_size"),
+            predictor=predictor,
+        )
+        result = simulate(trace, config, optimal=False)
+        lines.append(f"| {predictor} | {_share(result.prefetch_precision)} | {_share(result.prefetch_recall)} |")
+    return lines
+
+
+def _share(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
 
 
 def _plot_per_layer(series: dict[str, np.ndarray], baseline: float | None, baseline_label: str | None):

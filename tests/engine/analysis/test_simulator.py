@@ -187,6 +187,8 @@ def test_report_trace_writes_a_page_with_its_plots(trace_path, tmp_path) -> None
     for image in images:
         assert (tmp_path / image).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "optimal" in text and "| lru |" in text
+    lookahead = simulate(load_trace(trace_path), EngineConfig(predictor="gate_lookahead"), optimal=False)
+    assert f"| gate_lookahead | {100 * lookahead.prefetch_precision:.1f}% | " in text
 
 
 def test_cli_records_simulates_and_reports(model_dir, tmp_path, capsys) -> None:

@@ -14,6 +14,7 @@ import pytest
 from engine.analysis.simulator import format_result, simulate
 from engine.analysis.trace import Trace, TraceError, load_trace, record_trace
 from engine.analysis.trace_import import import_trace
+from engine.analysis.trace_report import write_report
 from engine.bench.workloads import get_workload
 from engine.config import EngineConfig
 from engine.synth import SynthShape, synthesize
@@ -67,6 +68,18 @@ def test_an_imported_log_replays_as_the_recording(recorded, tmp_path) -> None:
     assert "2 experts per MoE layer (24 KiB each as dequantized)" in format_result(ours)
     with pytest.raises(ValueError, match="predictor 'gate_lookahead' replays gate_lookahead's proposals"):
         simulate(imported, dataclasses.replace(config, predictor="gate_lookahead"), 1e9)
+
+
+def test_the_report_of_an_imported_log_gives_the_replays_prefetch_figures(recorded, tmp_path) -> None:
+    model, trace = recorded
+    imported = load_trace(
+        import_trace(_log(trace, tmp_path / "r.jsonl"), model / "config.json").save(tmp_path / "t.npz")
+    )
+    text = write_report(imported, tmp_path / "report", "t").read_text()
+    learned = simulate(imported, EngineConfig(predictor="coactivation"), optimal=False)
+    assert 0 < learned.prefetch_precision < 1 and 0 < learned.prefetch_recall < 1
+    assert f"| coactivation | {100 * learned.prefetch_precision:.1f}% | {100 * learned.prefetch_recall:.1f}% |" in text
+    assert "| gate_lookahead | n/a: the trace has no lookahead | |" in text
 
 
 def test_the_cli_imports_and_simulates(recorded, tmp_path, capsys) -> None:
