@@ -222,8 +222,8 @@ class Recorder:
 
 
 def record_trace(model_dir: str | Path, workload: Workload, config: EngineConfig) -> Trace:
-    """One pass of ``workload`` on the checkpoint ``model_dir`` loaded with ``config``, as the benchmark makes it,
-    recorded."""
+    """One pass of ``workload`` on the checkpoint ``model_dir`` loaded with ``config``, as the benchmark makes it
+    (after a warm-up pass), recorded."""
     if config.cache_routing_tolerance or config.top_k is not None:
         raise ValueError(
             "a trace records the router's own choice: record it with the model's top_k and cache_routing_tolerance "
@@ -242,8 +242,11 @@ def _record(model: Model, workload: Workload, config: EngineConfig) -> Trace:
     from engine.bench.worker import measure
 
     decoder = model.decoder
-    recorder = new_recorder(model)
     prompt = workload.tokens(model)
+    # A warm-up pass first, as the benchmark runs one: numba compiles each kernel at its first call (after every
+    # update of the engine), and compiling counted as compute made the simulator predict up to 10x too slow.
+    measure(model, workload, prompt)
+    recorder = new_recorder(model)
     decoder.route_observer = recorder
     try:
         run = measure(model, workload, prompt)

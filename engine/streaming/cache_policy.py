@@ -2,8 +2,8 @@
 
 A policy only tracks keys and their sizes, never weights, and does no I/O: the expert ledger (``expert_ledger``)
 asks it what to keep and what to evict, for the engine's store and for the trace simulator's replay alike. So
-the whole policy is numba functions over a ``CacheState`` of int64 arrays, called from compiled code. An access
-or admission is O(1) apart from its victims and allocates nothing.
+the whole policy is numba functions over a ``CacheState`` of arrays, called from compiled code. An access or
+admission is O(1) apart from its victims (next_use: a scan of the partition per victim) and allocates nothing.
 
 Keys are ids ``layer * num_experts + expert``. The cache has one partition (scope ``global``) or one per layer
 (``per_layer``, each with ``capacity_bytes // num_layers``; the remainder is never used). A partition keeps its

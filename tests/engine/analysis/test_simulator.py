@@ -15,6 +15,7 @@ from engine import load_model
 from engine.analysis.simulator import simulate
 from engine.analysis.trace import RECORDED_EXTRA, TRACE_VERSION, TraceError, load_trace, record_trace
 from engine.analysis.trace_report import write_report
+from engine.bench import worker
 from engine.bench.worker import measure
 from engine.bench.workloads import get_workload
 from engine.config import CACHE_POLICIES, PREDICTORS, EngineConfig
@@ -133,6 +134,20 @@ def test_trace_round_trips(model_dir, trace_path) -> None:
     assert trace.lookahead_ids[:, -1].max() == -1  # nothing after the last layer
     again = trace.save(trace_path.with_name("again.npz"))
     assert load_trace(again).meta == trace.meta
+
+
+def test_the_recorded_pass_follows_a_warm_up(model_dir, monkeypatch) -> None:
+    """Compiling at first use must not count as the trace's compute time."""
+    passes: list[bool] = []
+
+    def counting(model, workload, prompt):
+        passes.append(model.decoder.route_observer is not None)
+        return measure(model, workload, prompt)
+
+    monkeypatch.setattr(worker, "measure", counting)
+    trace = record_trace(model_dir, WORKLOAD, EngineConfig())
+    assert passes == [False, True]
+    assert trace.call_tokens.tolist() == [WORKLOAD.prompt_tokens] + [1] * (WORKLOAD.new_tokens - 1)
 
 
 def test_bad_traces_name_the_file_and_field(trace_path, tmp_path) -> None:
