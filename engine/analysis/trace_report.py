@@ -112,12 +112,7 @@ def _hit_rates(trace: Trace) -> dict[str, list[tuple[float, float, float]]]:
     curve: dict[str, list[tuple[float, float, float]]] = {}
     for policy in (p for p in CACHE_POLICIES if p != "none"):
         for fraction in CACHE_FRACTIONS:
-            config = EngineConfig(
-                weights=trace.meta["recorded_with"].get("weights", "original"),
-                group_size=trace.meta["recorded_with"].get("group_size"),
-                cache_policy=policy,
-                cache_bytes=max(1, round(fraction * total)) * entry,
-            )
+            config = _replay_config(trace, cache_policy=policy, cache_bytes=max(1, round(fraction * total)) * entry)
             result = simulate(trace, config)
             curve.setdefault(policy, []).append((fraction, result.hit_rate, result.optimal_hit_rate))
     return curve
@@ -219,14 +214,15 @@ def _prefetch_table(trace: Trace) -> list[str]:
         if predictor in READS_LOOKAHEAD and trace.depth == 0:
             lines.append(f"| {predictor} | n/a: the trace has no lookahead | |")
             continue
-        config = EngineConfig(
-            weights=trace.meta["recorded_with"].get("weights", "original"),
-            group_size=trace.meta["recorded_with"].get("group_size"),
-            predictor=predictor,
-        )
-        result = simulate(trace, config, optimal=False)
+        result = simulate(trace, _replay_config(trace, predictor=predictor), optimal=False)
         lines.append(f"| {predictor} | {_share(result.prefetch_precision)} | {_share(result.prefetch_recall)} |")
     return lines
+
+
+def _replay_config(trace: Trace, **knobs: object) -> EngineConfig:
+    """``knobs`` over the weights the trace was recorded with (the stored format decides the routing)."""
+    recorded = trace.meta["recorded_with"]
+    return EngineConfig(weights=recorded.get("weights", "original"), group_size=recorded.get("group_size"), **knobs)
 
 
 def _share(value: float | None) -> str:

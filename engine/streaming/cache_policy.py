@@ -348,16 +348,22 @@ def _remove(state: CacheState, key: int) -> None:
 
 
 @njit(cache=True, inline="always")
-def _expected_next_use(state: CacheState, key: int) -> float:
-    """In layer visits from now; infinite for a key never accessed."""
-    layer = state.entries[key].layer
+def _rate_scale(state: CacheState) -> float:
+    """What turns a key's use mass over its layer's inflation into its chance of use per visit: (1 - decay) times
+    the accesses per visit."""
     meta = state.meta[0]
-    per_visit = (meta.hits + meta.misses) / meta.visits if meta.visits else 1.0
-    rate = min(1.0, per_visit * (1.0 - state.decay) * state.uses[key] / state.inflation[layer])
+    return (1.0 - state.decay) * ((meta.hits + meta.misses) / meta.visits if meta.visits else 1.0)
+
+
+@njit(cache=True, inline="always")
+def _expected_next_use(state: CacheState, key: int, scale: float) -> float:
+    """In layer visits from now; infinite for a key never accessed. ``scale``: ``_rate_scale(state)``."""
+    layer = state.entries[key].layer
+    rate = min(1.0, scale * state.uses[key] / state.inflation[layer])
     if rate <= 0.0:
         return np.inf
     layers = state.num_layers
-    return (layer - meta.layer - 1) % layers + 1 + layers * (1.0 / rate - 1.0)
+    return (layer - state.meta[0].layer - 1) % layers + 1 + layers * (1.0 / rate - 1.0)
 
 
 @njit(cache=True, inline="always")
@@ -378,14 +384,15 @@ def _next_use_victims(state: CacheState, key: int, partition: int, need: int) ->
     expected sooner than ``key`` (then ``key`` is not admitted), else how many."""
     links, entries = state.links, state.entries
     sentinel = _sentinel(state, partition, 0)
-    mine = _expected_next_use(state, key)
+    scale = _rate_scale(state)
+    mine = _expected_next_use(state, key, scale)
     count = freed = 0
     while freed < need:
         victim, latest = -1, -1.0
         node = links[sentinel].next
         while node != sentinel:
             if entries[node].list != CHOSEN:
-                expected = _expected_next_use(state, node)
+                expected = _expected_next_use(state, node, scale)
                 if expected > latest:
                     victim, latest = node, expected
             node = links[node].next
