@@ -116,8 +116,8 @@ def convert(tree: Path, python: Path, model: Path, out: Path) -> None:
     """``model`` to a bf16 GGUF at ``out`` with the tree's converter (written aside, renamed when complete)."""
     _step(f"converting {model} to {out.name} with {tree / 'convert_hf_to_gguf.py'}")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tree), str(tree / "gguf-py")])}
-    with _partial(out) as part:
-        _run([str(python), str(WRAPPER), str(tree), str(model), str(part)], env=env)
+    with _partial(out) as part:  # -P: the wrapper's folder holds profile.py, which would shadow cProfile's import
+        _run([str(python), "-P", str(WRAPPER), str(tree), str(model), str(part)], env=env)
 
 
 def _refuse_cuda_torch(python: Path) -> None:
