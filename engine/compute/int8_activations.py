@@ -30,6 +30,7 @@ from numba.extending import intrinsic
 
 from engine.compute.float_bits import scale_widener
 from engine.compute.int4_kernel import _fma, _load, _splat, _sum_lanes
+from engine.compute.prefetch import AHEAD, prefetch_rows
 from engine.formats.quant import INT4_OFFSET
 
 BLOCK = 32  # weights per vector step: 16 packed bytes, one 256-bit vector of int8 x
@@ -139,6 +140,7 @@ def _codegen(context, builder: ir.IRBuilder, signature, args, count: int, steps:
     row_data = [builder.gep(data.data, [builder.mul(r, pairs)]) for r in rows]
     row_scales = [builder.gep(scales.data, [builder.mul(r, groups)]) for r in rows]
     totals = [cgutils.alloca_once_value(builder, ir.Constant(_FLOATS, None)) for _ in rows]
+    prefetch_rows(builder, data.data, scales.data, builder.add(row, constant(count * AHEAD)), count, pairs, groups)
 
     def block(at: ir.Value, sums: list[ir.Value]) -> list[ir.Value]:
         """Add the 32 weights from byte ``at`` of each row times x's block there to each row's sums."""

@@ -21,6 +21,7 @@ from numba.extending import intrinsic
 from engine.compute.int4_kernel import int4_rows
 from engine.compute.int8_activations import int4_rows_int8, quantize_activations
 from engine.compute.kernels import FASTMATH, THREAD_CHOICE, bf16_dot, f16_dot, int8_dot
+from engine.compute.prefetch import AHEAD, prefetch_range
 from engine.formats.expert_layout import ExpertData, PackedExpert
 
 _FORMATS = {"bf16": 0, "fp16": 1, "int8": 2, "int4": 3, "int4_bf16": 4}
@@ -32,7 +33,7 @@ def supported(experts: list[ExpertData]) -> bool:
     if not experts or not all(isinstance(e, PackedExpert) for e in experts):
         return False
     first = experts[0].kind
-    return first[-1][0] in _FORMATS and len({m[0] for m in first}) == 1 and all(e.kind == first for e in experts)
+    return experts[0].format in _FORMATS and all(e.kind == first for e in experts)
 
 
 def routed_experts(
@@ -42,26 +43,13 @@ def routed_experts(
     experts multiply x (and their SwiGLU's output) rounded to int8 (``engine.compute.int8_activations``)."""
     down = experts[0].down
     hidden, inter = down.shape
-    addresses = np.array([_addresses(e, inter) for e in experts], np.int64)
+    addresses = np.array([e.addresses for e in experts], np.int64)
     fmt = _FORMATS[down.format]
     out = np.empty(hidden, np.float32)
     args = (fmt, down.group_size, int8_activations, x, addresses, np.asarray(weights, np.float32), inter, out)
     key = ("routed", down.format, int8_activations, len(experts), down.shape, get_num_threads())
     THREAD_CHOICE.run(key, _routed, args)
     return out
-
-
-def _addresses(expert: PackedExpert, inter: int) -> list[int]:
-    """Where the kernel finds an expert: gate data and scales, up data and scales, down data and scales (a
-    fused gate_up's up half starts ``inter`` rows in)."""
-    if len(expert.gate_up) == 2:
-        (gate, gate_scales), (up, up_scales), down = expert.addresses
-    else:
-        (gate, gate_scales), down = expert.addresses
-        fused = expert.gate_up[0]
-        up = gate + inter * fused.data.strides[0]
-        up_scales = gate_scales + (fused.scales.nbytes // fused.shape[0] if fused.scales.size else 0) * inter
-    return [gate, gate_scales, up, up_scales, *down]
 
 
 def _pointer_intrinsic(element: types.Type):
@@ -103,7 +91,9 @@ def _rows(fmt, group, x, floats, ints, data, scales, rows, cols, first, last, y)
         w4 = carray(_u8(data), (rows, cols // 2))
         _int4_rows(floats, ints, w4, carray(_i16(scales), (rows, cols // group)), first, last, y)
     else:
+        row_bytes = cols * (1 if fmt == 2 else 2)
         for r in range(first, last):
+            prefetch_range(data + (r + AHEAD) * row_bytes, row_bytes)
             y[r - first] = _dot(fmt, x, data, scales, r, cols)
 
 

@@ -49,16 +49,32 @@ class PackedExpert:
     buffer: Slot | None
 
     @cached_property
-    def addresses(self) -> tuple[tuple[int, int], ...]:
-        """Where each matrix's data and scales start in memory, gate_up's parts then down (for compiled code that
-        takes an expert by address: ``moe_kernel``)."""
-        return tuple((_start(m.data), _start(m.scales)) for m in (*self.gate_up, self.down))
+    def addresses(self) -> tuple[int, ...]:
+        """Where the gate, up and down matrices' data and scales start in memory, in that order (a fused
+        gate_up's up half starts halfway down its rows): for compiled code that takes an expert by address
+        (``moe_kernel``)."""
+        if len(self.gate_up) == 2:
+            gate, up = self.gate_up
+            starts = [_start(gate.data), _start(gate.scales), _start(up.data), _start(up.scales)]
+        else:
+            (fused,) = self.gate_up
+            half = fused.shape[0] // 2
+            gate, gate_scales = _start(fused.data), _start(fused.scales)
+            scale_row = fused.scales.nbytes // fused.shape[0] if fused.scales.size else 0
+            starts = [gate, gate_scales, gate + half * fused.data.strides[0], gate_scales + half * scale_row]
+        return (*starts, _start(self.down.data), _start(self.down.scales))
 
     @cached_property
     def kind(self) -> tuple[tuple[str, tuple[int, int], int], ...]:
         """(format, shape, group size) of each matrix, gate_up's parts then down: experts alike can be computed
         together (``moe_kernel``)."""
         return tuple((m.format, m.shape, m.group_size) for m in (*self.gate_up, self.down))
+
+    @cached_property
+    def format(self) -> str | None:
+        """The format of all its matrices, or None if they differ."""
+        formats = {m.format for m in (*self.gate_up, self.down)}
+        return formats.pop() if len(formats) == 1 else None
 
     def parts(self) -> tuple[PackedMatrix, PackedMatrix]:
         """(gate_up, down) for a one-part gate_up (fused or repacked)."""

@@ -8,8 +8,9 @@ import sys
 
 import numpy as np
 import pytest
+from numba import njit
 
-from engine.compute import kernels
+from engine.compute import int4_kernel, kernels
 from engine.formats.checkpoint import to_float32
 from engine.formats.quant import (
     ALIGN,
@@ -158,7 +159,7 @@ def assert_matches_float64(y: np.ndarray, x: np.ndarray, w: np.ndarray) -> None:
 
 
 # [out, in, group size]; groups of 20 and 2 leave int4 bytes past its vector steps of 8 (groups of 16 values)
-SHAPES = [(5, 128, 32), (37, 96, 32), (64, 256, 64), (300, 64, 64), (7, 80, 20), (3, 48, 2)]
+SHAPES = [(5, 128, 32), (37, 96, 32), (64, 256, 64), (300, 64, 64), (9, 256, 128), (7, 80, 20), (3, 48, 2)]
 
 
 def test_token_counts_cover_both_paths():
@@ -174,6 +175,23 @@ def test_matmul_matches_the_reference(format, tokens, out, cols, group_size):
     y = kernels.matmul(x, p)
     assert_matches_float64(y, x, dequantize(p))
     np.testing.assert_array_equal(y[:, 1], 0)  # the zero row
+
+
+@njit
+def _int4_rows_counted(x_even, x_odd, data, scales, y):
+    for r in range(0, data.shape[0], 2):
+        y[r], y[r + 1] = int4_kernel._two_any(data, scales, r, x_even, x_odd)
+
+
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+def test_int4_groups_unrolled_give_the_bits_of_the_counted_loop(group_size):
+    p = quantize(weights(6, 512), "int4", group_size)
+    x = np.random.default_rng(4).standard_normal(512).astype(np.float32)
+    x_even, x_odd, scales = x[0::2].copy(), x[1::2].copy(), p.scales.view(np.uint16)
+    unrolled, counted = np.empty(6, np.float32), np.empty(6, np.float32)
+    int4_kernel.int4_rows(x_even, x_odd, p.data, scales, 0, 6, unrolled)
+    _int4_rows_counted(x_even, x_odd, p.data, scales, counted)
+    np.testing.assert_array_equal(unrolled, counted)
 
 
 @pytest.mark.parametrize("format", ["fp32", "bf16", "fp16"])
