@@ -22,7 +22,7 @@ from engine.compute.moe_kernel import supported as routed_experts_supported
 from engine.config import EngineConfig
 from engine.errors import ConfigError
 from engine.formats.checkpoint import Checkpoint
-from engine.formats.expert_layout import INT4_FORMATS, ExpertLayout, locate_experts, repacked_layouts
+from engine.formats.expert_layout import INT4_FORMATS, ExpertLayout, PackedExpert, locate_experts, repacked_layouts
 from engine.formats.quant import PackedMatrix, dequantize
 from engine.formats.repack_manifest import is_repacked, load_manifest
 from engine.formats.tensor_names import MODEL_PREFIXES, model_prefix, moe_prefix
@@ -136,6 +136,9 @@ class Layer:
     shared_expert: tuple[np.ndarray | PackedMatrix, np.ndarray | PackedMatrix] | None
     shared_expert_gate: np.ndarray | None  # [1, H]
     router_bias: np.ndarray | None = None  # [E]: the grouped sigmoid router's choice correction
+    # dense and shared_expert as one expert of the decode kernel (``one_expert``), where it can take them
+    dense_expert: PackedExpert | None = None
+    shared_expert_one: PackedExpert | None = None
 
 
 @dataclass
@@ -316,7 +319,10 @@ class Decoder:
         return linear(out, a.o, a.o_bias)
 
     def _mlp(self, i: int, layer: Layer, h: np.ndarray) -> np.ndarray:
+        decode = h.shape[0] == 1
         if layer.dense is not None:
+            if decode and layer.dense_expert is not None:
+                return routed_experts(h[0], [layer.dense_expert], _ONE)[None]
             return swiglu(h, *layer.dense)
         routing = self.route(i, h)
         if self.route_observer is not None:
@@ -325,7 +331,7 @@ class Decoder:
         self.store.request(i, experts)
         self.store.route_done(i, h, routing.experts, routing.probs)
         int8 = self.config.activations == "int8"
-        if h.shape[0] == 1 and self.store.packed:  # decode: one compiled call for the token's experts
+        if decode and self.store.packed:  # one compiled call for the token's experts
             datas = self.store.get_all(i, experts)
             weights = routing.weights[0, np.argsort(routing.experts[0])]  # as ``experts``: ascending ids
             if routed_experts_supported(datas):
@@ -341,8 +347,12 @@ class Decoder:
                 weight = routing.weights[rows, slots, None]
                 out[rows] += expert_mlp(h[rows], self.store.get(i, expert), int8) * weight
         if layer.shared_expert is not None:
-            shared = swiglu(h, *layer.shared_expert)
-            out += shared if layer.shared_expert_gate is None else sigmoid(h @ layer.shared_expert_gate.T) * shared
+            gate = None if layer.shared_expert_gate is None else sigmoid(h @ layer.shared_expert_gate.T)  # [T, 1]
+            if decode and layer.shared_expert_one is not None:
+                out += routed_experts(h[0], [layer.shared_expert_one], _ONE if gate is None else gate[0])
+            else:
+                shared = swiglu(h, *layer.shared_expert)
+                out += shared if gate is None else gate * shared
         return out
 
     def router_scores(self, layer: int, h: np.ndarray) -> np.ndarray:
@@ -375,6 +385,16 @@ class Decoder:
 
 
 _NONE = np.zeros(0, np.float32)  # an absent weight or bias, for compiled code that takes arrays only
+_ONE = np.ones(1, np.float32)  # the weight of a lone expert
+
+
+def one_expert(mlp: tuple[np.ndarray | PackedMatrix, np.ndarray | PackedMatrix] | None) -> PackedExpert | None:
+    """A resident MLP (gate_up, down) as the decode kernel takes an expert, if it can: at decode one compiled call
+    instead of two matrix products and numpy's SwiGLU between them."""
+    if mlp is None or not all(isinstance(m, PackedMatrix) for m in mlp):
+        return None
+    expert = PackedExpert((mlp[0],), mlp[1], None)
+    return expert if routed_experts_supported([expert]) else None
 
 
 def router_scores_of(logits: np.ndarray, grouped: GroupedSigmoidRouter | None, bias: np.ndarray | None) -> np.ndarray:
@@ -549,6 +569,8 @@ def build_decoder(spec: DecoderSpec, ckpt: Checkpoint, config: EngineConfig) -> 
                 shared,
                 shared_gate,
                 router_bias,
+                one_expert(dense),
+                one_expert(shared),
             )
         )
     embed = read(f"{base}.embed_tokens.weight", (s.vocab_size, h))

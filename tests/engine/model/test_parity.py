@@ -144,7 +144,15 @@ def test_half_precision_checkpoints(tmp_path, arch, dtype):
 
     model_cls = CLASSES[arch][1]
     upcast = model_cls.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
-    np.testing.assert_allclose(ours, reference_logits(upcast, ids), atol=1e-4, rtol=0)
+    expected = reference_logits(upcast, ids)
+    np.testing.assert_allclose(ours, expected, atol=1e-4, rtol=0)
+    cache = model.decoder.new_cache()  # the decode paths: bf16 matrices stay packed, the MLPs run as one expert
+    stepped = np.concatenate([model.decoder.forward(np.asarray([token]), cache) for token in ids])
+    np.testing.assert_allclose(stepped, expected, atol=1e-4, rtol=0)
+    if dtype == torch.bfloat16:
+        layers = model.decoder.layers
+        assert all((layer.shared_expert is None) == (layer.shared_expert_one is None) for layer in layers)
+        assert all((layer.dense is None) == (layer.dense_expert is None) for layer in layers)
 
     native = model_cls.from_pretrained(path, dtype=dtype, attn_implementation="eager").eval()
     theirs = reference_logits(native, ids)
