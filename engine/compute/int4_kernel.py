@@ -118,7 +118,7 @@ def _codegen(context, builder: ir.IRBuilder, signature, args, count: int, steps:
         if steps is not None:
             for k in range(steps):
                 sums = step(builder.add(start, constant(k * LANES)), sums)
-            rests = [zero] * count
+            rests = None  # no bytes past the vector steps
         else:
             cells = [[cgutils.alloca_once_value(builder, v) for v in row_sums] for row_sums in sums]
             vector_steps = builder.udiv(group_pairs, constant(LANES))
@@ -136,7 +136,8 @@ def _codegen(context, builder: ir.IRBuilder, signature, args, count: int, steps:
             scales_vector = _splat(builder, scale, _FLOATS)
             for t, s in zip(totals[i], sums[i], strict=True):
                 builder.store(_fma(builder, scales_vector, s, builder.load(t)), t)
-            builder.store(_fma(builder, scale, rests[i], builder.load(total_rest[i])), total_rest[i])
+            if rests is not None:
+                builder.store(_fma(builder, scale, rests[i], builder.load(total_rest[i])), total_rest[i])
 
     results = []
     for i in range(count):
