@@ -4,7 +4,7 @@ Decode (fewer than ``BLAS_TOKENS[format]`` tokens) runs numba kernels that split
 and decode each weight once per token, accumulating in float32. Prefill dequantizes blocks of ``BLAS_ROWS`` rows
 into a float32 scratch on one thread and multiplies them with BLAS; ``fp32`` always uses BLAS. ``set_threads``
 sets the kernels' threads; BLAS keeps its own. A matrix too small to gain from splitting runs on one thread
-(``_ThreadChoice``: chosen per shape by timing the first calls).
+(``_ThreadChoice``: chosen per shape by timing the calls).
 
 Sums are reordered and fused into FMAs so that they vectorise, so results differ from numpy's by float32 rounding:
 |matmul(x, p) - x @ dequantize(p).T| <= 1e-6 * sqrt(in) * (|x| @ |dequantize(p)|.T), against float64 (tested).
@@ -17,6 +17,7 @@ BLAS on the calling thread (``model/decoder.py``), and the dequantizing of the p
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable
 
 import numba
@@ -83,33 +84,58 @@ class _ThreadChoice:
 
     Starting a parallel region costs tens of microseconds where OpenMP's workers sleep between regions (as they
     must here, see above), which is more than a small matrix saves by being split: measured on a 2-core EPYC,
-    a bf16 1536x1024 decode took 64 µs on one thread and 95 on two. So the first calls of each (format, shape,
-    tokens, threads) alternate between one thread and all of them, timed, and the faster is kept. Rows are
-    summed on one thread either way: the result does not depend on the choice.
+    a bf16 1536x1024 decode took 64 µs on one thread and 95 on two. Which wins depends on the shape, the machine
+    and what else runs (reader threads, another process), so every call is timed: the first calls of each
+    (format, shape, tokens, threads) alternate between one thread and all of them, then the faster so far runs,
+    and one call in ``RECHECK`` runs the other way, so that a choice made on noisy first calls is revisited (a
+    choice fixed after 5 calls of each once kept a decode token's bf16 experts on one thread: 34 ms per token
+    against 26). The medians of each way's latest ``WINDOW`` timings decide. Rows are summed on one thread either
+    way: the result does not depend on the choice.
     """
 
-    CALLS = 5  # timed calls of each kind; the fastest of each is compared (the first may include compiling)
+    CALLS = 5  # timed calls of each way before the first choice (the first may include compiling)
+    RECHECK = 32
+    WINDOW = 8
 
     def __init__(self) -> None:
-        self.serial: dict[tuple, bool] = {}
-        self.timings: dict[tuple, tuple[list[float], list[float]]] = {}
+        self.ways: dict[tuple, _Ways] = {}
+
+    def serial(self, key: tuple) -> bool | None:
+        """The way calls of ``key`` run now: on one thread (True), on all of them (False); None before a choice."""
+        ways = self.ways.get(key)
+        return None if ways is None or len(ways.parallel) < self.CALLS else ways.serial
 
     def run(self, key: tuple, kernel: Callable[..., None], args: tuple) -> None:
-        serial = self.serial.get(key)
-        if serial is False:
+        ways = self.ways.get(key)
+        if ways is None:
+            ways = self.ways[key] = _Ways(self.WINDOW)
+        ways.calls += 1
+        choosing = len(ways.parallel) < self.CALLS
+        recheck = ways.calls % self.RECHECK == 0
+        serial = len(ways.one) <= len(ways.parallel) if choosing else ways.serial != recheck
+        began = time.perf_counter()
+        if serial:
+            _call_with_threads(kernel, args, 1)
+        else:
             kernel(*args)
-            return
-        if serial is None:
-            one, all_ = self.timings.setdefault(key, ([], []))
-            serial = len(one) <= len(all_)
-            began = time.perf_counter()
-            _call_with_threads(kernel, args, 1 if serial else key[-1])
-            (one if serial else all_).append(time.perf_counter() - began)
-            if len(all_) == self.CALLS:
-                self.serial[key] = min(one) < min(all_)
-                del self.timings[key]
-            return
-        _call_with_threads(kernel, args, 1)
+        (ways.one if serial else ways.parallel).append(time.perf_counter() - began)
+        if choosing or serial != ways.serial:
+            ways.serial = _median(ways.one) < _median(ways.parallel)
+
+
+class _Ways:
+    """One kernel shape's latest timings on one thread and on all, and the way chosen."""
+
+    def __init__(self, window: int) -> None:
+        self.one: deque[float] = deque(maxlen=window)
+        self.parallel: deque[float] = deque(maxlen=window)
+        self.serial = True
+        self.calls = 0
+
+
+def _median(timings: deque[float]) -> float:
+    ordered = sorted(timings)
+    return ordered[len(ordered) // 2] if ordered else float("inf")
 
 
 def _call_with_threads(kernel: Callable[..., None], args: tuple, threads: int) -> None:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 
+import numba
 import numpy as np
 import pytest
 from numba import njit
@@ -276,9 +278,28 @@ def test_each_shape_keeps_the_faster_thread_count_with_the_same_results():
     x = np.random.default_rng(4).standard_normal((1, 256)).astype(np.float32)
     threads = kernels.max_threads()
     key = ("bf16", False, p.shape, 1, threads)
-    kernels.THREAD_CHOICE.serial.pop(key, None)
+    kernels.THREAD_CHOICE.ways.pop(key, None)
     results = [kernels.matmul(x, p) for _ in range(2 * kernels._ThreadChoice.CALLS + 2)]
     for result in results:
         np.testing.assert_array_equal(result, results[0])
     if threads > 1:
-        assert key in kernels.THREAD_CHOICE.serial and key not in kernels.THREAD_CHOICE.timings
+        assert kernels.THREAD_CHOICE.serial(key) is not None
+
+
+@pytest.mark.skipif(kernels.max_threads() < 2, reason="one thread: no choice to make")
+def test_a_thread_choice_is_revisited_when_the_other_way_becomes_faster():
+    choice = kernels._ThreadChoice()
+    slow = {"serial": True}
+
+    def kernel() -> None:
+        if (numba.get_num_threads() == 1) == slow["serial"]:
+            time.sleep(0.002)
+
+    key = ("test", kernels.max_threads())
+    for _ in range(2 * choice.CALLS):
+        choice.run(key, kernel, ())
+    assert choice.serial(key) is False
+    slow["serial"] = False  # the machine changed: now the parallel calls are the slow ones
+    for _ in range(choice.WINDOW * choice.RECHECK):  # until the fast one-thread rechecks fill half its window
+        choice.run(key, kernel, ())
+    assert choice.serial(key) is True
