@@ -28,6 +28,8 @@ CACHE_FORMATS = ("dequantized", "packed")
 IO_MODES = ("pread", "direct", "mmap")
 WEIGHTS = ("original", *FORMATS)
 ACTIVATIONS = ("float32", "int8")
+RESIDENT_WEIGHTS = ("original", "int8", "int4")
+RESIDENT_GROUP_SIZE = INT8_BLOCK  # resident int4's group: int8 activations' block, and llama.cpp Q4_0's
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,10 @@ class EngineConfig:
     group_size: int | None = None
     # Active experts per token; None keeps the model's own. Fewer is faster and changes the output.
     top_k: int | None = None
+    # The resident matrices (attention projections, shared experts, dense layers' MLPs; not the router, embeddings
+    # or output layer): as the checkpoint stores them, or quantized when loaded, int4 in groups of 32 as llama.cpp's
+    # Q4_0 does. A quarter of bf16's bytes per token, read at every token. Changes the output unless "original".
+    resident_weights: str = "original"
     # Cache-aware routing: an expert whose router probability is within this of the k-th best may replace a
     # better-scored one that is not in RAM. 0 routes exactly. Changes the output.
     cache_routing_tolerance: float = 0.0
@@ -51,10 +57,10 @@ class EngineConfig:
     # What the cache holds and the compute reads: "dequantized" float32 (numpy's BLAS) or "packed", the bytes as
     # stored (half the RAM per expert for bf16), multiplied by the fused kernels.
     cache_format: str = "dequantized"
-    # What int4 experts multiply: the float32 activations, or the activations rounded to int8 per group of weights
-    # (llama.cpp's Q4_0 x Q8_0), twice the decode kernel's speed (engine.compute.int8_activations). "int8" needs
-    # int4 experts (stored, or weights = "int4") in groups of a multiple of 32, and the packed cache format.
-    # Changes the output.
+    # What int4 experts (and resident matrices made int4 by resident_weights) multiply: the float32 activations, or
+    # the activations rounded to int8 per group of weights (llama.cpp's Q4_0 x Q8_0), twice the decode kernel's speed
+    # (engine.compute.int8_activations). "int8" needs int4 experts (stored, or weights = "int4") in groups of a
+    # multiple of 32, and the packed cache format. Changes the output.
     activations: str = "float32"
     # How expert bytes come off the disk: buffered pread, O_DIRECT (F_NOCACHE on macOS) or a memory map.
     io_mode: str = "pread"
@@ -92,6 +98,7 @@ class EngineConfig:
             ("cache_scope", CACHE_SCOPES),
             ("cache_format", CACHE_FORMATS),
             ("activations", ACTIVATIONS),
+            ("resident_weights", RESIDENT_WEIGHTS),
             ("io_mode", IO_MODES),
             ("predictor", PREDICTORS),
         ):

@@ -4,8 +4,9 @@ Decode speed is the trace simulator's prediction (the trace of the config's weig
 bandwidth the engine's reader reaches with the config's I/O settings, interpolated in log2 of the request size and
 of the reads in flight); quality is the measured table's, for the config's format and active experts, linear in the
 cache-aware routing tolerance between the measured ones. Deterministic: the same config gives the same figures.
-Settings that change only the compute (``compute_threads``, ``cache_format``, ``activations``) score alike: the
-simulator replays the trace's compute time, and the quality table holds float32 activations only.
+Settings that change only the compute (``compute_threads``, ``cache_format``, ``activations``,
+``resident_weights``) score alike: the simulator replays the trace's compute time, and the quality table holds
+float32 activations and the original resident weights only.
 """
 
 from __future__ import annotations

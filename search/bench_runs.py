@@ -34,7 +34,7 @@ from search.study import enqueue_warm_start, make_sampler
 # Samplers the tuner does not offer, for comparison: TPE as the tuner built it before this benchmark chose otherwise.
 VARIANTS = {"tpe (group)": lambda seed: optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True)}
 # Knobs that change the output: a lossless phase leaves them at the model's own (original weights, every expert).
-LOSSY = ("weights", "group_size", "top_k", "cache_routing_tolerance", "activations")
+LOSSY = ("weights", "group_size", "resident_weights", "top_k", "cache_routing_tolerance", "activations")
 PARETO = (("decode_tok_s", "maximize"), ("quality_kl", "minimize"))
 
 

@@ -7,8 +7,8 @@ recorded as pruned with ``fidelity = "simulator"`` and their predicted figures, 
 The trace is recorded once, from the experiment's model and workload, if the file does not exist yet.
 
 The simulator models the disk, the cache and the prefetcher, with the compute time recorded in the trace:
-settings that change the compute (``compute_threads``, ``cache_format``, ``activations``) are not told apart
-by it, so the threshold is a ratio, not a rank.
+settings that change the compute (``compute_threads``, ``cache_format``, ``activations``, ``resident_weights``) are
+not told apart by it, so the threshold is a ratio, not a rank.
 """
 
 from __future__ import annotations

@@ -19,11 +19,11 @@ from engine.compute.int8_activations import BLOCK as INT8_BLOCK
 from engine.compute.int8_activations import supported as int8_supported
 from engine.compute.moe_kernel import routed_experts
 from engine.compute.moe_kernel import supported as routed_experts_supported
-from engine.config import EngineConfig
+from engine.config import RESIDENT_GROUP_SIZE, EngineConfig
 from engine.errors import ConfigError
 from engine.formats.checkpoint import Checkpoint
 from engine.formats.expert_layout import INT4_FORMATS, ExpertLayout, PackedExpert, locate_experts, repacked_layouts
-from engine.formats.quant import PackedMatrix, dequantize
+from engine.formats.quant import PackedMatrix, dequantize, quantize
 from engine.formats.repack_manifest import is_repacked, load_manifest
 from engine.formats.tensor_names import MODEL_PREFIXES, model_prefix, moe_prefix
 from engine.model.decode_attention import (
@@ -83,7 +83,8 @@ class KVCache:
 
 @dataclass
 class Attention:
-    """The projections as the checkpoint stores them (bfloat16 kept packed, see ``Checkpoint.read_matrix``)."""
+    """The projections as the checkpoint stores them (bfloat16 kept packed, see ``Checkpoint.read_matrix``), or as
+    ``resident_weights`` quantized them."""
 
     qkv: np.ndarray | PackedMatrix  # [nH*D (x2 with an output gate) + 2*nKV*D, H]: q, k and v stacked, one call
     o: np.ndarray | PackedMatrix  # [H, nH*D]
@@ -115,15 +116,15 @@ class LatentAttentionWeights:
 class DeltaNetWeights:
     """A Gated DeltaNet layer's weights."""
 
-    qkv: np.ndarray  # [2*nK*dk + nV*dv, H]
-    z: np.ndarray  # [nV*dv, H]: the output gate
+    qkv: np.ndarray | PackedMatrix  # [2*nK*dk + nV*dv, H]
+    z: np.ndarray | PackedMatrix  # [nV*dv, H]: the output gate
     b: np.ndarray  # [nV, H]: beta, the write strength
     a: np.ndarray  # [nV, H]: the decay's input
     conv: np.ndarray  # [2*nK*dk + nV*dv, K]: depthwise causal convolution
     dt_bias: np.ndarray  # [nV]
     decay_rate: np.ndarray  # [nV]: exp(A_log)
     norm: np.ndarray  # [dv]
-    out: np.ndarray  # [H, nV*dv]
+    out: np.ndarray | PackedMatrix  # [H, nV*dv]
 
 
 @dataclass
@@ -179,6 +180,8 @@ class Decoder:
         self.final_norm = final_norm
         self.lm_head = lm_head  # [V, H]
         self.route_observer: RouteObserver | None = None
+        # int4 resident matrices (``resident_weights``) multiply int8 activations when the experts do
+        self.resident_int8 = config.activations == "int8" and config.resident_weights == "int4"
 
     def new_cache(self) -> KVCache:
         s, latent = self.spec, self.spec.latent_attention
@@ -226,15 +229,15 @@ class Decoder:
         if t == 1:  # decode: compiled, see decode_attention
             q_norm, k_norm = (_NONE if n is None else n for n in (a.q_norm, a.k_norm))
             q, gate, k, v = project_one(
-                linear(h, a.qkv, a.qkv_bias)[0], s.num_heads, s.num_kv_heads, s.head_dim, s.attention_output_gate,
+                self._linear(h, a.qkv, a.qkv_bias)[0], s.num_heads, s.num_kv_heads, s.head_dim, s.attention_output_gate,
                 NORMS[s.qk_norm], q_norm, k_norm, np.float32(s.rms_norm_eps), np.float32(s.clip_qkv or 0),
                 cos[0], sin[0],
             )  # fmt: skip
             cache.append(i, k[:, None], v[:, None])
             out = attend_one(q, gate, cache.keys[i], cache.values[i], start + 1, s.sliding_windows[i] or 0)
-            return linear(out[None], a.o, a.o_bias)
+            return self._linear(out[None], a.o, a.o_bias)
         q_out = s.num_heads * s.head_dim * (2 if s.attention_output_gate else 1)
-        q, k, v = np.split(linear(h, a.qkv, a.qkv_bias), [q_out, q_out + s.num_kv_heads * s.head_dim], axis=1)
+        q, k, v = np.split(self._linear(h, a.qkv, a.qkv_bias), [q_out, q_out + s.num_kv_heads * s.head_dim], axis=1)
         gate = None
         if s.attention_output_gate:  # per head: the query, then as many gate values
             q, gate = np.split(q.reshape(t, s.num_heads, 2 * s.head_dim), 2, axis=-1)
@@ -251,7 +254,7 @@ class Decoder:
         q, k = Rope.apply(q, cos, sin), Rope.apply(k, cos, sin)
         keys, values = cache.append(i, k, v)
         out = attend(q, keys, values, start, s.sliding_windows[i])
-        return linear(out if gate is None else out * sigmoid(gate), a.o, a.o_bias)
+        return self._linear(out if gate is None else out * sigmoid(gate), a.o, a.o_bias)
 
     def _delta_net(self, i: int, a: DeltaNetWeights, h: np.ndarray, cache: KVCache) -> np.ndarray:
         s, net = self.spec, self.spec.gated_delta_net
@@ -264,7 +267,7 @@ class Decoder:
                 np.zeros((net.num_value_heads, net.key_head_dim, net.value_head_dim), np.float32),
             )
         history, state = cache.recurrent[i]
-        inputs = np.concatenate([history, h @ a.qkv.T])  # [K-1+T, C]: the convolution's window
+        inputs = np.concatenate([history, self._linear(h, a.qkv)])  # [K-1+T, C]: the convolution's window
         mixed = sum(inputs[n : n + t] * a.conv[:, n] for n in range(net.conv_kernel))
         cache.recurrent[i] = (inputs[t:], state)
         mixed = silu(mixed)
@@ -276,9 +279,9 @@ class Decoder:
         beta = sigmoid(h @ a.b.T)
         decay = -a.decay_rate * softplus(h @ a.a.T + a.dt_bias)
         out = gated_delta_rule(q, k, v, decay, beta, state)  # [T, nV, dv]
-        z = (h @ a.z.T).reshape(t, net.num_value_heads, net.value_head_dim)
+        z = self._linear(h, a.z).reshape(t, net.num_value_heads, net.value_head_dim)
         out = rms_norm(out, a.norm, s.rms_norm_eps) * silu(z)
-        return out.reshape(t, -1) @ a.out.T
+        return self._linear(out.reshape(t, -1), a.out)
 
     def _latent_attention(
         self,
@@ -294,20 +297,23 @@ class Decoder:
         assert m is not None
         t, eps = h.shape[0], s.rms_norm_eps
         low_rank_q = a.q_a is not None
-        q = linear(rms_norm(linear(h, a.q_a, a.q_a_bias), a.q_a_norm, eps), a.q_b) if low_rank_q else linear(h, a.q)
+        if low_rank_q:
+            q = self._linear(rms_norm(self._linear(h, a.q_a, a.q_a_bias), a.q_a_norm, eps), a.q_b)
+        else:
+            q = self._linear(h, a.q)
         if t == 1:  # decode: compiled, see decode_attention
             q_latent, q_rope, latent, k_rope = project_latent_one(
-                q.reshape(s.num_heads, -1), linear(h, a.kv_a, a.kv_a_bias)[0], m.qk_nope_head_dim, m.kv_lora_rank,
+                q.reshape(s.num_heads, -1), self._linear(h, a.kv_a, a.kv_a_bias)[0], m.qk_nope_head_dim, m.kv_lora_rank,
                 a.kv_a_norm, np.float32(eps), cos[0], sin[0], m.interleaved_rope, a.k_up,
             )  # fmt: skip
             cache.append(i, latent[None, None], k_rope[None, None])
             out = attend_latent_one(
                 q_latent, q_rope, cache.keys[i][0], cache.values[i][0], start + 1, m.softmax_scale, a.v_up
             )
-            return linear(out[None], a.o, a.o_bias)
+            return self._linear(out[None], a.o, a.o_bias)
         q = q.reshape(t, s.num_heads, m.qk_nope_head_dim + m.qk_rope_head_dim).transpose(1, 0, 2)  # [nH, T, N+P]
         q_nope, q_rope = q[..., : m.qk_nope_head_dim], q[..., m.qk_nope_head_dim :]
-        compressed = linear(h, a.kv_a, a.kv_a_bias)  # [T, R+P]
+        compressed = self._linear(h, a.kv_a, a.kv_a_bias)  # [T, R+P]
         latent = rms_norm(compressed[:, : m.kv_lora_rank], a.kv_a_norm, eps)
         k_rope = compressed[None, :, m.kv_lora_rank :]  # [1, T, P]
         rotate = Rope.apply_interleaved if m.interleaved_rope else Rope.apply
@@ -316,14 +322,18 @@ class Decoder:
         q_latent = q_nope @ a.k_up  # [nH, T, R]
         mixed = attend_latent(q_latent, q_rope, latents[0], k_ropes[0], start, m.softmax_scale)  # [nH, T, R]
         out = (mixed @ a.v_up.transpose(0, 2, 1)).transpose(1, 0, 2).reshape(t, -1)  # [T, nH*V]
-        return linear(out, a.o, a.o_bias)
+        return self._linear(out, a.o, a.o_bias)
+
+    def _linear(self, x: np.ndarray, weight: np.ndarray | PackedMatrix, bias: np.ndarray | None = None) -> np.ndarray:
+        """``linear`` for a resident matrix: with int8 activations where ``resident_weights`` made it int4."""
+        return linear(x, weight, bias, self.resident_int8)
 
     def _mlp(self, i: int, layer: Layer, h: np.ndarray) -> np.ndarray:
         decode = h.shape[0] == 1
         if layer.dense is not None:
             if decode and layer.dense_expert is not None:
-                return routed_experts(h[0], [layer.dense_expert], _ONE)[None]
-            return swiglu(h, *layer.dense)
+                return routed_experts(h[0], [layer.dense_expert], _ONE, self.resident_int8)[None]
+            return swiglu(h, *layer.dense, self.resident_int8)
         routing = self.route(i, h)
         if self.route_observer is not None:
             self.route_observer(i, h, routing)
@@ -349,9 +359,10 @@ class Decoder:
         if layer.shared_expert is not None:
             gate = None if layer.shared_expert_gate is None else sigmoid(h @ layer.shared_expert_gate.T)  # [T, 1]
             if decode and layer.shared_expert_one is not None:
-                out += routed_experts(h[0], [layer.shared_expert_one], _ONE if gate is None else gate[0])
+                weight = _ONE if gate is None else gate[0]
+                out += routed_experts(h[0], [layer.shared_expert_one], weight, self.resident_int8)
             else:
-                shared = swiglu(h, *layer.shared_expert)
+                shared = swiglu(h, *layer.shared_expert, self.resident_int8)
                 out += shared if gate is None else gate * shared
         return out
 
@@ -515,9 +526,15 @@ def build_decoder(spec: DecoderSpec, ckpt: Checkpoint, config: EngineConfig) -> 
     def matrix(name: str, shape: tuple[int, int]) -> np.ndarray | PackedMatrix:
         return ckpt.read_matrix(name, shape, fp8_block)
 
+    def resident(name: str, m: np.ndarray | PackedMatrix) -> np.ndarray | PackedMatrix:
+        return _resident(m, config.resident_weights, ckpt.path, name)
+
+    def resident_matrix(name: str, shape: tuple[int, int]) -> np.ndarray | PackedMatrix:
+        return resident(name, matrix(name, shape))
+
     def mlp(prefix: str, inter: int) -> tuple[np.ndarray | PackedMatrix, np.ndarray | PackedMatrix]:
         gate_up = _stacked([matrix(f"{prefix}.{n}_proj.weight", (inter, h)) for n in ("gate", "up")])
-        return gate_up, matrix(f"{prefix}.down_proj.weight", (h, inter))
+        return resident(f"{prefix}.gate_up_proj", gate_up), resident_matrix(f"{prefix}.down_proj.weight", (h, inter))
 
     norm_shapes = {"per_head": ((d,), (d,)), "full": ((q_dim,), (kv_dim,))}
     repacked = is_repacked(ckpt.path)
@@ -527,15 +544,18 @@ def build_decoder(spec: DecoderSpec, ckpt: Checkpoint, config: EngineConfig) -> 
         p = f"{base}.layers.{i}"
         attention: Attention | LatentAttentionWeights | DeltaNetWeights
         if s.latent_attention is not None:
-            attention = _latent_attention_weights(read, maybe, matrix, f"{p}.self_attn", s)
+            attention = _latent_attention_weights(read, maybe, resident_matrix, f"{p}.self_attn", s)
         elif s.linear_layers and s.linear_layers[i]:
-            attention = _delta_net_weights(read, f"{p}.linear_attn", s)
+            attention = _delta_net_weights(read, resident, f"{p}.linear_attn", s)
         else:
             qn, kn = norm_shapes.get(s.qk_norm, (None, None))
             rows = {"q": q_out, "k": kv_dim, "v": kv_dim}
             attention = Attention(
-                qkv=_stacked([matrix(f"{p}.self_attn.{n}_proj.weight", (r, h)) for n, r in rows.items()]),
-                o=matrix(f"{p}.self_attn.o_proj.weight", (h, q_dim)),
+                qkv=resident(
+                    f"{p}.self_attn.qkv_proj",
+                    _stacked([matrix(f"{p}.self_attn.{n}_proj.weight", (r, h)) for n, r in rows.items()]),
+                ),
+                o=resident_matrix(f"{p}.self_attn.o_proj.weight", (h, q_dim)),
                 qkv_bias=np.concatenate([read(f"{p}.self_attn.{n}_proj.bias", (r,)) for n, r in rows.items()])
                 if s.qkv_bias
                 else None,
@@ -583,6 +603,22 @@ def build_decoder(spec: DecoderSpec, ckpt: Checkpoint, config: EngineConfig) -> 
     return decoder
 
 
+def _resident(m: np.ndarray | PackedMatrix, format: str, path: Path, name: str) -> np.ndarray | PackedMatrix:
+    """A resident matrix as ``resident_weights`` asks: as read, or quantized to ``format`` (int4 in groups of
+    ``RESIDENT_GROUP_SIZE``) from its float32 values."""
+    if format == "original":
+        return m
+    w = dequantize(m) if isinstance(m, PackedMatrix) else m
+    if format == "int4" and w.shape[1] % RESIDENT_GROUP_SIZE:
+        raise ConfigError(
+            path,
+            f"resident_weights = int4 quantizes in groups of {RESIDENT_GROUP_SIZE} columns, but {name} has "
+            f"{w.shape[1]}: set resident_weights = int8 or original",
+            field="resident_weights",
+        )
+    return quantize(w, format, RESIDENT_GROUP_SIZE)
+
+
 def _check_int8_activations(path: Path, layouts: dict[tuple[int, int], ExpertLayout]) -> None:
     """``activations = "int8"`` needs every expert in int4 with groups that ``int8_activations`` supports."""
     stored = set()
@@ -602,21 +638,21 @@ def _check_int8_activations(path: Path, layouts: dict[tuple[int, int], ExpertLay
         )
 
 
-def _delta_net_weights(read: Callable, prefix: str, s: DecoderSpec) -> DeltaNetWeights:
+def _delta_net_weights(read: Callable, resident: Callable, prefix: str, s: DecoderSpec) -> DeltaNetWeights:
     net = s.gated_delta_net
     assert net is not None
     h, heads, value_dim = s.hidden_size, net.num_value_heads, net.num_value_heads * net.value_head_dim
     channels = 2 * net.num_key_heads * net.key_head_dim + value_dim
     return DeltaNetWeights(
-        qkv=read(f"{prefix}.in_proj_qkv.weight", (channels, h)),
-        z=read(f"{prefix}.in_proj_z.weight", (value_dim, h)),
+        qkv=resident(f"{prefix}.in_proj_qkv.weight", read(f"{prefix}.in_proj_qkv.weight", (channels, h))),
+        z=resident(f"{prefix}.in_proj_z.weight", read(f"{prefix}.in_proj_z.weight", (value_dim, h))),
         b=read(f"{prefix}.in_proj_b.weight", (heads, h)),
         a=read(f"{prefix}.in_proj_a.weight", (heads, h)),
         conv=read(f"{prefix}.conv1d.weight", (channels, 1, net.conv_kernel))[:, 0],
         dt_bias=read(f"{prefix}.dt_bias", (heads,)),
         decay_rate=np.exp(read(f"{prefix}.A_log", (heads,))),
         norm=read(f"{prefix}.norm.weight", (net.value_head_dim,)),
-        out=read(f"{prefix}.out_proj.weight", (h, value_dim)),
+        out=resident(f"{prefix}.out_proj.weight", read(f"{prefix}.out_proj.weight", (h, value_dim))),
     )
 
 

@@ -12,7 +12,7 @@ import numpy as np
 from numba import njit
 
 from engine.compute import kernels
-from engine.formats.quant import PackedMatrix
+from engine.formats.quant import INT4_FORMATS, PackedMatrix
 
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
@@ -110,14 +110,24 @@ def gated_delta_rule(
     return out
 
 
-def linear(x: np.ndarray, weight: np.ndarray | PackedMatrix, bias: np.ndarray | None = None) -> np.ndarray:
-    """x [T, in] @ weight.T (+ bias): a packed weight through ``kernels.matmul``, a float32 one through BLAS."""
-    y = kernels.matmul(x, weight) if isinstance(weight, PackedMatrix) else x @ weight.T
+def linear(
+    x: np.ndarray, weight: np.ndarray | PackedMatrix, bias: np.ndarray | None = None, int8_activations: bool = False
+) -> np.ndarray:
+    """x [T, in] @ weight.T (+ bias): a packed weight through ``kernels.matmul`` (an int4 one with x rounded to int8
+    under ``int8_activations``), a float32 one through BLAS."""
+    if isinstance(weight, PackedMatrix):
+        int8 = int8_activations and weight.format in INT4_FORMATS
+        y = kernels.matmul(x, weight, int8_activations=int8)
+    else:
+        y = x @ weight.T
     return y if bias is None else y + bias
 
 
-def swiglu(x: np.ndarray, gate_up: np.ndarray | PackedMatrix, down: np.ndarray | PackedMatrix) -> np.ndarray:
-    """SwiGLU MLP (Shazeer 2020): x [T, H], gate_up [2I, H] (gate rows then up rows), down [H, I]."""
-    gu = linear(x, gate_up)  # [T, 2I]
+def swiglu(
+    x: np.ndarray, gate_up: np.ndarray | PackedMatrix, down: np.ndarray | PackedMatrix, int8_activations: bool = False
+) -> np.ndarray:
+    """SwiGLU MLP (Shazeer 2020): x [T, H], gate_up [2I, H] (gate rows then up rows), down [H, I]; see ``linear``
+    for ``int8_activations``."""
+    gu = linear(x, gate_up, int8_activations=int8_activations)  # [T, 2I]
     i = gu.shape[-1] // 2
-    return linear(silu(gu[:, :i]) * gu[:, i:], down)
+    return linear(silu(gu[:, :i]) * gu[:, i:], down, int8_activations=int8_activations)

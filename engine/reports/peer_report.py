@@ -60,7 +60,7 @@ PROFILE_TIMEOUT_S = 900
 LLAMA = "llama.cpp"
 FORMATS = {  # our name: (llama.cpp's GGUF type, the engine's weights knobs)
     "bf16": ("bf16", {"weights": "original"}),
-    "4-bit": ("Q4_0", {"weights": "int4", "group_size": 32}),
+    "4-bit": ("Q4_0", {"weights": "int4", "group_size": 32, "resident_weights": "int4"}),
 }
 BUDGETS = ("4GiB", "2.5GiB", "1.5GiB")
 QUICK_BUDGETS = ("2.5GiB",)
@@ -376,11 +376,11 @@ def _method(model: Path, llama: LlamaCpp, cells: list[Cell], rounds: int, thread
             "holds GPT-2's byte-level one (the tree is not edited). Token ids do not matter to the speed.",
             "- Formats: GGUF bf16 (norms and router float32) against our original bf16 experts; Q4_0 (every "
             "matrix in blocks of 32 with a float16 scale, attention included; the output layer as llama-quantize "
-            "chooses) against our int4 in groups of 32 with float16 scales, experts only: our attention "
-            "projections stay bf16 as the checkpoint stores them, router, embeddings and output layer float32. "
-            f"Configurations named `{INT8.lstrip(', ')}` round the experts' inputs to int8 per group of 32 with a "
-            'float32 scale (`activations = "int8"`), as llama.cpp\'s Q4_0 kernels do with Q8_0; the others '
-            "multiply float32 activations.",
+            "chooses) against our int4 in groups of 32 with float16 scales: the experts repacked, the attention "
+            'projections quantized when loaded (`resident_weights = "int4"`); router, embeddings and output layer '
+            f"float32. Configurations named `{INT8.lstrip(', ')}` round the inputs of every int4 matrix to int8 per "
+            'group of 32 with a float32 scale (`activations = "int8"`), as llama.cpp\'s Q4_0 kernels do with Q8_0; '
+            "the others multiply float32 activations.",
             f"- llama.cpp: `llama-bench -m X.gguf -p 0 -n N -t {threads} -r 1 -o json`, one process per "
             f"measurement; in RAM `-n {warm}` after reading the file through, under a budget {cold_tokens} (it is "
             "slow cold) with `--repack 0`, so Q4_0 stays in the mapping instead of being copied into RAM at load, "
