@@ -4,11 +4,12 @@
 half to even); ``int4_rows_int8`` then multiplies integers: 32 weights at a time, the 16 bytes of a group's
 nibbles (low nibbles hold even columns) against x's 32 int8 values, with ``pmaddubsw`` and ``pmaddwd`` on AVX2
 (unsigned nibbles times signed x, adjacent products summed to 16 and then 32 bits: exact, as no sum can reach
-16 bits' limit), and the nibbles' offset taken off once per group from x's precomputed sums. Each group's eight
-32-bit sums are converted to float once and scaled by the weight's and x's scales together. Per 16 bytes of a row
-that is about 13 instructions, against about 36 for the float32 kernel (``int4_kernel``), and no conversion per
-weight: on a 2-core EPYC, one thread, a 256x4096 matrix in cache, 12.3 GB/s against 6.6 in groups of 32, 15 against
-7.2 in groups of 64.
+16 bits' limit), or with one ``vpdpbusd`` where the CPU has VNNI (AVX-VNNI, or AVX-512 VNNI: the same exact sums
+added to the group's, 10-15% faster on one thread of a 2-core Zen 4 EPYC), and the nibbles' offset taken off once
+per group from x's precomputed sums. Each group's eight 32-bit sums are converted to float once and scaled by the
+weight's and x's scales together. Per 16 bytes of a row that is about 13 instructions (AVX2), against about 36 for
+the float32 kernel (``int4_kernel``), and no conversion per weight: on a 2-core EPYC, one thread, a 256x4096
+matrix in cache, 12.3 GB/s against 6.6 in groups of 32, 15 against 7.2 in groups of 64.
 
 The sums are integers and so exact on any CPU; the float steps are fixed by the IR (a fixed lane-sum tree, no
 reassociation), so a row's result does not depend on the CPU, the thread count or the vector width. Where AVX2
@@ -95,17 +96,25 @@ def int4_rows_int8(x, x_scales, x_offsets, data, scales, first, last, y):
         (y[r - first],) = _one_any(data, scales, r, x, x_scales, x_offsets)
 
 
-def _avx2() -> bool:
-    """Whether numba compiles for a CPU with AVX2: the host, unless NUMBA_CPU_NAME/NUMBA_CPU_FEATURES say else."""
+def _features() -> set[str]:
+    """The CPU features numba compiles for: the host's, unless NUMBA_CPU_NAME/NUMBA_CPU_FEATURES say else."""
     features = numba.config.CPU_FEATURES
     if features is None:
         if numba.config.CPU_NAME is not None:
-            return False
+            return set()
         features = binding.get_host_cpu_features().flatten()
-    return "+avx2" in features.split(",")
+    return set(features.split(","))
 
 
-def row_dots_int8(count: int, steps: int | None, avx2: bool):
+def _instructions(features: set[str]) -> str:
+    """How the integer products are spelled: "vnni" (``vpdpbusd``: AVX-VNNI, or AVX-512 VNNI with 256-bit vectors),
+    "avx2" (``pmaddubsw`` and ``pmaddwd``) or "ir" (plain vector IR)."""
+    if "+avxvnni" in features or {"+avx512vnni", "+avx512vl"} <= features:
+        return "vnni"
+    return "avx2" if "+avx2" in features else "ir"
+
+
+def row_dots_int8(count: int, steps: int | None, instructions: str):
     """An intrinsic: rows ``row`` .. ``row + count - 1`` of an int4 matrix times int8 x, as a tuple of float32;
     ``steps`` blocks of 32 per group unrolled (None: counted at run time)."""
 
@@ -114,12 +123,14 @@ def row_dots_int8(count: int, steps: int | None, avx2: bool):
         if scales.dtype not in (types.uint16, types.int16) or data.layout != "C" or scales.layout != "C":
             return None
         signature = types.UniTuple(types.float32, count)(data, scales, types.intp, x, x_scales, x_offsets)
-        return signature, lambda context, builder, sig, args: _codegen(context, builder, sig, args, count, steps, avx2)
+        return signature, lambda context, builder, sig, args: _codegen(
+            context, builder, sig, args, count, steps, instructions
+        )
 
     return row_dots
 
 
-def _codegen(context, builder: ir.IRBuilder, signature, args, count: int, steps: int | None, avx2: bool):
+def _codegen(context, builder: ir.IRBuilder, signature, args, count: int, steps: int | None, instructions: str):
     data_type, scales_type, _, x_type, x_scales_type, offsets_type = signature.args
     data_arg, scales_arg, row, x_arg, x_scales_arg, offsets_arg = args
     data = context.make_array(data_type)(context, builder, data_arg)
@@ -150,7 +161,7 @@ def _codegen(context, builder: ir.IRBuilder, signature, args, count: int, steps:
             packed = _load(builder, row_data[i], at, _BYTES)
             shifted = builder.lshr(packed, ir.Constant(_BYTES, [4] * (BLOCK // 2)))
             nibbles = builder.and_(_concatenate(builder, packed, shifted), ir.Constant(_X, [15] * BLOCK))
-            out.append(builder.add(total, _dot_quads(builder, nibbles, xs, avx2)))
+            out.append(_add_dot_quads(builder, total, nibbles, xs, instructions))
         return out
 
     with cgutils.for_range(builder, groups) as group:
@@ -181,6 +192,16 @@ def _concatenate(builder: ir.IRBuilder, low: ir.Value, high: ir.Value) -> ir.Val
     return builder.shuffle_vector(low, high, ir.Constant(ir.VectorType(_I32, 2 * width), list(range(2 * width))))
 
 
+def _add_dot_quads(
+    builder: ir.IRBuilder, total: ir.Value, nibbles: ir.Value, x: ir.Value, instructions: str
+) -> ir.Value:
+    """``total`` (eight int32) plus 32 unsigned nibbles times 32 int8 values, each four adjacent products summed."""
+    if instructions == "vnni":
+        quads = [builder.bitcast(v, _SUMS) for v in (nibbles, x)]
+        return _call(builder, "llvm.x86.avx512.vpdpbusd.256", _SUMS, [total, *quads])
+    return builder.add(total, _dot_quads(builder, nibbles, x, instructions == "avx2"))
+
+
 def _dot_quads(builder: ir.IRBuilder, nibbles: ir.Value, x: ir.Value, avx2: bool) -> ir.Value:
     """32 unsigned nibbles times 32 int8 values, each four adjacent products summed: eight int32."""
     if avx2:
@@ -206,6 +227,6 @@ def _call(builder: ir.IRBuilder, name: str, returns: ir.Type, args: list[ir.Valu
     return builder.call(function, args)
 
 
-_AVX2 = _avx2()
-_two_1, _two_2, _two_4, _two_any = (row_dots_int8(2, steps, _AVX2) for steps in (1, 2, 4, None))
-_one_any = row_dots_int8(1, None, _AVX2)
+_INSTRUCTIONS = _instructions(_features())
+_two_1, _two_2, _two_4, _two_any = (row_dots_int8(2, steps, _INSTRUCTIONS) for steps in (1, 2, 4, None))
+_one_any = row_dots_int8(1, None, _INSTRUCTIONS)

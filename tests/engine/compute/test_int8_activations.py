@@ -89,20 +89,32 @@ def test_matmul_rounds_activations_alike_for_any_number_of_tokens(tokens):
         kernels.matmul(x, quantize(x, "int8"), int8_activations=True)
 
 
-@pytest.mark.skipif(not i8._avx2(), reason="compares the AVX2 instructions with the portable spelling")
+FEATURES = i8._features()
+# The x86 spellings this CPU runs, each compared with the portable one (none elsewhere: the test is skipped)
+RUNNABLE = [s for s, runs in (("avx2", "+avx2" in FEATURES), ("vnni", i8._instructions(FEATURES) == "vnni")) if runs]
+
+
+@pytest.mark.parametrize("spelling", RUNNABLE)
 @pytest.mark.parametrize("group", [32, 64])
-def test_the_portable_spelling_gives_the_same_bits_as_avx2(group):
-    portable, avx2 = i8.row_dots_int8(2, None, avx2=False), i8.row_dots_int8(2, None, avx2=True)
+def test_each_spelling_of_the_integer_products_gives_the_same_bits(group, spelling):
+    portable, other = i8.row_dots_int8(2, None, "ir"), i8.row_dots_int8(2, None, spelling)
 
     @njit
     def both(data, scales, x, x_scales, x_offsets):
-        return portable(data, scales, 0, x, x_scales, x_offsets), avx2(data, scales, 0, x, x_scales, x_offsets)
+        return portable(data, scales, 0, x, x_scales, x_offsets), other(data, scales, 0, x, x_scales, x_offsets)
 
     rng = np.random.default_rng(5)
     p = quantize(rng.standard_normal((2, 4 * group)).astype(np.float32), "int4", group)
     x = (rng.standard_normal(4 * group) * 100).astype(np.float32)
-    one, other = both(*_kernel_views(p), *quantized(x, group))
-    assert np.array(one).tobytes() == np.array(other).tobytes()
+    one, two = both(*_kernel_views(p), *quantized(x, group))
+    assert np.array(one).tobytes() == np.array(two).tobytes()
+
+
+def test_the_instructions_follow_the_cpu_features():
+    assert i8._instructions({"+avx2", "+avxvnni"}) == "vnni"
+    assert i8._instructions({"+avx2", "+avx512vnni", "+avx512vl"}) == "vnni"
+    assert i8._instructions({"+avx2", "+avx512vnni", "-avx512vl"}) == "avx2"
+    assert i8._instructions({"+neon"}) == "ir"
 
 
 @pytest.mark.parametrize(("group", "expected"), [(32, True), (64, True), (96, True), (16, False), (48, False)])
