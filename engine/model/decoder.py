@@ -532,6 +532,9 @@ def build_decoder(spec: DecoderSpec, ckpt: Checkpoint, config: EngineConfig) -> 
     def resident_matrix(name: str, shape: tuple[int, int]) -> np.ndarray | PackedMatrix:
         return resident(name, matrix(name, shape))
 
+    def resident_read(name: str, shape: tuple[int, int]) -> np.ndarray | PackedMatrix:
+        return resident(name, read(name, shape))
+
     def mlp(prefix: str, inter: int) -> tuple[np.ndarray | PackedMatrix, np.ndarray | PackedMatrix]:
         gate_up = _stacked([matrix(f"{prefix}.{n}_proj.weight", (inter, h)) for n in ("gate", "up")])
         return resident(f"{prefix}.gate_up_proj", gate_up), resident_matrix(f"{prefix}.down_proj.weight", (h, inter))
@@ -546,7 +549,7 @@ def build_decoder(spec: DecoderSpec, ckpt: Checkpoint, config: EngineConfig) -> 
         if s.latent_attention is not None:
             attention = _latent_attention_weights(read, maybe, resident_matrix, f"{p}.self_attn", s)
         elif s.linear_layers and s.linear_layers[i]:
-            attention = _delta_net_weights(read, resident, f"{p}.linear_attn", s)
+            attention = _delta_net_weights(read, resident_read, f"{p}.linear_attn", s)
         else:
             qn, kn = norm_shapes.get(s.qk_norm, (None, None))
             rows = {"q": q_out, "k": kv_dim, "v": kv_dim}
@@ -638,21 +641,22 @@ def _check_int8_activations(path: Path, layouts: dict[tuple[int, int], ExpertLay
         )
 
 
-def _delta_net_weights(read: Callable, resident: Callable, prefix: str, s: DecoderSpec) -> DeltaNetWeights:
+def _delta_net_weights(read: Callable, resident_read: Callable, prefix: str, s: DecoderSpec) -> DeltaNetWeights:
+    """Its projections through ``resident_read`` (float32 as stored, or quantized by ``resident_weights``)."""
     net = s.gated_delta_net
     assert net is not None
     h, heads, value_dim = s.hidden_size, net.num_value_heads, net.num_value_heads * net.value_head_dim
     channels = 2 * net.num_key_heads * net.key_head_dim + value_dim
     return DeltaNetWeights(
-        qkv=resident(f"{prefix}.in_proj_qkv.weight", read(f"{prefix}.in_proj_qkv.weight", (channels, h))),
-        z=resident(f"{prefix}.in_proj_z.weight", read(f"{prefix}.in_proj_z.weight", (value_dim, h))),
+        qkv=resident_read(f"{prefix}.in_proj_qkv.weight", (channels, h)),
+        z=resident_read(f"{prefix}.in_proj_z.weight", (value_dim, h)),
         b=read(f"{prefix}.in_proj_b.weight", (heads, h)),
         a=read(f"{prefix}.in_proj_a.weight", (heads, h)),
         conv=read(f"{prefix}.conv1d.weight", (channels, 1, net.conv_kernel))[:, 0],
         dt_bias=read(f"{prefix}.dt_bias", (heads,)),
         decay_rate=np.exp(read(f"{prefix}.A_log", (heads,))),
         norm=read(f"{prefix}.norm.weight", (net.value_head_dim,)),
-        out=resident(f"{prefix}.out_proj.weight", read(f"{prefix}.out_proj.weight", (h, value_dim))),
+        out=resident_read(f"{prefix}.out_proj.weight", (h, value_dim)),
     )
 
 

@@ -12,7 +12,7 @@ import numpy as np
 from numba import njit
 
 from engine.compute import kernels
-from engine.formats.quant import INT4_FORMATS, PackedMatrix
+from engine.formats.quant import PackedMatrix
 
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
@@ -116,8 +116,7 @@ def linear(
     """x [T, in] @ weight.T (+ bias): a packed weight through ``kernels.matmul`` (an int4 one with x rounded to int8
     under ``int8_activations``), a float32 one through BLAS."""
     if isinstance(weight, PackedMatrix):
-        int8 = int8_activations and weight.format in INT4_FORMATS
-        y = kernels.matmul(x, weight, int8_activations=int8)
+        y = kernels.matmul(x, weight, int8_activations=int8_activations)
     else:
         y = x @ weight.T
     return y if bias is None else y + bias
